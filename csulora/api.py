@@ -1,0 +1,341 @@
+"""The public Python API: ``sanitize()`` and ``audit()``. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapters import CONFIG, Adapter, LoraModule, read_adapter, write_adapter
+from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
+from .correction import (
+    attenuation,
+    component_energies,
+    corrected_energies,
+    factored_update,
+    relative_energies,
+    safe_lora_score,
+    split,
+)
+from .errors import CsuloraError
+from .outputs import check_output, write_folder
+from .report import ModuleRow, Report, model_card, to_markdown
+from .subspace import Subspace, displacement, safety_subspace
+
+Progress = Callable[[int, int, str], None]  # (modules done, modules total, current module)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that changes the numbers. Defaults are provisional (DESIGN.md §2, §4)."""
+
+    lam: float = 1.0
+    form: str = "factored"
+    method: str = "csulora"
+    subspace_rank: int | None = None
+    subspace_energy: float = 0.5
+    max_subspace_rank: int = 256
+    exact_svd: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise CsuloraError(f"--lambda must be a finite number ≥ 0, got {self.lam}")
+        if self.subspace_rank is not None and self.subspace_rank < 1:
+            raise CsuloraError(f"--subspace-rank must be ≥ 1, got {self.subspace_rank}")
+        if not 0 < self.subspace_energy <= 1:
+            raise CsuloraError(f"--subspace-energy must be in (0, 1], got {self.subspace_energy}")
+        if self.max_subspace_rank < 1:
+            raise CsuloraError(f"--max-subspace-rank must be ≥ 1, got {self.max_subspace_rank}")
+        if self.form != "factored":
+            raise CsuloraError(f"--form {self.form!r} is not available; use 'factored'")
+        if self.method != "csulora":
+            raise CsuloraError(f"--method {self.method!r} is not available; use 'csulora'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise CsuloraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise CsuloraError("--device cuda: no CUDA device is available; use --device cpu")
+
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
+                            "cpu" if self.device == "auto" else self.device)  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {
+            "lambda": self.lam,
+            "form": self.form,
+            "method": self.method,
+            "subspace_rank": self.subspace_rank,
+            "subspace_energy": self.subspace_energy,
+            "max_subspace_rank": self.max_subspace_rank,
+            "exact_svd": self.exact_svd,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class Result:
+    report: Report
+    output: Path | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Inputs:
+    adapter: Adapter
+    aligned: Checkpoint
+    base: Checkpoint
+    base_source: str
+
+    def describe(self) -> dict:
+        return {
+            "adapter": {
+                "path": str(self.adapter.path),
+                "weights_sha256": self.adapter.weights_sha256,
+                "base_model_name_or_path": self.adapter.base_model,
+            },
+            "aligned": _describe(self.aligned),
+            "base": {**_describe(self.base), "source": self.base_source},
+        }
+
+
+def _describe(ckpt: Checkpoint) -> dict:
+    return {"ref": ckpt.ref.spec, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint()}
+
+
+def sanitize(
+    adapter: str | Path,
+    aligned: str,
+    base: str | None = None,
+    output: str | Path | None = None,
+    *,
+    settings: Settings = Settings(),
+    force: bool = False,
+    trust_pickle: bool = False,
+    command: list[str] | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Sanitize one adapter and write the result folder (``<adapter>-sanitized`` by default)."""
+    settings.validate()
+    adapter_path = Path(adapter)
+    out = Path(output) if output is not None else default_output(adapter_path)
+    check_output(out, force, [adapter_path])
+    t0 = time.perf_counter()
+    inputs = _load(adapter_path, aligned, base, trust_pickle)
+    check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
+    t1 = time.perf_counter()
+    report, tensors = _run(inputs, settings, progress)
+    t2 = time.perf_counter()
+    metadata = {
+        "csulora_version": __version__,
+        **{f"csulora_{k}": str(v) for k, v in settings.to_dict().items()},
+    }
+    command_line = shlex.join(command) if command else _api_call(adapter, aligned, base, settings)
+
+    def fill(tmp: Path) -> None:
+        write_adapter(tmp, inputs.adapter, tensors, metadata)
+        (tmp / "README.md").write_text(model_card(report, inputs.adapter.base_model, command_line))
+        (tmp / "csulora_report.json").write_text(report.to_json())
+        (tmp / "csulora_report.md").write_text(to_markdown(report))
+
+    write_folder(out, fill)
+    t3 = time.perf_counter()
+    return Result(report, out, {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2})
+
+
+def audit(
+    adapter: str | Path,
+    aligned: str,
+    base: str | None = None,
+    *,
+    settings: Settings = Settings(),
+    trust_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Result:
+    """Compute the same decomposition and report as ``sanitize()`` without writing anything."""
+    settings.validate()
+    t0 = time.perf_counter()
+    inputs = _load(Path(adapter), aligned, base, trust_pickle)
+    t1 = time.perf_counter()
+    report, _ = _run(inputs, settings, progress)
+    return Result(report, None, {"load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
+
+
+def default_output(adapter_path: Path) -> Path:
+    """``./out`` → ``./out-sanitized``, beside the input."""
+    resolved = adapter_path.resolve()
+    return resolved.with_name(resolved.name + "-sanitized")
+
+
+def _api_call(adapter, aligned, base, settings: Settings) -> str:
+    return f"csulora.sanitize({str(adapter)!r}, {aligned!r}, base={base!r}, settings={settings!r})"
+
+
+def _load(adapter_path: Path, aligned: str, base: str | None, trust_pickle: bool) -> _Inputs:
+    adapter = read_adapter(adapter_path, trust_pickle)
+    aligned_ref = parse_ref(aligned)
+    base_ref, source = resolve_base(adapter, aligned_ref, base)
+    needed = [m.weight_key for m in adapter.modules]
+    aligned_ckpt = Checkpoint.open(aligned_ref, needed)
+    base_ckpt = Checkpoint.open(base_ref, needed)
+    _check_shapes(adapter, aligned_ckpt, base_ckpt)
+    return _Inputs(adapter, aligned_ckpt, base_ckpt, source)
+
+
+def resolve_base(adapter: Adapter, aligned: CheckpointRef, base: str | None) -> tuple[CheckpointRef, str]:
+    """``--base``, else the adapter's base model, else — when that is the aligned model — its card's ``base_model``."""
+    if base is not None:
+        ref, source = parse_ref(base), "--base"
+    else:
+        named = adapter.base_model
+        if named is None:
+            raise CsuloraError(f"{adapter.path / CONFIG}: names no base_model_name_or_path; pass --base")
+        if _names_checkpoint(named, aligned):
+            card_base = card_base_model(aligned)
+            if card_base is None:
+                raise CsuloraError(
+                    f"{adapter.path}: was trained on the aligned model {aligned}, whose model card names no "
+                    "base_model; pass --base with the pretrained (unaligned) checkpoint"
+                )
+            ref, source = parse_ref(card_base), "aligned model card"
+        else:
+            try:
+                ref, source = parse_ref(named), "adapter config"
+            except CsuloraError as e:
+                raise CsuloraError(
+                    f"{adapter.path / CONFIG}: base model {named!r} cannot be found ({e}); pass --base"
+                ) from e
+    if ref.same_as(aligned):
+        raise CsuloraError(
+            f"base {ref} is the aligned checkpoint itself, so there is no displacement; "
+            "pass the pretrained (unaligned) checkpoint as --base"
+        )
+    return ref, source
+
+
+def _names_checkpoint(named: str, ref: CheckpointRef) -> bool:
+    """Whether an adapter's ``base_model_name_or_path`` names ``ref``: the same reference, or the same last
+    path component (a Hub id ``org/llama-chat`` names a local copy ``/models/llama-chat``)."""
+    try:
+        if parse_ref(named).same_as(ref):
+            return True
+    except CsuloraError:
+        pass
+    own = ref.path.name if ref.path is not None else ref.repo_id.split("/")[-1]
+    return Path(named.partition("@")[0].rstrip("/")).name.lower() == own.lower()
+
+
+def _check_shapes(adapter: Adapter, aligned: Checkpoint, base: Checkpoint) -> None:
+    for m in adapter.modules:
+        a, b = aligned.info(m.weight_key), base.info(m.weight_key)
+        if a.shape != b.shape:
+            raise CsuloraError(
+                f"{m.weight_key}: aligned {aligned.ref} has shape {list(a.shape)} but base {base.ref} has "
+                f"{list(b.shape)}; base and aligned must be the same architecture"
+            )
+        expected = (m.A.shape[1], m.B.shape[0])  # (d_in, d_out) as stored when fan_in_fan_out
+        expected = expected if adapter.fan_in_fan_out else expected[::-1]
+        if tuple(a.shape) != expected:
+            raise CsuloraError(
+                f"{m.weight_key}: the checkpoint weight is {list(a.shape)} but the adapter's factors imply "
+                f"{list(expected)}; the adapter was trained on another architecture"
+            )
+
+
+def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tuple[Report, dict[str, torch.Tensor]]:
+    """Stream the targeted weights one module at a time: read, subspace, correct, free."""
+    device = settings.torch_device()
+    modules = sorted(inputs.adapter.modules, key=lambda m: (inputs.aligned.weight_map[m.weight_key], m.name))
+    rows: dict[str, ModuleRow] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    warnings: list[str] = []
+    for i, module in enumerate(modules):
+        if progress:
+            progress(i, len(modules), module.name)
+        D = displacement(inputs.aligned.get(module.weight_key), inputs.base.get(module.weight_key)).to(device)
+        if inputs.adapter.fan_in_fan_out:
+            D = D.T
+        if not torch.isfinite(D).all():
+            raise CsuloraError(
+                f"{module.weight_key}: NaN or Inf in the aligned or base weights; re-download the checkpoints"
+            )
+        sub = safety_subspace(
+            D,
+            rank=settings.subspace_rank,
+            energy=settings.subspace_energy,
+            max_rank=settings.max_subspace_rank,
+            exact=settings.exact_svd,
+            seed=settings.seed,
+        )
+        score = safe_lora_score(module.A.to(device), module.B.to(device), D)
+        del D
+        row, A_new, B_new = correct_module(module, sub, settings.lam, score)
+        if sub.total_energy == 0:
+            warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, left unchanged")
+        rows[module.name] = row
+        tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
+    if progress:
+        progress(len(modules), len(modules), "")
+    inputs.aligned.close()
+    inputs.base.close()
+    if modules and all(r.displacement_norm == 0 for r in rows.values()):
+        raise CsuloraError(
+            f"base {inputs.base.ref} and aligned {inputs.aligned.ref} are identical in every targeted tensor; "
+            "pass the pretrained (unaligned) checkpoint as --base"
+        )
+    report = Report(
+        tool_version=__version__,
+        method=settings.method,
+        form=settings.form,
+        settings=settings.to_dict(),
+        inputs=inputs.describe(),
+        modules=[rows[name] for name in sorted(rows)],
+        warnings=warnings,
+    )
+    return report, tensors
+
+
+def correct_module(
+    module: LoraModule, sub: Subspace, lam: float, score: float
+) -> tuple[ModuleRow, torch.Tensor, torch.Tensor]:
+    """Decompose one module's update (§3), apply the factored closed form (§4), describe it."""
+    device = sub.U.device
+    U, V = sub.U.double(), sub.V.double()
+    A, B = module.A.to(device, torch.float64), module.B.to(device, torch.float64)
+    energies = component_energies(split(A, module.scaling * B, U, V))
+    rho = relative_energies(energies)
+    gamma_out, gamma_in = attenuation(rho, lam)
+    A_new, B_new = factored_update(A, B, U, V, gamma_out, gamma_in)
+    total = sum(energies.values())
+    after = corrected_energies(energies, gamma_out, gamma_in)
+    notes = []
+    if sub.k == 0:
+        notes.append("empty subspace")
+    if total == 0:
+        notes.append("zero update")
+    row = ModuleRow(
+        module=module.name,
+        shape=[module.B.shape[0], module.A.shape[1]],
+        rank=module.rank,
+        scaling=module.scaling,
+        k=sub.k,
+        captured=sub.captured_fraction,
+        displacement_norm=math.sqrt(sub.total_energy),
+        update_norm=math.sqrt(total),
+        rho=rho,
+        gamma_in=gamma_in,
+        gamma_out=gamma_out,
+        rho_after={c: (e / total if total > 0 else 0.0) for c, e in after.items()},
+        safe_lora_score=score,
+        notes=notes,
+    )
+    A_out = module.A if gamma_in == 1.0 else A_new.to("cpu", module.A.dtype).contiguous()
+    B_out = module.B if gamma_out == 1.0 else B_new.to("cpu", module.B.dtype).contiguous()
+    return row, A_out, B_out

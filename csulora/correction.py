@@ -1,0 +1,112 @@
+"""Decomposition of a LoRA update and its closed-form corrections (DESIGN.md §3–§5).
+
+Pure functions over tensors. Conventions: ``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)``,
+``U`` is ``(d_out, k)`` and ``V`` is ``(d_in, k)`` with orthonormal columns, so that
+``P = U Uᵀ`` and ``Q = V Vᵀ``. No ``d × d`` matrix is ever formed: ``P·X = U (Uᵀ X)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+COMPONENTS = ("F", "H_in", "H_out", "O")
+
+
+def project_out(U: Tensor, X: Tensor) -> Tensor:
+    """Output-side projection (§2): ``P·X = U (Uᵀ X)``."""
+    return U @ (U.T @ X)
+
+
+def project_in(X: Tensor, V: Tensor) -> Tensor:
+    """Input-side projection (§2): ``X·Q = (X V) Vᵀ``."""
+    return (X @ V) @ V.T
+
+
+@dataclass(frozen=True)
+class Split:
+    """The factors of the decomposition (§3): ``B1 = P·sB``, ``B2 = sB − B1``, ``A1 = A·Q``, ``A2 = A − A1``."""
+
+    B1: Tensor
+    B2: Tensor
+    A1: Tensor
+    A2: Tensor
+
+
+def split(A: Tensor, sB: Tensor, U: Tensor, V: Tensor) -> Split:
+    """Decomposition (§3) of ``ΔW = sB·A`` into in-subspace and leaving factors on each side."""
+    B1 = project_out(U, sB)
+    A1 = project_in(A, V)
+    return Split(B1=B1, B2=sB - B1, A1=A1, A2=A - A1)
+
+
+def product_energy(B: Tensor, A: Tensor) -> float:
+    """Gram energy (§3): ``‖B A‖_F² = tr(BᵀB · AAᵀ)``, from ``r × r`` matrices only."""
+    return float(((B.T @ B) * (A @ A.T)).sum())
+
+
+def component_energies(sp: Split) -> dict[str, float]:
+    """Component energies (§3): ``e_F = ‖B1A1‖², e_Hin = ‖B1A2‖², e_Hout = ‖B2A1‖², e_O = ‖B2A2‖²``."""
+    return {
+        "F": product_energy(sp.B1, sp.A1),
+        "H_in": product_energy(sp.B1, sp.A2),
+        "H_out": product_energy(sp.B2, sp.A1),
+        "O": product_energy(sp.B2, sp.A2),
+    }
+
+
+def relative_energies(energies: dict[str, float]) -> dict[str, float]:
+    """Relative energies (§3): ``ρ_c = e_c / ‖ΔW‖_F²`` (all zero for a zero update)."""
+    total = sum(energies.values())
+    return {c: (e / total if total > 0 else 0.0) for c, e in energies.items()}
+
+
+def attenuation(rho: dict[str, float], lam: float) -> tuple[float, float]:
+    """Attenuation factors (§4): ``γ_out = 1/(1 + λ(ρ_Hout + ρ_O))``, ``γ_in = 1/(1 + λ(ρ_Hin + ρ_O))``."""
+    gamma_out = 1.0 / (1.0 + lam * (rho["H_out"] + rho["O"]))
+    gamma_in = 1.0 / (1.0 + lam * (rho["H_in"] + rho["O"]))
+    return gamma_out, gamma_in
+
+
+def factored_update(
+    A: Tensor, B: Tensor, U: Tensor, V: Tensor, gamma_out: float, gamma_in: float
+) -> tuple[Tensor, Tensor]:
+    """Closest safe update, factored form (§4): ``B' = (P + γ_out P⊥) B``, ``A' = A (Q + γ_in Q⊥)``.
+
+    Written as ``γ X + (1 − γ) Proj(X)``; a side with ``γ = 1`` is returned untouched, so
+    ``λ = 0`` gives the input bit for bit.
+    """
+    B_new = B if gamma_out == 1.0 else gamma_out * B + (1.0 - gamma_out) * project_out(U, B)
+    A_new = A if gamma_in == 1.0 else gamma_in * A + (1.0 - gamma_in) * project_in(A, V)
+    return A_new, B_new
+
+
+def corrected_energies(energies: dict[str, float], gamma_out: float, gamma_in: float) -> dict[str, float]:
+    """Energies after the factored update (§4): ``ΔW' = F + γ_in H_in + γ_out H_out + γ_in γ_out O``.
+
+    The components stay mutually orthogonal, so each energy scales by its factor squared.
+    """
+    return {
+        "F": energies["F"],
+        "H_in": gamma_in**2 * energies["H_in"],
+        "H_out": gamma_out**2 * energies["H_out"],
+        "O": (gamma_in * gamma_out) ** 2 * energies["O"],
+    }
+
+
+def safe_lora_score(A: Tensor, B: Tensor, D: Tensor) -> float:
+    """Safe LoRA score (§5): ``cos(vec(C B A), vec(B A))`` with ``C = D Dᵀ / ‖D‖_F``.
+
+    ``C·B`` is applied as ``D (Dᵀ B) / ‖D‖_F``; the inner products come from ``r × r`` Grams.
+    The LoRA scaling cancels. Returns 0 when either product is zero.
+    """
+    norm_d = torch.linalg.vector_norm(D)
+    if norm_d == 0:
+        return 0.0
+    CB = (D @ (D.T @ B.to(D.dtype)) / norm_d).double()
+    A, B = A.double(), B.double()
+    inner = float(((CB.T @ B) * (A @ A.T)).sum())
+    norms = product_energy(CB, A) * product_energy(B, A)
+    return inner / norms**0.5 if norms > 0 else 0.0

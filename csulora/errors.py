@@ -1,0 +1,9 @@
+"""The two kinds of failure a user sees, mapped to exit codes in one place (cli.py)."""
+
+
+class CsuloraError(Exception):
+    """Bad usage or bad input: one clear line (what, where, what to do); exit code 2."""
+
+
+class GateFailed(Exception):
+    """An audit threshold was exceeded, or an adapter of a batch failed; exit code 1."""

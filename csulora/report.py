@@ -1,0 +1,217 @@
+"""The report model and its renderers: JSON, Markdown, the rich terminal table, the model card."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from rich.table import Table
+
+from .correction import COMPONENTS
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModuleRow:
+    """What happened to one adapted module. Relative energies are fractions of ``‖ΔW‖_F²``."""
+
+    module: str
+    shape: list[int]  # [d_out, d_in]
+    rank: int
+    scaling: float
+    k: int  # subspace rank
+    captured: float  # fraction of ‖D‖_F² in P D Q
+    displacement_norm: float  # ‖D‖_F
+    update_norm: float  # ‖ΔW‖_F
+    rho: dict[str, float]  # ρ_F, ρ_H_in, ρ_H_out, ρ_O before
+    gamma_in: float
+    gamma_out: float
+    rho_after: dict[str, float]  # the components of ΔW' as fractions of ‖ΔW‖_F²
+    safe_lora_score: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def retained(self) -> float:
+        """``‖ΔW'‖_F / ‖ΔW‖_F``."""
+        return math.sqrt(sum(self.rho_after.values())) if self.update_norm > 0 else 1.0
+
+    @property
+    def off_before(self) -> float:
+        return self.rho["O"]
+
+    @property
+    def off_after(self) -> float:
+        return self.rho_after["O"]
+
+    @property
+    def leaving_before(self) -> float:
+        """Energy outside the fully aligned part: ``ρ_Hin + ρ_Hout + ρ_O``."""
+        return self.rho["H_in"] + self.rho["H_out"] + self.rho["O"]
+
+    @property
+    def leaving_after(self) -> float:
+        return self.rho_after["H_in"] + self.rho_after["H_out"] + self.rho_after["O"]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            retained_norm=self.retained,
+            off_energy_before=self.off_before,
+            off_energy_after=self.off_after,
+            leaving_energy_before=self.leaving_before,
+            leaving_energy_after=self.leaving_after,
+        )
+        return d
+
+
+@dataclass
+class Report:
+    tool_version: str
+    method: str
+    form: str
+    settings: dict
+    inputs: dict
+    modules: list[ModuleRow]
+    warnings: list[str] = field(default_factory=list)
+
+    def totals(self) -> dict:
+        """Energies summed over modules (in absolute units), then made relative to the total ``Σ‖ΔW‖²``."""
+        energy = {c: sum(m.rho[c] * m.update_norm**2 for m in self.modules) for c in COMPONENTS}
+        after = {c: sum(m.rho_after[c] * m.update_norm**2 for m in self.modules) for c in COMPONENTS}
+        total = sum(energy.values())
+        rel = {c: (energy[c] / total if total else 0.0) for c in COMPONENTS}
+        rel_after = {c: (after[c] / total if total else 0.0) for c in COMPONENTS}
+        scores = [m.safe_lora_score for m in self.modules]
+        return {
+            "modules": len(self.modules),
+            "rho": rel,
+            "rho_after": rel_after,
+            "retained_norm": math.sqrt(sum(rel_after.values())) if total else 1.0,
+            "off_energy_before": rel["O"],
+            "off_energy_after": rel_after["O"],
+            "leaving_energy_before": 1.0 - rel["F"] if total else 0.0,
+            "leaving_energy_after": rel_after["H_in"] + rel_after["H_out"] + rel_after["O"],
+            "min_safe_lora_score": min(scores) if scores else None,
+            "mean_safe_lora_score": sum(scores) / len(scores) if scores else None,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "csulora", "version": self.tool_version},
+            "method": self.method,
+            "form": self.form,
+            "settings": self.settings,
+            "inputs": self.inputs,
+            "totals": self.totals(),
+            "modules": [m.to_dict() for m in self.modules],
+            "warnings": self.warnings,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+_COLUMNS = (
+    "module", "k", "captured", "ρ_F", "ρ_Hin", "ρ_Hout", "ρ_O", "γ_in", "γ_out", "retained", "off after", "SafeLoRA",
+)  # fmt: skip
+
+
+def _cells(m: ModuleRow) -> list[str]:
+    return [
+        m.module,
+        str(m.k),
+        _pct(m.captured),
+        *(_pct(m.rho[c]) for c in COMPONENTS),
+        f"{m.gamma_in:.3f}",
+        f"{m.gamma_out:.3f}",
+        f"{m.retained:.3f}",
+        _pct(m.off_after),
+        f"{m.safe_lora_score:+.3f}",
+    ]
+
+
+def _summary_lines(report: Report) -> list[str]:
+    t = report.totals()
+    return [
+        f"modules: {t['modules']}",
+        f"energy fully aligned / leaving: {_pct(t['rho']['F'])} / {_pct(t['leaving_energy_before'])} "
+        f"→ leaving after: {_pct(t['leaving_energy_after'])}",
+        f"off-subspace energy: {_pct(t['off_energy_before'])} → {_pct(t['off_energy_after'])}",
+        f"retained update norm: {t['retained_norm']:.3f}",
+    ]
+
+
+def to_markdown(report: Report) -> str:
+    s = report.settings
+    lines = [
+        "# csulora report",
+        "",
+        f"- method: {report.method}, form: {report.form}, λ = {s['lambda']}",
+        f"- subspace: {_subspace_words(s)}",
+        f"- adapter: `{report.inputs['adapter']['path']}`",
+        f"- aligned: `{report.inputs['aligned']['ref']}`, base: `{report.inputs['base']['ref']}` "
+        f"(from {report.inputs['base']['source']})",
+        *(f"- {line}" for line in _summary_lines(report)),
+        "",
+        "| " + " | ".join(_COLUMNS) + " |",
+        "|" + "---|" * len(_COLUMNS),
+        *("| " + " | ".join(_cells(m)) + " |" for m in report.modules),
+    ]
+    if report.warnings:
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in report.warnings)]
+    return "\n".join(lines) + "\n"
+
+
+def _subspace_words(s: dict) -> str:
+    rule = f"rank {s['subspace_rank']}" if s["subspace_rank"] else f"energy η = {s['subspace_energy']}"
+    svd = "exact SVD" if s["exact_svd"] else f"randomized SVD, seed {s['seed']}"
+    return f"{rule}, cap {s['max_subspace_rank']}, {svd}"
+
+
+def to_table(report: Report, title: str | None = None) -> Table:
+    table = Table(title=title, caption=" · ".join(_summary_lines(report)))
+    for i, col in enumerate(_COLUMNS):
+        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for m in report.modules:
+        table.add_row(*_cells(m))
+    return table
+
+
+def model_card(report: Report, base_model: str | None, command: str) -> str:
+    """``README.md`` of the sanitized adapter: YAML front matter, the command, a summary."""
+    front = ["---"]
+    if base_model:
+        front.append(f"base_model: {json.dumps(base_model)}")
+    front += ["library_name: peft", "tags:", "- lora", "- peft", "- csulora", "- safety", "---"]
+    t = report.totals()
+    body = [
+        "",
+        "# Sanitized LoRA adapter",
+        "",
+        f"This adapter is `{report.inputs['adapter']['path']}` after CSULoRA (closest safe update, "
+        f"{report.form} form, λ = {report.settings['lambda']}), made with csulora {report.tool_version}. "
+        "The parts of each layer's update that leave the safety subspace estimated from "
+        f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}` were attenuated; "
+        "tensor names, shapes, dtypes and `adapter_config.json` are unchanged, so it loads wherever the input did.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| energy leaving the safety subspace | {_pct(t['leaving_energy_before'])} | "
+        f"{_pct(t['leaving_energy_after'])} |",
+        f"| off-subspace energy (both sides) | {_pct(t['off_energy_before'])} | {_pct(t['off_energy_after'])} |",
+        f"| update norm | 1.000 | {t['retained_norm']:.3f} |",
+        "",
+        "Per-module details: `csulora_report.md` and `csulora_report.json`.",
+    ]
+    return "\n".join(front + body) + "\n"

@@ -1,0 +1,113 @@
+"""Safety subspace of one layer from its displacement ``D = W_a − W_b`` (DESIGN.md §2).
+
+Pure functions over tensors: no file access here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+OVERSAMPLE = 10
+NITER = 4
+FIRST_GUESS = 32  # initial rank of the adaptive randomized SVD when k is chosen by energy
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """``U_k`` ``(d_out, k)``, ``Σ_k`` ``(k,)``, ``V_k`` ``(d_in, k)`` and the energies that describe them."""
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+    total_energy: float  # ‖D‖_F², exact
+    captured_energy: float  # ‖Uᵀ D V‖_F² = ‖P D Q‖_F², exact even when the SVD is randomized
+
+    @property
+    def k(self) -> int:
+        return int(self.S.numel())
+
+    @property
+    def captured_fraction(self) -> float:
+        return self.captured_energy / self.total_energy if self.total_energy > 0 else 0.0
+
+
+def displacement(w_aligned: Tensor, w_base: Tensor) -> Tensor:
+    """Displacement (§1): ``D = W_a − W_b``, computed in float32."""
+    return w_aligned.float() - w_base.float()
+
+
+def energy_rank(S: Tensor, total_energy: float, eta: float) -> int:
+    """Energy rule (§2): the smallest ``k`` with ``Σ_{i≤k} σ_i² ≥ η ‖D‖_F²`` (``len(S)`` if none)."""
+    cumulative = torch.cumsum(S.double() ** 2, 0)
+    reached = torch.nonzero(cumulative >= eta * total_energy)
+    return int(reached[0]) + 1 if len(reached) else int(S.numel())
+
+
+def exact_svd(D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``D = U Σ Vᵀ`` (the oracle path)."""
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    return U, S, Vh.T
+
+
+def randomized_svd(D: Tensor, q: int, seed: int, niter: int = NITER) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized SVD of rank ``q`` (``torch.svd_lowrank``) with a fixed seed, whatever the global RNG."""
+    devices = [D.device] if D.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return torch.svd_lowrank(D, q=q, niter=niter)
+
+
+def _top(D: Tensor, want: int, exact: bool, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``want`` singular triplets; exact when asked or when oversampling would cover D anyway."""
+    if exact or want + OVERSAMPLE >= min(D.shape):
+        U, S, V = exact_svd(D)
+    else:
+        U, S, V = randomized_svd(D, want + OVERSAMPLE, seed)
+    return U[:, :want], S[:want], V[:, :want]
+
+
+def safety_subspace(
+    D: Tensor,
+    *,
+    rank: int | None = None,
+    energy: float = 0.5,
+    max_rank: int = 256,
+    exact: bool = False,
+    seed: int = 0,
+) -> Subspace:
+    """Safety subspace (§2): truncated SVD ``D ≈ U_k Σ_k V_kᵀ`` with ``k`` fixed or set by energy ``η``.
+
+    With the energy rule the randomized SVD grows its rank (32, 64, …, ``max_rank``) until the
+    computed spectrum reaches ``η``. A zero displacement gives an empty subspace (``k = 0``).
+    """
+    total = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
+    cap = min(max_rank, *D.shape)
+    if total == 0.0 or cap == 0 or rank == 0:
+        return _empty(D, total)
+    if rank is not None:
+        U, S, V = _top(D, min(rank, cap), exact, seed)
+        k = min(rank, cap)
+    else:
+        want = cap if exact else min(FIRST_GUESS, cap)
+        while True:
+            U, S, V = _top(D, want, exact, seed)
+            k = energy_rank(S, total, energy)
+            if k < want or want == cap:
+                break
+            want = min(2 * want, cap)
+    U, S, V = U[:, :k], S[:k], V[:, :k]
+    # directions below the numerical rank of D carry no displacement, only rounding noise
+    keep = S > S[0] * max(D.shape) * torch.finfo(D.dtype).eps if k else S > 0
+    U, S, V = U[:, keep], S[keep], V[:, keep]
+    captured = float(torch.linalg.vector_norm((U.T @ D) @ V, dtype=torch.float64) ** 2)
+    return Subspace(U=U, S=S, V=V, total_energy=total, captured_energy=captured)
+
+
+def _empty(D: Tensor, total: float) -> Subspace:
+    d_out, d_in = D.shape
+    return Subspace(
+        U=D.new_zeros(d_out, 0), S=D.new_zeros(0), V=D.new_zeros(d_in, 0), total_energy=total, captured_energy=0.0
+    )

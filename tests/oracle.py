@@ -1,0 +1,29 @@
+"""Dense reference formulas of DESIGN.md, written as plainly as possible: explicit d×d projectors,
+float64, exact SVD. Fine for the tiny matrices of the tests; the product never does this."""
+
+from __future__ import annotations
+
+import torch
+
+
+def projectors(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P = U_k U_kᵀ``, ``Q = V_k V_kᵀ`` from the exact SVD of ``D``."""
+    U, _, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+    return U[:, :k] @ U[:, :k].T, Vh[:k].T @ Vh[:k]
+
+
+def components(dW: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """§3: F = PΔWQ, H_in = PΔWQ⊥, H_out = P⊥ΔWQ, O = P⊥ΔWQ⊥."""
+    dW = dW.double()
+    Pp, Qp = torch.eye(P.shape[0], dtype=P.dtype) - P, torch.eye(Q.shape[0], dtype=Q.dtype) - Q
+    return {"F": P @ dW @ Q, "H_in": P @ dW @ Qp, "H_out": Pp @ dW @ Q, "O": Pp @ dW @ Qp}
+
+
+def factored_delta(dW: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, lam: float) -> torch.Tensor:
+    """§4: ΔW' = F + γ_in H_in + γ_out H_out + γ_in γ_out O."""
+    c = components(dW, P, Q)
+    total = sum(float((x**2).sum()) for x in c.values())
+    rho = {name: float((x**2).sum()) / total for name, x in c.items()}
+    g_out = 1 / (1 + lam * (rho["H_out"] + rho["O"]))
+    g_in = 1 / (1 + lam * (rho["H_in"] + rho["O"]))
+    return c["F"] + g_in * c["H_in"] + g_out * c["H_out"] + g_in * g_out * c["O"]
