@@ -13,6 +13,7 @@ import torch
 
 from . import __version__
 from .adapters import CONFIG, Adapter, LoraModule, read_adapter, write_adapter
+from .cache import SubspaceParams, SubspaceSource
 from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
 from .correction import (
     attenuation,
@@ -20,15 +21,17 @@ from .correction import (
     corrected_energies,
     factored_update,
     relative_energies,
-    safe_lora_score,
+    safe_lora_score_subspace,
     split,
 )
 from .errors import CsuloraError
 from .outputs import check_output, write_folder
 from .report import ModuleRow, Report, model_card, to_markdown
-from .subspace import Subspace, displacement, safety_subspace
+from .subspace import Subspace
 
-Progress = Callable[[int, int, str], None]  # (modules done, modules total, current module)
+# (phase, done, total, item): phases "reading" (adapter and headers), "subspaces" (one step per module:
+# read W_a, W_b and take the SVD, or load the cached subspace; then correct), "writing"
+Progress = Callable[[str, int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,12 @@ class Settings:
     def torch_device(self) -> torch.device:
         return torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
                             "cpu" if self.device == "auto" else self.device)  # fmt: skip
+
+    def subspace_params(self, transposed: bool = False) -> SubspaceParams:
+        return SubspaceParams(
+            rank=self.subspace_rank, energy=self.subspace_energy, max_rank=self.max_subspace_rank,
+            exact=self.exact_svd, seed=self.seed, transposed=transposed,
+        )  # fmt: skip
 
     def to_dict(self) -> dict:
         return {
@@ -121,18 +130,26 @@ def sanitize(
     trust_pickle: bool = False,
     command: list[str] | None = None,
     progress: Progress | None = None,
+    subspaces: SubspaceSource | None = None,
 ) -> Result:
-    """Sanitize one adapter and write the result folder (``<adapter>-sanitized`` by default)."""
+    """Sanitize one adapter and write the result folder (``<adapter>-sanitized`` by default).
+
+    ``subspaces``: where module subspaces come from; default the disk cache at ``default_cache_dir()``
+    (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder).
+    """
     settings.validate()
     adapter_path = Path(adapter)
     out = Path(output) if output is not None else default_output(adapter_path)
     check_output(out, force, [adapter_path])
     t0 = time.perf_counter()
+    _phase(progress, "reading", 0, str(adapter_path))
     inputs = _load(adapter_path, aligned, base, trust_pickle)
     check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
+    _phase(progress, "reading", 1, str(adapter_path))
     t1 = time.perf_counter()
-    report, tensors = _run(inputs, settings, progress)
+    report, tensors = _run(inputs, settings, progress, subspaces or SubspaceSource.open())
     t2 = time.perf_counter()
+    _phase(progress, "writing", 0, str(out))
     metadata = {
         "csulora_version": __version__,
         **{f"csulora_{k}": str(v) for k, v in settings.to_dict().items()},
@@ -146,6 +163,7 @@ def sanitize(
         (tmp / "csulora_report.md").write_text(to_markdown(report))
 
     write_folder(out, fill)
+    _phase(progress, "writing", 1, str(out))
     t3 = time.perf_counter()
     return Result(report, out, {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2})
 
@@ -158,14 +176,22 @@ def audit(
     settings: Settings = Settings(),
     trust_pickle: bool = False,
     progress: Progress | None = None,
+    subspaces: SubspaceSource | None = None,
 ) -> Result:
     """Compute the same decomposition and report as ``sanitize()`` without writing anything."""
     settings.validate()
     t0 = time.perf_counter()
+    _phase(progress, "reading", 0, str(adapter))
     inputs = _load(Path(adapter), aligned, base, trust_pickle)
+    _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
-    report, _ = _run(inputs, settings, progress)
+    report, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open())
     return Result(report, None, {"load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
+
+
+def _phase(progress: Progress | None, phase: str, done: int, item: str) -> None:
+    if progress:
+        progress(phase, done, 1, item)
 
 
 def default_output(adapter_path: Path) -> Path:
@@ -249,40 +275,30 @@ def _check_shapes(adapter: Adapter, aligned: Checkpoint, base: Checkpoint) -> No
             )
 
 
-def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tuple[Report, dict[str, torch.Tensor]]:
-    """Stream the targeted weights one module at a time: read, subspace, correct, free."""
+def _run(
+    inputs: _Inputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource
+) -> tuple[Report, dict[str, torch.Tensor]]:
+    """Stream the targeted weights one module at a time: read (or load the cached subspace), correct, free."""
     device = settings.torch_device()
+    params = settings.subspace_params(inputs.adapter.fan_in_fan_out)
     modules = sorted(inputs.adapter.modules, key=lambda m: (inputs.aligned.weight_map[m.weight_key], m.name))
     rows: dict[str, ModuleRow] = {}
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
     for i, module in enumerate(modules):
         if progress:
-            progress(i, len(modules), module.name)
-        D = displacement(inputs.aligned.get(module.weight_key), inputs.base.get(module.weight_key)).to(device)
-        if inputs.adapter.fan_in_fan_out:
-            D = D.T
-        if not torch.isfinite(D).all():
-            raise CsuloraError(
-                f"{module.weight_key}: NaN or Inf in the aligned or base weights; re-download the checkpoints"
-            )
-        sub = safety_subspace(
-            D,
-            rank=settings.subspace_rank,
-            energy=settings.subspace_energy,
-            max_rank=settings.max_subspace_rank,
-            exact=settings.exact_svd,
-            seed=settings.seed,
-        )
-        score = safe_lora_score(module.A.to(device), module.B.to(device), D)
-        del D
+            progress("subspaces", i, len(modules), module.name)
+        sub, _ = subspaces.get(inputs.aligned, inputs.base, module.weight_key, params, device)
+        # from the subspace, not D, so that a cached run reports what a computing run does (docs/scale.md)
+        score = safe_lora_score_subspace(module.A.to(device), module.B.to(device), sub.U, sub.S)
         row, A_new, B_new = correct_module(module, sub, settings.lam, score)
         if sub.total_energy == 0:
             warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, left unchanged")
+        del sub
         rows[module.name] = row
         tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
     if progress:
-        progress(len(modules), len(modules), "")
+        progress("subspaces", len(modules), len(modules), "")
     inputs.aligned.close()
     inputs.base.close()
     if modules and all(r.displacement_norm == 0 for r in rows.values()):
@@ -339,3 +355,68 @@ def correct_module(
     A_out = module.A if gamma_in == 1.0 else A_new.to("cpu", module.A.dtype).contiguous()
     B_out = module.B if gamma_out == 1.0 else B_new.to("cpu", module.B.dtype).contiguous()
     return row, A_out, B_out
+
+
+@dataclass
+class SubspaceRow:
+    module: str
+    shape: list[int]
+    k: int
+    captured: float
+    cached: bool  # loaded from the cache rather than computed
+
+
+def precompute_subspaces(
+    aligned: str,
+    base: str,
+    modules: list[str] | None = None,
+    *,
+    settings: Settings = Settings(),
+    fan_in_fan_out: bool = False,
+    subspaces: SubspaceSource | None = None,
+    progress: Progress | None = None,
+) -> list[SubspaceRow]:
+    """Compute (or find in the cache) the subspace of each linear module of a checkpoint pair, for later runs.
+
+    ``modules``: names matched as PEFT matches a ``target_modules`` list (the full name, or its last
+    dotted parts, e.g. ``q_proj``); default every 2-D weight but embeddings and the output head.
+    """
+    settings.validate()
+    source = subspaces or SubspaceSource.open()
+    if source.cache is None:
+        raise CsuloraError("precomputing subspaces without a cache keeps nothing; drop --no-cache")
+    aligned_ref, base_ref = parse_ref(aligned), parse_ref(base)
+    if base_ref.same_as(aligned_ref):
+        raise CsuloraError(f"base {base} is the aligned checkpoint itself; pass the pretrained checkpoint as --base")
+    _phase(progress, "reading", 0, aligned)
+    names = [k[: -len(".weight")] for k in Checkpoint.open(aligned_ref, []).weight_map if k.endswith(".weight")]
+    wanted = [n for n in names if _selected(n, modules)]
+    if not wanted:
+        raise CsuloraError(f"{aligned}: no module matches --modules {modules}; name modules such as q_proj")
+    keys = [f"{n}.weight" for n in wanted]
+    aligned_ckpt, base_ckpt = Checkpoint.open(aligned_ref, keys), Checkpoint.open(base_ref, keys)
+    keys = [k for k in keys if len(aligned_ckpt.info(k).shape) == 2]
+    keys.sort(key=lambda k: (aligned_ckpt.weight_map[k], k))  # shard by shard
+    for k in keys:
+        if aligned_ckpt.info(k).shape != base_ckpt.info(k).shape:
+            raise CsuloraError(f"{k}: aligned {aligned} and base {base} differ in shape; not the same architecture")
+    _phase(progress, "reading", 1, aligned)
+    params, device, rows = settings.subspace_params(fan_in_fan_out), settings.torch_device(), []
+    for i, key in enumerate(keys):
+        if progress:
+            progress("subspaces", i, len(keys), key)
+        sub, cached = source.get(aligned_ckpt, base_ckpt, key, params, device)
+        rows.append(SubspaceRow(key[: -len(".weight")], list(aligned_ckpt.info(key).shape), sub.k,
+                                sub.captured_fraction, cached))  # fmt: skip
+    if progress:
+        progress("subspaces", len(keys), len(keys), "")
+    aligned_ckpt.close()
+    base_ckpt.close()
+    return sorted(rows, key=lambda r: r.module)
+
+
+def _selected(name: str, modules: list[str] | None) -> bool:
+    if modules is None:
+        last = name.split(".")[-1]
+        return "embed" not in last and last not in ("lm_head", "wte", "wpe") and "norm" not in last
+    return any(name == m or name.endswith("." + m) for m in modules)

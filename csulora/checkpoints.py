@@ -82,6 +82,7 @@ class Checkpoint:
     def __init__(self, ref: CheckpointRef, folder: Path, weight_map: dict[str, str], revision: str | None):
         self.ref, self.folder, self.weight_map, self.revision = ref, folder, weight_map, revision
         self._headers: dict[str, Header] = {}
+        self._identities: dict[str, str] = {}
         self._reader = TensorReader()
 
     @classmethod
@@ -119,11 +120,29 @@ class Checkpoint:
         """One tensor, read from its shard; the previously open shard is closed first if different."""
         return self._reader.get(self.folder / self.weight_map[key], key)
 
+    def shard_identity(self, shard: str) -> str:
+        """What identifies a shard's content without reading it.
+
+        Hub snapshot: the blob behind the snapshot's symlink is named by the file's sha256 (LFS) or git
+        hash, a content hash. Local folder: resolved path, size and ``mtime_ns`` (what ``make`` trusts;
+        a rewrite changes it), plus the header digest, which alone cannot tell base from aligned.
+        """
+        if shard not in self._identities:
+            header, real = self.header(shard), (self.folder / shard).resolve()
+            stat = real.stat()
+            who = f"blob {real.name}" if self.ref.path is None else f"file {real} {stat.st_mtime_ns}"
+            self._identities[shard] = f"{who} {stat.st_size} {header.digest}"
+        return self._identities[shard]
+
+    def tensor_fingerprint(self, key: str) -> str:
+        """sha256 of one tensor's name and the identity of the shard holding it (a subspace cache key part)."""
+        return hashlib.sha256(f"{key}\n{self.shard_identity(self.weight_map[key])}".encode()).hexdigest()
+
     def fingerprint(self) -> str:
-        """sha256 over the revision and the headers and sizes of the opened shards (no full-file hashing)."""
+        """sha256 over the revision and the identities of the opened shards (no full-file hashing)."""
         h = hashlib.sha256((self.revision or "").encode())
         for shard in sorted(self._headers):
-            h.update(f"{shard}:{self._headers[shard].size}:{self._headers[shard].digest}\n".encode())
+            h.update(f"{shard}:{self.shard_identity(shard)}\n".encode())
         return h.hexdigest()
 
     def close(self) -> None:

@@ -110,3 +110,19 @@ def safe_lora_score(A: Tensor, B: Tensor, D: Tensor) -> float:
     inner = float(((CB.T @ B) * (A @ A.T)).sum())
     norms = product_energy(CB, A) * product_energy(B, A)
     return inner / norms**0.5 if norms > 0 else 0.0
+
+
+def safe_lora_score_subspace(A: Tensor, B: Tensor, U: Tensor, S: Tensor) -> float:
+    """Safe LoRA score (§5) from the cached subspace: ``C`` replaced by its rank-k truncation
+    ``C_k = U_k Σ_k² U_kᵀ / ‖D‖_F`` (``D Dᵀ = U Σ² Uᵀ``), so that ``D`` need not be read.
+
+    Exact when ``k`` reaches the rank of ``D``; otherwise an approximation that keeps the directions
+    holding most of ``C`` (its weights are ``σ²``). The cosine ignores ``C``'s scale. 0 for an empty subspace.
+    """
+    if S.numel() == 0:
+        return 0.0
+    U, S, A, B = U.double(), S.double(), A.double(), B.double()
+    CB = U @ ((S**2)[:, None] * (U.T @ B))
+    inner = float(((CB.T @ B) * (A @ A.T)).sum())
+    norms = product_energy(CB, A) * product_energy(B, A)
+    return inner / norms**0.5 if norms > 0 else 0.0

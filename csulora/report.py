@@ -11,6 +11,8 @@ from rich.table import Table
 from .correction import COMPONENTS
 
 SCHEMA_VERSION = 1
+# the score is computed from the cached subspace, so cold and warm runs agree (docs/scale.md)
+SAFE_LORA_SCORE_BASIS = "approximate: C_k = U_k Σ_k² U_kᵀ / ‖D‖_F, the rank-k truncation of C = D Dᵀ / ‖D‖_F"
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Report:
             "totals": self.totals(),
             "modules": [m.to_dict() for m in self.modules],
             "warnings": self.warnings,
+            "safe_lora_score": SAFE_LORA_SCORE_BASIS,
         }
 
     def to_json(self) -> str:
@@ -155,6 +158,7 @@ def to_markdown(report: Report) -> str:
         "",
         f"- method: {report.method}, form: {report.form}, λ = {s['lambda']}",
         f"- subspace: {_subspace_words(s)}",
+        f"- Safe LoRA score: {SAFE_LORA_SCORE_BASIS}",
         f"- adapter: `{report.inputs['adapter']['path']}`",
         f"- aligned: `{report.inputs['aligned']['ref']}`, base: `{report.inputs['base']['ref']}` "
         f"(from {report.inputs['base']['source']})",

@@ -36,7 +36,7 @@ class Subspace:
 
 def displacement(w_aligned: Tensor, w_base: Tensor) -> Tensor:
     """Displacement (§1): ``D = W_a − W_b``, computed in float32."""
-    return w_aligned.float() - w_base.float()
+    return w_aligned.to(torch.float32, copy=True).sub_(w_base)  # in place: one float32 matrix, not three
 
 
 def energy_rank(S: Tensor, total_energy: float, eta: float) -> int:

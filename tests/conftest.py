@@ -15,6 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True)
+def _private_subspace_cache(tmp_path_factory, monkeypatch):
+    """Runs (in-process and ``run_cli`` subprocesses) use a cache of the test session, never ~/.cache."""
+    monkeypatch.setenv("CSULORA_CACHE", str(tmp_path_factory.getbasetemp() / "csulora-cache"))
+
+
 def tiny_llama_config():
     from transformers import LlamaConfig
 

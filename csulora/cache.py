@@ -1,0 +1,195 @@
+"""The subspace cache: each module's safety subspace (DESIGN.md §2) computed once and kept on disk.
+
+An entry is one safetensors file holding ``U_k``, ``S_k``, ``V_k`` (float32) with ``‖D‖_F²`` and the
+captured energy in its header metadata, named by a key over both checkpoints' tensor fingerprints, the
+module, its orientation and every setting that changes the numbers. Entries are written to a temp file
+and moved into place with ``os.replace``, so processes sharing a cache see a whole entry or none; an
+entry that fails any check (header, key, shapes, checksum, finite values) is recomputed and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoints import Checkpoint
+from .errors import CsuloraError
+from .subspace import FIRST_GUESS, NITER, OVERSAMPLE, Subspace, displacement, safety_subspace
+from .tensorfile import TensorReader
+
+CACHE_FORMAT = 1
+_TENSORS = ("U", "S", "V")
+
+
+def default_cache_dir() -> Path:
+    """``$CSULORA_CACHE``, else ``$XDG_CACHE_HOME/csulora``, else ``~/.cache/csulora``."""
+    if os.environ.get("CSULORA_CACHE"):
+        return Path(os.environ["CSULORA_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "csulora"
+    return Path.home() / ".cache" / "csulora"
+
+
+@dataclass(frozen=True)
+class SubspaceParams:
+    """Everything besides the two weights that determines a subspace."""
+
+    rank: int | None
+    energy: float
+    max_rank: int
+    exact: bool
+    seed: int
+    transposed: bool = False  # fan_in_fan_out adapters: D is taken in nn.Linear orientation, i.e. transposed
+
+    def to_dict(self) -> dict:
+        return {
+            "rank": self.rank, "energy": self.energy, "max_rank": self.max_rank, "exact": self.exact,
+            "seed": self.seed, "transposed": self.transposed,
+            "algorithm": f"rsvd oversample={OVERSAMPLE} niter={NITER} first={FIRST_GUESS}",
+        }  # fmt: skip
+
+
+def entry_key(aligned: Checkpoint, base: Checkpoint, weight_key: str, params: SubspaceParams) -> str:
+    """sha256 over the cache format, both tensors' fingerprints, the module and the settings."""
+    payload = {
+        "format": CACHE_FORMAT,
+        "aligned": aligned.tensor_fingerprint(weight_key),
+        "base": base.tensor_fingerprint(weight_key),
+        "module": weight_key,
+        **params.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in _TENSORS:
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class SubspaceCache:
+    """A folder of entries ``<root>/<key[:2]>/<key>.safetensors``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.corrupt = 0  # entries found damaged (then recomputed and rewritten)
+        self.write_errors: list[str] = []
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def load(self, key: str, shape: tuple[int, int]) -> Subspace | None:
+        """The entry for ``key`` if present and sound; ``None`` when absent or damaged."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        reader = TensorReader()
+        try:
+            tensors = {name: reader.get(path, name) for name in _TENSORS}
+            meta = reader.metadata()
+            sub = Subspace(
+                U=tensors["U"], S=tensors["S"], V=tensors["V"],
+                total_energy=float(meta["total_energy"]), captured_energy=float(meta["captured_energy"]),
+            )  # fmt: skip
+            d_out, d_in = shape
+            ok = (
+                meta.get("key") == key
+                and meta.get("checksum") == _checksum(tensors)
+                and all(t.dtype == torch.float32 for t in tensors.values())
+                and sub.U.shape == (d_out, sub.k) and sub.V.shape == (d_in, sub.k) and sub.S.ndim == 1
+                and all(bool(torch.isfinite(t).all()) for t in tensors.values())
+                and math.isfinite(sub.total_energy) and 0 <= sub.captured_energy <= sub.total_energy * (1 + 1e-6)
+            )  # fmt: skip
+        except (CsuloraError, KeyError, ValueError, RuntimeError):
+            ok = False
+        finally:
+            reader.close()
+        if not ok:
+            self.corrupt += 1
+            return None
+        return sub
+
+    def store(self, key: str, sub: Subspace, device: str) -> None:
+        """Write the entry atomically; a cache that cannot be written is reported, never fatal."""
+        tensors = {"U": sub.U, "S": sub.S, "V": sub.V}
+        tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
+        meta = {
+            "key": key, "format": str(CACHE_FORMAT), "checksum": _checksum(tensors), "device": device,
+            "total_energy": repr(sub.total_energy), "captured_energy": repr(sub.captured_energy),
+        }  # fmt: skip
+        path = self.path(key)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            save_file(tensors, tmp, metadata=meta)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            self.write_errors.append(f"{path}: {e.strerror or e}")
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@dataclass
+class SubspaceSource:
+    """Where each module's subspace comes from: the cache when it holds a sound entry, else the SVD of ``D``
+    (then stored). One source can serve many runs (a batch); its counters say what happened."""
+
+    cache: SubspaceCache | None
+    computed: int = 0
+    loaded: int = 0
+    computed_keys: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, cache_dir: str | Path | None = None, enabled: bool = True) -> SubspaceSource:
+        return cls(SubspaceCache(Path(cache_dir) if cache_dir else default_cache_dir()) if enabled else None)
+
+    def get(
+        self, aligned: Checkpoint, base: Checkpoint, weight_key: str, params: SubspaceParams, device: torch.device
+    ) -> tuple[Subspace, bool]:
+        """The subspace of one module on ``device``, and whether it came from the cache."""
+        shape = tuple(aligned.info(weight_key).shape)
+        shape = shape[::-1] if params.transposed else shape
+        key = entry_key(aligned, base, weight_key, params) if self.cache else None
+        sub = self.cache.load(key, shape) if self.cache else None
+        if sub is not None:
+            self.loaded += 1
+            return Subspace(sub.U.to(device), sub.S.to(device), sub.V.to(device), sub.total_energy,
+                            sub.captured_energy), True  # fmt: skip
+        sub = compute_subspace(aligned, base, weight_key, params, device)
+        self.computed += 1
+        self.computed_keys.append(weight_key)
+        if self.cache:
+            self.cache.store(key, sub, device.type)
+        return sub, False
+
+
+def compute_subspace(
+    aligned: Checkpoint, base: Checkpoint, weight_key: str, params: SubspaceParams, device: torch.device
+) -> Subspace:
+    """Read one module's two weights, form ``D`` on ``device`` and take its safety subspace; free ``D``."""
+    D = displacement(aligned.get(weight_key).to(device), base.get(weight_key).to(device))
+    if params.transposed:
+        D = D.T
+    if not torch.isfinite(D).all():
+        raise CsuloraError(f"{weight_key}: NaN or Inf in the aligned or base weights; re-download the checkpoints")
+    sub = safety_subspace(
+        D, rank=params.rank, energy=params.energy, max_rank=params.max_rank, exact=params.exact, seed=params.seed
+    )
+    del D
+    return Subspace(sub.U.contiguous(), sub.S.contiguous(), sub.V.contiguous(), sub.total_energy,
+                    sub.captured_energy)  # fmt: skip
