@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import CsuloraError
-from .tensorfile import read_header, sha256_file
+from .tensorfile import read_header, sha256_file, sort_metadata
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -205,4 +205,5 @@ def _unsupported(key: str) -> str:
 def write_adapter(folder: Path, adapter: Adapter, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write ``adapter_model.safetensors`` (header metadata: ``format: pt`` plus settings) and the config."""
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", **metadata})
+    sort_metadata(folder / WEIGHTS)  # byte-identical output for identical inputs (DESIGN.md §7)
     (folder / CONFIG).write_bytes(adapter.config_bytes)

@@ -149,6 +149,25 @@ class TensorReader:
         self._file, self._path, self._header = None, None, None
 
 
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted.
+
+    The safetensors library keeps metadata in a hash map, so ``save_file`` writes its keys in an order
+    that changes from process to process; sorted, identical inputs give byte-identical files. The header
+    keeps its length (same content, other order; padded with spaces as the format allows).
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n), object_pairs_hook=dict)
+        metadata = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | header
+        raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) > n:  # cannot happen for a header safetensors wrote; leave the file as it is
+            return
+        f.seek(8)
+        f.write(raw + b" " * (n - len(raw)))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
