@@ -143,8 +143,9 @@ def _one(name, path, out, aligned, base, settings, force, skip_existing, trust_p
 
 def summary_table(outcomes: list[Outcome], title: str | None = None) -> Table:
     table = Table(title=title)
-    for col in ("adapter", "status", "modules", "leaving before → after", "retained", "output / error"):
-        table.add_column(col, justify="left" if col in ("adapter", "status", "output / error") else "right")
+    for col in ("adapter", "status", "modules", "leaving before → after", "retained"):
+        table.add_column(col, justify="left" if col in ("adapter", "status") else "right", no_wrap=col == "adapter")
+    table.add_column("output / error", overflow="fold")  # an error message is worth its every word
     for o in outcomes:
         if o.report is not None:
             t = o.report.totals()
