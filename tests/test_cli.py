@@ -84,6 +84,12 @@ def truncated_adapter(tmp, adapter, pair):
     return [], f
 
 
+def empty_adapter_file(tmp, adapter, pair):
+    f = adapter / "adapter_model.safetensors"
+    f.write_bytes(b"")
+    return [], f
+
+
 def adapter_not_safetensors(tmp, adapter, pair):
     f = adapter / "adapter_model.safetensors"
     torch.save({"x": torch.zeros(3)}, f)  # a pickle zip under the safetensors name
@@ -216,11 +222,13 @@ def negative_lambda(tmp, adapter, pair):
     return ["--lambda", "-0.5"], "--lambda"
 
 
-BAD_INPUTS = [truncated_adapter, adapter_not_safetensors, adapter_text_file, truncated_base_shard, missing_config,
-              missing_adapter_folder, missing_aligned_folder, nan_in_adapter, inf_in_adapter, adapter_shape_mismatch,
-              base_shape_mismatch, base_is_aligned, base_is_a_copy_of_aligned, dora_config, dora_magnitude_key,
-              modules_to_save, unresolved_base, negative_lambda, nan_in_aligned, missing_shard,
-              module_not_in_checkpoint, no_base_model_in_config]  # fmt: skip
+BAD_INPUTS = [
+    truncated_adapter, empty_adapter_file, adapter_not_safetensors, adapter_text_file, truncated_base_shard,
+    missing_config, missing_adapter_folder, missing_aligned_folder, nan_in_adapter, inf_in_adapter,
+    adapter_shape_mismatch, base_shape_mismatch, base_is_aligned, base_is_a_copy_of_aligned, dora_config,
+    dora_magnitude_key, modules_to_save, unresolved_base, negative_lambda, nan_in_aligned, missing_shard,
+    module_not_in_checkpoint, no_base_model_in_config,
+]  # fmt: skip
 
 
 def prepare(make, tmp_path: Path, adapter: Path, pair: dict) -> tuple[list[str], list[str], str]:

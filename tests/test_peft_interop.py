@@ -257,3 +257,17 @@ def test_fan_in_fan_out_conv1d_round_trip(gpt2_pair):
     n = check_merged_deltas(gpt2_pair["aligned"], gpt2_pair["base"], gpt2_pair["adapter"], out, 1.0, k_of,
                             load=load_gpt2, transpose=True)  # fmt: skip
     assert n == 4
+
+
+def test_fixed_subspace_rank(sanitized, llama_pair, tmp_path):
+    """--subspace-rank 3 (the displacement has rank 4): every module uses k = 3 and still merges to §4."""
+    run = sanitized["patterns"]
+    out = tmp_path / "rank3"
+    args = ["sanitize", "--adapter", run["adapter"], "--aligned", llama_pair["aligned"], "-o", out]
+    result = CliRunner().invoke(app, [str(a) for a in args] + ["--subspace-rank", "3", "--lambda", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    report = report_of(out)
+    assert report["settings"]["subspace_rank"] == 3
+    k_of = {m["module"]: m["k"] for m in report["modules"]}
+    assert set(k_of.values()) == {3}
+    check_merged_deltas(llama_pair["aligned"], llama_pair["base"], run["adapter"], out, 4.0, k_of)
