@@ -446,3 +446,14 @@ def test_audit_reports_and_writes_nothing(tmp_path, adapter, llama_pair):
     assert result.exit_code == 0, result.output
     assert "model.layers.1.mlp.down_proj" in result.stdout and "csulora audit" in result.stdout
     assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_failed_run_with_force_keeps_the_existing_output(tmp_path, adapter, llama_pair):
+    out = tmp_path / "adapter-sanitized"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    truncated_adapter(tmp_path, adapter, llama_pair)
+    result = invoke("sanitize", "--adapter", adapter, "--aligned", llama_pair["aligned"], "--force")
+    assert result.exit_code == 2, result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "adapter-sanitized"]

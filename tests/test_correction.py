@@ -24,7 +24,7 @@ from csulora.correction import (
 from tests import oracle
 
 F64 = torch.float64
-EXAMPLES = settings(max_examples=20, deadline=None)
+EXAMPLES = settings(max_examples=20, deadline=None, derandomize=True)  # reproducible in CI
 
 
 def case(seed: int, d_out: int = 12, d_in: int = 9, r: int = 3, k: int = 2, disp_rank: int = 4) -> dict:
