@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import CsuloraError
-from .tensorfile import read_header, sha256_file
+from .tensorfile import read_header, save_sorted, sha256_file
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -204,5 +203,5 @@ def _unsupported(key: str) -> str:
 
 def write_adapter(folder: Path, adapter: Adapter, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write ``adapter_model.safetensors`` (header metadata: ``format: pt`` plus settings) and the config."""
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", **metadata})
+    save_sorted(folder / WEIGHTS, tensors, {"format": "pt", **metadata})
     (folder / CONFIG).write_bytes(adapter.config_bytes)

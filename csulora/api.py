@@ -244,8 +244,8 @@ def _check_shapes(adapter: Adapter, aligned: Checkpoint, base: Checkpoint) -> No
         expected = expected if adapter.fan_in_fan_out else expected[::-1]
         if tuple(a.shape) != expected:
             raise CsuloraError(
-                f"{m.weight_key}: the checkpoint weight is {list(a.shape)} but the adapter's factors imply "
-                f"{list(expected)}; the adapter was trained on another architecture"
+                f"{adapter.weights_file}: module {m.name} has factors for a weight of {list(expected)}, but "
+                f"{aligned.ref} has {list(a.shape)}; the adapter was trained on another architecture"
             )
 
 
@@ -263,9 +263,7 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
         if inputs.adapter.fan_in_fan_out:
             D = D.T
         if not torch.isfinite(D).all():
-            raise CsuloraError(
-                f"{module.weight_key}: NaN or Inf in the aligned or base weights; re-download the checkpoints"
-            )
+            raise CsuloraError(_nonfinite(module.weight_key, inputs.aligned, inputs.base))
         sub = safety_subspace(
             D,
             rank=settings.subspace_rank,
@@ -302,6 +300,12 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
     return report, tensors
 
 
+def _nonfinite(key: str, *checkpoints: Checkpoint) -> str:
+    """Name the shard file whose tensor holds NaN or Inf (only called once D turned out non-finite)."""
+    bad = next((c for c in checkpoints if not torch.isfinite(c.get(key)).all()), checkpoints[0])
+    return f"{bad.folder / bad.weight_map[key]}: tensor {key} has NaN or Inf values; re-download the checkpoint"
+
+
 def correct_module(
     module: LoraModule, sub: Subspace, lam: float, score: float
 ) -> tuple[ModuleRow, torch.Tensor, torch.Tensor]:
@@ -311,7 +315,9 @@ def correct_module(
     A, B = module.A.to(device, torch.float64), module.B.to(device, torch.float64)
     energies = component_energies(split(A, module.scaling * B, U, V))
     rho = relative_energies(energies)
-    gamma_out, gamma_in = attenuation(rho, lam)
+    # D = 0 says nothing about safety here: leave the layer as it is (the warning says so), rather than
+    # treating all of it as off-subspace and shrinking it by (1 + λ)².
+    gamma_out, gamma_in = attenuation(rho, lam) if sub.k else (1.0, 1.0)
     A_new, B_new = factored_update(A, B, U, V, gamma_out, gamma_in)
     total = sum(energies.values())
     after = corrected_energies(energies, gamma_out, gamma_in)

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -63,6 +64,11 @@ def _root(
     pass
 
 
+def _one_line(e: BaseException) -> str:
+    """A message from a library may span lines; the user gets one."""
+    return " ".join(str(e).split())
+
+
 @contextmanager
 def _errors(debug: bool) -> Iterator[None]:
     """The one place where known failures become one line and an exit code."""
@@ -71,10 +77,11 @@ def _errors(debug: bool) -> Iterator[None]:
     except CsuloraError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        # escape: paths such as run[lr=1e-4] or x[/y] are not rich markup
+        err.print(f"[red]error:[/red] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except GateFailed as e:
-        err.print(f"[red]failed:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]failed:[/red] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
@@ -82,7 +89,12 @@ def _errors(debug: bool) -> Iterator[None]:
     except Exception as e:
         if debug:
             raise
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for a traceback)")
+        err.print(
+            f"[red]internal error:[/red] {type(e).__name__}: {escape(_one_line(e))} "
+            "(rerun with --debug for a traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -141,8 +153,9 @@ def sanitize(
             command=["csulora", *sys.argv[1:]], progress=progress,
         )  # fmt: skip
     if not quiet:
-        out.print(to_table(result.report, title=f"csulora sanitize · {adapter}"))
-    out.print(f"wrote {result.output}", highlight=False, soft_wrap=True)
+        out.print(to_table(result.report, title=f"csulora sanitize · {escape(str(adapter))}"))
+    _warn(result.report.warnings)
+    out.print(f"wrote {result.output}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -165,7 +178,13 @@ def audit(
     with _errors(debug), _progress(quiet) as progress:
         settings = _settings(lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device)
         result = api_audit(adapter, aligned, base, settings=settings, trust_pickle=trust_pickle, progress=progress)
-    out.print(to_table(result.report, title=f"csulora audit · {adapter}"))
+    out.print(to_table(result.report, title=f"csulora audit · {escape(str(adapter))}"))
+    _warn(result.report.warnings)
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

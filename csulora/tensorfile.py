@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .errors import CsuloraError
 
@@ -119,3 +120,19 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def save_sorted(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``safetensors`` file whose bytes depend only on its content (DESIGN.md §7: byte-identical output).
+
+    The library keeps header metadata in a hash map, so its key order (and the file's bytes) changes from
+    run to run; the header is rewritten here with sorted keys. Data offsets are relative to the end of
+    the header, so the data bytes stay valid as they are.
+    """
+    data = memoryview(save(tensors, metadata=metadata))
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(bytes(data[8 : 8 + n])), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned, as the library does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.write(data[8 + n :])
