@@ -276,7 +276,10 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
         del D
         row, A_new, B_new = correct_module(module, sub, settings.lam, score)
         if sub.total_energy == 0:
-            warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, left unchanged")
+            warnings.append(
+                f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update counts "
+                "as off-subspace and is attenuated"
+            )
         rows[module.name] = row
         tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
     if progress:
@@ -315,9 +318,7 @@ def correct_module(
     A, B = module.A.to(device, torch.float64), module.B.to(device, torch.float64)
     energies = component_energies(split(A, module.scaling * B, U, V))
     rho = relative_energies(energies)
-    # D = 0 says nothing about safety here: leave the layer as it is (the warning says so), rather than
-    # treating all of it as off-subspace and shrinking it by (1 + λ)².
-    gamma_out, gamma_in = attenuation(rho, lam) if sub.k else (1.0, 1.0)
+    gamma_out, gamma_in = attenuation(rho, lam)
     A_new, B_new = factored_update(A, B, U, V, gamma_out, gamma_in)
     total = sum(energies.values())
     after = corrected_energies(energies, gamma_out, gamma_in)

@@ -419,8 +419,9 @@ def test_demo_runs(tmp_path):
     assert "model.layers.0.self_attn.q_proj" in proc.stdout and str(out) in proc.stdout
 
 
-def test_layer_without_displacement_warns_and_is_left_unchanged(tmp_path, adapter, llama_pair):
-    """DESIGN.md §2: D = 0 gives an empty subspace; the layer is reported, warned about and kept as it is."""
+def test_layer_without_displacement_warns_and_is_attenuated(tmp_path, adapter, llama_pair):
+    """DESIGN.md §2: D = 0 gives an empty subspace (P = Q = 0), so by §3–§4 the whole update is off-subspace
+    (ρ_O = 1) and is scaled by γ² = 1/(1 + λ)²; the layer is reported and warned about."""
     base = shutil.copytree(llama_pair["base"], tmp_path / "base")
     aligned_q0 = load_file(shard_of(llama_pair["aligned"], Q0))[Q0]
     edit_tensors(shard_of(base, Q0), lambda t: t.__setitem__(Q0, aligned_q0))
@@ -431,12 +432,15 @@ def test_layer_without_displacement_warns_and_is_left_unchanged(tmp_path, adapte
     report = json.loads((out / "csulora_report.json").read_text())
     rows = {m["module"]: m for m in report["modules"]}
     q0 = rows["model.layers.0.self_attn.q_proj"]
-    assert (q0["k"], q0["gamma_in"], q0["gamma_out"], q0["retained_norm"]) == (0, 1.0, 1.0, 1.0)
+    assert (q0["k"], q0["rho"]["O"], q0["gamma_in"], q0["gamma_out"]) == (0, 1.0, 0.5, 0.5)  # λ = 1
+    assert abs(q0["retained_norm"] - 0.25) < 1e-12
     assert "empty subspace" in q0["notes"] and len(report["warnings"]) == 1
     before, after = load_file(adapter / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    for side in ("A", "B"):
+        key = f"{prefix}.lora_{side}.weight"
+        torch.testing.assert_close(after[key], 0.5 * before[key])
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert not any(k.startswith(prefix) for k in changed)
     assert len(changed) > 20, "the other layers are corrected"
 
 
