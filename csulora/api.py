@@ -291,14 +291,14 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
             seed=settings.seed,
         )
         score = safe_lora_score(module.A.to(device), module.B.to(device), D)
-        if settings.method == "safe-lora" and (cand := safe_lora_candidate(module, sub, D)) is not None:
-            candidates[module.name] = (module.key("B"), cand)
-        del D
         if settings.form == "block":
             row, A_new, B_new = block_module(module, sub, settings.lam, score)
         else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
             lam = 0.0 if settings.method == "safe-lora" else settings.lam
             row, A_new, B_new = correct_module(module, sub, lam, score)
+        if settings.method == "safe-lora" and (cand := safe_lora_candidate(module, sub, D, row.update_norm)):
+            candidates[module.name] = (module.key("B"), cand)  # C·B needs D: computed now, applied below
+        del D
         if sub.total_energy == 0:
             warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, left unchanged")
         rows[module.name] = row

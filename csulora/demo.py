@@ -115,3 +115,4 @@ def run_demo(workdir: Path, console: Console) -> None:
     console.print(f"sanitized adapter: {out / 'adapter_model.safetensors'}", highlight=False, soft_wrap=True)
     report = f"{out / 'csulora_report.md'} and {out / 'csulora_report.json'}"
     console.print(f"report: {report}", highlight=False, soft_wrap=True)
+    console.print(f"picture: {out / 'csulora_report.html'}", highlight=False, soft_wrap=True)

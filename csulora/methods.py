@@ -102,18 +102,19 @@ class SafeLoraCandidate:
     rho_after: dict[str, float]
 
 
-def safe_lora_candidate(module: LoraModule, sub: Subspace, D: torch.Tensor) -> SafeLoraCandidate | None:
-    """``C·B`` (§5) while ``D`` is in memory, and its components in the CSULoRA subspace (§3), relative
-    to ``‖ΔW‖²``. ``None`` when ``D = 0``: ``C`` is undefined there, and the module is left as it is."""
+def safe_lora_candidate(
+    module: LoraModule, sub: Subspace, D: torch.Tensor, update_norm: float
+) -> SafeLoraCandidate | None:
+    """``C·B`` (§5) while ``D`` is in memory, and the components of ``s·C·B·A`` in the CSULoRA subspace (§3)
+    relative to the input's ``‖ΔW‖² = update_norm²``. ``None`` when ``D = 0``: ``C`` is undefined there, and
+    the module is left as it is."""
     if sub.total_energy == 0:
         return None
     device = sub.U.device
     CB = safe_lora_project(module.B.to(device), D)
-    U, V = sub.U.double(), sub.V.double()
     A = module.A.to(device, torch.float64)
-    before = sum(component_energies(split(A, module.scaling * module.B.to(device, torch.float64), U, V)).values())
-    after = component_energies(split(A, module.scaling * CB.double(), U, V))
-    return SafeLoraCandidate(B=CB.to("cpu", module.B.dtype).contiguous(), rho_after=_relative_to(after, before))
+    after = component_energies(split(A, module.scaling * CB.double(), sub.U.double(), sub.V.double()))
+    return SafeLoraCandidate(B=CB.to("cpu", module.B.dtype).contiguous(), rho_after=_relative_to(after, update_norm**2))
 
 
 def safe_lora_selection(scores: dict[str, float], threshold: float, top_n: int | None) -> list[str]:

@@ -237,7 +237,7 @@ def model_card(report: Report, base_model: str | None, command: str) -> str:
         f"| off-subspace energy (both sides) | {_pct(t['off_energy_before'])} | {_pct(t['off_energy_after'])} |",
         f"| update norm | 1.000 | {t['retained_norm']:.3f} |",
         "",
-        "Per-module details: `csulora_report.md` and `csulora_report.json`.",
+        "Per-module details: `csulora_report.md`, `csulora_report.json` and `csulora_report.html` (a picture).",
     ]
     return "\n".join(front + body) + "\n"
 
@@ -263,14 +263,18 @@ def _format_words(report: Report) -> str:
     )
 
 
+def rank_warning(report: Report) -> str:
+    """What a person serving the adapter must know when the block form changed its rank."""
+    need = _engine_rank(report)
+    advice = f"start it with `--max-lora-rank {need}` or more" if need > 16 else "an engine set lower needs raising"
+    return (
+        f"{rank_change_words(report)}. Serving engines with a maximum LoRA rank must allow "
+        f"{max(m.output_rank for m in report.modules)}: vLLM's default `max_lora_rank` is 16; {advice}."
+    )
+
+
 def _rank_warning(report: Report) -> list[str]:
-    if not report.rank_changed:
-        return []
-    return [
-        f"> **Warning: {rank_change_words(report)}.** Serving engines with a maximum LoRA rank must allow it: "
-        f"vLLM's default `max_lora_rank` is 16, so start it with `--max-lora-rank {_engine_rank(report)}` or more.",
-        "",
-    ]
+    return [f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []
 
 
 def _engine_rank(report: Report) -> int:

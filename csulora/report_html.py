@@ -8,14 +8,18 @@ import re
 from html import escape
 
 from .correction import COMPONENTS
-from .report import _COLUMNS, Report, _cells, _subspace_words, _summary_lines, rank_change_words
+from .report import _COLUMNS, Report, _cells, _subspace_words, _summary_lines, rank_warning
 
 COLORS = {"F": "#2f855a", "H_in": "#d4a017", "H_out": "#e07b24", "O": "#c53030"}
 LABELS = {"F": "F (fully aligned)", "H_in": "H_in (input side leaves)", "H_out": "H_out (output side leaves)",
           "O": "O (off-subspace)"}  # fmt: skip
-FACTORS = (("γ_in", "on H_in"), ("γ_out", "on H_out"), ("γ_O", "on O"))
+FACTORS = {  # the factor applied to H_in, H_out, O: column titles per form
+    "factored": (("γ_in", "on H_in"), ("γ_out", "on H_out"), ("γ_in·γ_out", "on O")),
+    "block": (("γ_H", "on H_in"), ("γ_H", "on H_out"), ("γ_O", "on O")),
+    "safe-lora": (("score", "Safe LoRA"), ("lora_B", "written"), ("", "")),
+}
 
-ROW_H, BAR_H, BAR_W, FACTOR_W, GAP, CHAR_W, TOP = 30, 10, 460, 64, 24, 7.0, 34
+ROW_H, BAR_H, BAR_W, FACTOR_W, GAP, CHAR_W, TOP = 30, 10, 460, 70, 56, 7.0, 34
 
 
 def _natural(name: str) -> list:
@@ -50,7 +54,8 @@ def _chart(report: Report) -> str:
     scale = BAR_W / top
     x0 = label_w + 40  # room for the "before/after" words
     fx = x0 + BAR_W + GAP
-    width = fx + len(FACTORS) * FACTOR_W + 8
+    factors = FACTORS["safe-lora" if report.method == "safe-lora" else report.form]
+    width = fx + len(factors) * FACTOR_W + 8
     height = TOP + ROW_H * len(modules) + 8
     svg = [f'<svg class="chart" width="{width:.0f}" height="{height}" viewBox="0 0 {width:.0f} {height}" '
            'role="img" aria-label="relative energies per module, before and after">']  # fmt: skip
@@ -60,7 +65,7 @@ def _chart(report: Report) -> str:
         svg.append(f'<line x1="{tx:.2f}" y1="{TOP - 6}" x2="{tx:.2f}" y2="{height - 8}" class="grid"/>')
         svg.append(f'<text x="{tx:.2f}" y="{TOP - 10}" class="tick">{100 * t:.0f}%</text>')
     svg.append(f'<text x="{x0}" y="12" class="axis">share of the input update’s energy ‖ΔW‖²</text>')
-    for j, (name, note) in enumerate(FACTORS):
+    for j, (name, note) in enumerate(factors):
         cx = fx + j * FACTOR_W + FACTOR_W / 2
         svg.append(f'<text x="{cx:.2f}" y="12" class="axis mid">{name}</text>')
         svg.append(f'<text x="{cx:.2f}" y="{TOP - 10}" class="tick">{note}</text>')
@@ -77,12 +82,16 @@ def _chart(report: Report) -> str:
         svg.append(f'<text x="{x0 - 6}" y="{y + 2 * BAR_H + 1}" class="which">after</text>')
         svg += _bar(x0, y + 1, m.rho, scale, f"{escape(m.module)} before")
         svg += _bar(x0, y + BAR_H + 3, m.rho_after, scale, f"{escape(m.module)} after")
-        factors = (m.gamma_in, m.gamma_out, m.off_factor)
-        for j, value in enumerate(factors):
+        kept = sum(m.rho_after.values())  # ‖ΔW'‖² / ‖ΔW‖², so a bar too short to see still reads
+        kx = x0 + kept * scale + 4
+        svg.append(f'<text x="{kx:.2f}" y="{y + 2 * BAR_H + 1}" class="kept">{100 * kept:.1f}%</text>')
+        if report.method == "safe-lora":  # no factors: the score, and whether B was replaced by C·B
+            for j, text in enumerate((f"{m.safe_lora_score:+.3f}", "C·B" if m.safe_lora_projected else "B")):
+                cx = fx + j * FACTOR_W + FACTOR_W / 2
+                svg.append(f'<text x="{cx:.2f}" y="{y + BAR_H + 4}" class="factor mid">{text}</text>')
+            continue
+        for j, value in enumerate((m.gamma_in, m.gamma_out, m.off_factor)):
             cx = fx + j * FACTOR_W
-            if m.safe_lora_projected:
-                svg.append(f'<text x="{cx + FACTOR_W / 2:.2f}" y="{y + BAR_H + 4}" class="factor mid">C·B</text>')
-                continue
             w = (FACTOR_W - 12) * value
             svg.append(f'<rect x="{cx + 6:.2f}" y="{y + 2}" width="{FACTOR_W - 12}" height="6" class="track"/>')
             svg.append(f'<rect x="{cx + 6:.2f}" y="{y + 2}" width="{w:.2f}" height="6" class="gamma"/>')
@@ -126,7 +135,7 @@ svg.chart .tick { text-anchor: middle; fill: #718096; font-size: 10px; }
 svg.chart .axis { font-weight: 600; } svg.chart .mid { text-anchor: middle; }
 svg.chart .grid { stroke: #e2e8f0; stroke-width: 1; } svg.chart .sep { stroke: #a0aec0; stroke-dasharray: 3 3; }
 svg.chart .track { fill: #edf2f7; } svg.chart .gamma { fill: #4a5568; }
-svg.chart .factor { font-size: 10px; }
+svg.chart .factor { font-size: 10px; } svg.chart .kept { font-size: 9px; fill: #4a5568; }
 table.modules { border-collapse: collapse; font-size: 12px; }
 table.modules th, table.modules td { border-bottom: 1px solid #e2e8f0; padding: 3px 8px; text-align: right;
                                      white-space: nowrap; }
@@ -142,8 +151,7 @@ def to_html(report: Report) -> str:
     method = f"{report.method}, {report.form} form, λ = {s['lambda']}" if report.method == "csulora" else report.method
     warn = ""
     if report.rank_changed:
-        warn = (f'<p class="warn"><b>{escape(rank_change_words(report))}.</b> Serving engines with a maximum LoRA '
-                "rank (vLLM’s default is 16) must have it raised to load this adapter.</p>")  # fmt: skip
+        warn = f'<p class="warn"><b>Warning:</b> {escape(rank_warning(report)).replace("`", "")}</p>'
     warnings = "".join(f"<li>{escape(w)}</li>" for w in report.warnings)
     return f"""<!doctype html>
 <html lang="en">
