@@ -271,7 +271,7 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
     rows: dict[str, ModuleRow] = {}
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
-    candidates = {}  # Safe LoRA: module → (B key, C·B), selected once every score is known
+    candidates: dict = {}  # Safe LoRA: module → (B key, C·B), selected once every score is known
     for i, module in enumerate(modules):
         if progress:
             progress(i, len(modules), module.name)

@@ -220,6 +220,8 @@ def audit(
         )  # fmt: skip
         if html is not None and len(adapter) != 1:
             raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
+        if html is not None and not html.parent.is_dir():
+            raise CsuloraError(f"--html {html}: the folder {html.parent} does not exist; create it first")
         reports = []
         for path in adapter:
             with _progress(quiet) as progress:

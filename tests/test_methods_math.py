@@ -92,3 +92,32 @@ def test_safe_lora_selection_rules():
     assert safe_lora_selection(scores, 0.0, None) == ["d"]
     assert safe_lora_selection(scores, 0.5, 2) == ["b", "d"]  # the 2 lowest, ties by name
     assert safe_lora_selection(scores, 0.5, 10) == sorted(scores)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "safe-lora", "form": "block"}, "--form block applies to --method csulora only"),
+        ({"method": "safe-lora", "top_n": 0}, "--top-n must be ≥ 1"),
+        ({"form": "blocky"}, "use one of factored, block"),
+        ({"method": "safelora"}, "use one of csulora, safe-lora"),
+    ],
+)
+def test_method_settings_refuse_bad_combinations(kwargs, message):
+    from csulora import Settings
+    from csulora.errors import CsuloraError
+
+    with pytest.raises(CsuloraError, match=message):
+        Settings(**kwargs).validate()
+
+
+def test_cli_takes_one_safe_lora_rule():
+    from csulora.cli import _settings
+    from csulora.errors import CsuloraError
+
+    common = (1.0, None, 0.5, 256, False, 0, "cpu")
+    with pytest.raises(CsuloraError, match="pass one"):
+        _settings(*common, method="safe-lora", threshold=0.3, top_n=2)
+    with pytest.raises(CsuloraError, match="apply to --method safe-lora only"):
+        _settings(*common, top_n=2)
+    assert _settings(*common, method="safe-lora").threshold == 0.5
