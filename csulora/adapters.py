@@ -201,7 +201,17 @@ def _unsupported(key: str) -> str:
     )
 
 
-def write_adapter(folder: Path, adapter: Adapter, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``adapter_model.safetensors`` (header metadata: ``format: pt`` plus settings) and the config."""
+def write_adapter(
+    folder: Path,
+    adapter: Adapter,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    config: dict | None = None,
+) -> None:
+    """Write ``adapter_model.safetensors`` (header metadata: ``format: pt`` plus settings) and the config:
+    the input's bytes unchanged, or ``config`` (the block form) serialized as PEFT does."""
     save_sorted(folder / WEIGHTS, tensors, {"format": "pt", **metadata})
-    (folder / CONFIG).write_bytes(adapter.config_bytes)
+    if config is None:
+        (folder / CONFIG).write_bytes(adapter.config_bytes)
+    else:
+        (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -24,8 +24,10 @@ from .correction import (
     split,
 )
 from .errors import CsuloraError
+from .methods import FORMS, METHODS, apply_safe_lora, block_config, block_module, safe_lora_candidate
 from .outputs import check_output, write_folder
 from .report import ModuleRow, Report, model_card, to_markdown
+from .report_html import to_html
 from .subspace import Subspace, displacement, safety_subspace
 
 Progress = Callable[[int, int, str], None]  # (modules done, modules total, current module)
@@ -44,6 +46,8 @@ class Settings:
     exact_svd: bool = False
     seed: int = 0
     device: str = "cpu"
+    threshold: float = 0.5  # Safe LoRA: project modules with score ≤ τ …
+    top_n: int | None = None  # … or the n lowest-scoring
 
     def validate(self) -> None:
         if not (math.isfinite(self.lam) and self.lam >= 0):
@@ -54,10 +58,16 @@ class Settings:
             raise CsuloraError(f"--subspace-energy must be in (0, 1], got {self.subspace_energy}")
         if self.max_subspace_rank < 1:
             raise CsuloraError(f"--max-subspace-rank must be ≥ 1, got {self.max_subspace_rank}")
-        if self.form != "factored":
-            raise CsuloraError(f"--form {self.form!r} is not available; use 'factored'")
-        if self.method != "csulora":
-            raise CsuloraError(f"--method {self.method!r} is not available; use 'csulora'")
+        if self.form not in FORMS:
+            raise CsuloraError(f"--form {self.form!r} is not available; use one of {', '.join(FORMS)}")
+        if self.method not in METHODS:
+            raise CsuloraError(f"--method {self.method!r} is not available; use one of {', '.join(METHODS)}")
+        if self.method == "safe-lora" and self.form != "factored":
+            raise CsuloraError("--method safe-lora keeps the rank; --form block applies to --method csulora only")
+        if not math.isfinite(self.threshold):
+            raise CsuloraError(f"--threshold must be a finite number, got {self.threshold}")
+        if self.top_n is not None and self.top_n < 1:
+            raise CsuloraError(f"--top-n must be ≥ 1, got {self.top_n}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise CsuloraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -77,6 +87,8 @@ class Settings:
             "max_subspace_rank": self.max_subspace_rank,
             "exact_svd": self.exact_svd,
             "seed": self.seed,
+            "threshold": self.threshold,
+            "top_n": self.top_n,
         }
 
 
@@ -139,11 +151,14 @@ def sanitize(
     }
     command_line = shlex.join(command) if command else _api_call(adapter, aligned, base, settings)
 
+    config = block_config(inputs.adapter, report.modules) if report.rank_changed else None
+
     def fill(tmp: Path) -> None:
-        write_adapter(tmp, inputs.adapter, tensors, metadata)
+        write_adapter(tmp, inputs.adapter, tensors, metadata, config)
         (tmp / "README.md").write_text(model_card(report, inputs.adapter.base_model, command_line))
         (tmp / "csulora_report.json").write_text(report.to_json())
         (tmp / "csulora_report.md").write_text(to_markdown(report))
+        (tmp / "csulora_report.html").write_text(to_html(report))
 
     write_folder(out, fill)
     t3 = time.perf_counter()
@@ -256,6 +271,7 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
     rows: dict[str, ModuleRow] = {}
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
+    candidates: dict = {}  # Safe LoRA: module → (B key, C·B), selected once every score is known
     for i, module in enumerate(modules):
         if progress:
             progress(i, len(modules), module.name)
@@ -273,8 +289,14 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
             seed=settings.seed,
         )
         score = safe_lora_score(module.A.to(device), module.B.to(device), D)
+        if settings.form == "block":
+            row, A_new, B_new = block_module(module, sub, settings.lam, score)
+        else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
+            lam = 0.0 if settings.method == "safe-lora" else settings.lam
+            row, A_new, B_new = correct_module(module, sub, lam, score)
+        if settings.method == "safe-lora" and (cand := safe_lora_candidate(module, sub, D, row.update_norm)):
+            candidates[module.name] = (module.key("B"), cand)  # C·B needs D: computed now, applied below
         del D
-        row, A_new, B_new = correct_module(module, sub, settings.lam, score)
         if sub.total_energy == 0:
             warnings.append(
                 f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update counts "
@@ -284,6 +306,8 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
         tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
     if progress:
         progress(len(modules), len(modules), "")
+    if settings.method == "safe-lora":
+        apply_safe_lora(rows, tensors, candidates, settings.threshold, settings.top_n)
     inputs.aligned.close()
     inputs.base.close()
     if modules and all(r.displacement_norm == 0 for r in rows.values()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,13 @@ ExactOpt = Annotated[bool, typer.Option("--exact-svd", help="Exact SVD instead o
 SeedOpt = Annotated[int, typer.Option(help="Seed of the randomized SVD.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 PickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow adapter_model.bin (loaded weights-only).")]
+FormOpt = Annotated[str, typer.Option(help="factored (same rank and config) or block (exact, rank 2r).")]
+MethodOpt = Annotated[str, typer.Option(help="csulora, or the safe-lora baseline.")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="safe-lora: project modules with score ≤ this (default 0.5).")
+]
+TopNOpt = Annotated[int | None, typer.Option("--top-n", help="safe-lora: project the n lowest-scoring modules.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else there.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
@@ -115,8 +123,19 @@ def _progress(quiet: bool) -> Iterator[Callable[[int, int, str], None] | None]:
         yield update
 
 
-def _settings(lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device) -> Settings:
+def _settings(
+    lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device,
+    form="factored", method="csulora", threshold=None, top_n=None,
+) -> Settings:  # fmt: skip
+    if threshold is not None and top_n is not None:
+        raise CsuloraError("--threshold and --top-n are two ways to choose modules for safe-lora; pass one")
+    if method != "safe-lora" and (threshold is not None or top_n is not None):
+        raise CsuloraError("--threshold and --top-n apply to --method safe-lora only")
     return Settings(
+        form=form,
+        method=method,
+        threshold=0.5 if threshold is None else threshold,
+        top_n=top_n,
         lam=lam,
         subspace_rank=subspace_rank,
         subspace_energy=subspace_energy,
@@ -140,27 +159,38 @@ def sanitize(
     exact_svd: ExactOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
+    form: FormOpt = "factored",
+    method: MethodOpt = "csulora",
+    threshold: ThresholdOpt = None,
+    top_n: TopNOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     trust_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Rewrite an adapter so that what leaves the safety subspace is attenuated; write it with a report."""
     with _errors(debug), _progress(quiet) as progress:
-        settings = _settings(lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device)
+        settings = _settings(
+            lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device, form, method, threshold,
+            top_n,
+        )  # fmt: skip
         result = api_sanitize(
             adapter, aligned, base, output, settings=settings, force=force, trust_pickle=trust_pickle,
             command=["csulora", *sys.argv[1:]], progress=progress,
         )  # fmt: skip
+    screen = err if json_out else out  # with --json, stdout holds the JSON only
     if not quiet:
-        out.print(to_table(result.report, title=f"csulora sanitize · {escape(str(adapter))}"))
+        screen.print(to_table(result.report, title=f"csulora sanitize · {escape(str(adapter))}"))
     _warn(result.report.warnings)
-    out.print(f"wrote {result.output}", markup=False, highlight=False, soft_wrap=True)
+    screen.print(f"wrote {result.output}", markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        sys.stdout.write(result.report.to_json())
 
 
 @app.command()
 def audit(
-    adapter: AdapterOpt,
+    adapter: Annotated[list[Path], typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")],
     aligned: AlignedOpt,
     base: BaseOpt = None,
     lam: LambdaOpt = 1.0,
@@ -170,16 +200,57 @@ def audit(
     exact_svd: ExactOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
+    form: FormOpt = "factored",
+    method: MethodOpt = "csulora",
+    threshold: ThresholdOpt = None,
+    top_n: TopNOpt = None,
+    max_off_energy: Annotated[
+        float | None, typer.Option(help="Fail when the adapter's total off-subspace energy ρ_O exceeds this.")
+    ] = None,
+    max_layer_off_energy: Annotated[
+        float | None, typer.Option(help="Fail when any module's off-subspace energy ρ_O exceeds this.")
+    ] = None,
+    min_safe_lora_score: Annotated[
+        float | None, typer.Option(help="Fail when any module's Safe LoRA score is below this.")
+    ] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write the HTML report to this file (one adapter).")] = None,
     trust_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Print the per-layer report without writing an adapter."""
-    with _errors(debug), _progress(quiet) as progress:
-        settings = _settings(lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device)
-        result = api_audit(adapter, aligned, base, settings=settings, trust_pickle=trust_pickle, progress=progress)
-    out.print(to_table(result.report, title=f"csulora audit · {escape(str(adapter))}"))
-    _warn(result.report.warnings)
+    """Report without writing an adapter; exit 1 when a threshold is exceeded (the gate before publishing)."""
+    from .gate import Thresholds, audit_document, enforce
+    from .report_html import to_html
+
+    screen = err if json_out else out  # with --json, stdout holds the JSON only
+    with _errors(debug):
+        limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score)
+        limits.validate()
+        settings = _settings(
+            lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device, form, method, threshold,
+            top_n,
+        )  # fmt: skip
+        if html is not None and len(adapter) != 1:
+            raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
+        if html is not None and not html.parent.is_dir():
+            raise CsuloraError(f"--html {html}: the folder {html.parent} does not exist; create it first")
+        reports = []
+        for path in adapter:
+            with _progress(quiet) as progress:
+                result = api_audit(path, aligned, base, settings=settings, trust_pickle=trust_pickle, progress=progress)
+            reports.append(result.report)
+            if not quiet:
+                screen.print(to_table(result.report, title=f"csulora audit · {escape(str(path))}"))
+            _warn(result.report.warnings)
+        if html is not None:
+            html.write_text(to_html(reports[0]))
+        document = audit_document(reports, limits)
+        if json_out:
+            sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        elif document["passed"] and not quiet:
+            screen.print(f"audit passed: {len(reports)} adapter(s) within the thresholds", highlight=False)
+        enforce(document)
 
 
 def _warn(warnings: list[str]) -> None:

@@ -116,3 +116,4 @@ def run_demo(workdir: Path, console: Console) -> None:
     console.print(f"sanitized adapter: {weights}", markup=False, highlight=False, soft_wrap=True)
     report = f"{out / 'csulora_report.md'} and {out / 'csulora_report.json'}"
     console.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"picture: {out / 'csulora_report.html'}", markup=False, highlight=False, soft_wrap=True)

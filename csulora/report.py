@@ -31,6 +31,17 @@ class ModuleRow:
     rho_after: dict[str, float]  # the components of ΔW' as fractions of ‖ΔW‖_F²
     safe_lora_score: float
     notes: list[str] = field(default_factory=list)
+    rank_after: int | None = None  # rank written (block form: 2r); None: unchanged
+    gamma_off: float | None = None  # factor on O (block form: γ_O); None: γ_in γ_out (factored form)
+    safe_lora_projected: bool = False  # Safe LoRA replaced B by C·B in this module
+
+    @property
+    def output_rank(self) -> int:
+        return self.rank if self.rank_after is None else self.rank_after
+
+    @property
+    def off_factor(self) -> float:
+        return self.gamma_in * self.gamma_out if self.gamma_off is None else self.gamma_off
 
     @property
     def retained(self) -> float:
@@ -57,6 +68,8 @@ class ModuleRow:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(
+            rank_after=self.output_rank,
+            gamma_off=self.off_factor,
             retained_norm=self.retained,
             off_energy_before=self.off_before,
             off_energy_after=self.off_after,
@@ -75,6 +88,11 @@ class Report:
     inputs: dict
     modules: list[ModuleRow]
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rank_changed(self) -> bool:
+        """Whether the written adapter has other ranks than the input (the block form doubles them)."""
+        return any(m.output_rank != m.rank for m in self.modules)
 
     def totals(self) -> dict:
         """Energies summed over modules (in absolute units), then made relative to the total ``Σ‖ΔW‖²``."""
@@ -103,6 +121,7 @@ class Report:
             "tool": {"name": "csulora", "version": self.tool_version},
             "method": self.method,
             "form": self.form,
+            "rank_changed": self.rank_changed,
             "settings": self.settings,
             "inputs": self.inputs,
             "totals": self.totals(),
@@ -129,8 +148,7 @@ def _cells(m: ModuleRow) -> list[str]:
         str(m.k),
         _pct(m.captured),
         *(_pct(m.rho[c]) for c in COMPONENTS),
-        f"{m.gamma_in:.3f}",
-        f"{m.gamma_out:.3f}",
+        *(("C·B", "C·B") if m.safe_lora_projected else (f"{m.gamma_in:.3f}", f"{m.gamma_out:.3f}")),
         f"{m.retained:.3f}",
         _pct(m.off_after),
         f"{m.safe_lora_score:+.3f}",
@@ -145,7 +163,15 @@ def _summary_lines(report: Report) -> list[str]:
         f"→ leaving after: {_pct(t['leaving_energy_after'])}",
         f"off-subspace energy: {_pct(t['off_energy_before'])} → {_pct(t['off_energy_after'])}",
         f"retained update norm: {t['retained_norm']:.3f}",
+        *([rank_change_words(report)] if report.rank_changed else []),
     ]
+
+
+def rank_change_words(report: Report) -> str:
+    """The rank change of the block form, said once for every renderer."""
+    before = sorted({m.rank for m in report.modules})
+    after = sorted({m.output_rank for m in report.modules})
+    return f"rank changed: {'/'.join(map(str, before))} → {'/'.join(map(str, after))}"
 
 
 def to_markdown(report: Report) -> str:
@@ -195,12 +221,11 @@ def model_card(report: Report, base_model: str | None, command: str) -> str:
         "",
         "# Sanitized LoRA adapter",
         "",
-        f"This adapter is `{report.inputs['adapter']['path']}` after CSULoRA (closest safe update, "
-        f"{report.form} form, λ = {report.settings['lambda']}), made with csulora {report.tool_version}. "
-        "The parts of each layer's update that leave the safety subspace estimated from "
-        f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}` were attenuated; "
-        "tensor names, shapes, dtypes and `adapter_config.json` are unchanged, so it loads wherever the input did.",
+        f"This adapter is `{report.inputs['adapter']['path']}` after {_method_words(report)}, made with "
+        f"csulora {report.tool_version}. The safety subspace of each layer was estimated from "
+        f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}`; {_format_words(report)}",
         "",
+        *_rank_warning(report),
         "```",
         command,
         "```",
@@ -212,6 +237,49 @@ def model_card(report: Report, base_model: str | None, command: str) -> str:
         f"| off-subspace energy (both sides) | {_pct(t['off_energy_before'])} | {_pct(t['off_energy_after'])} |",
         f"| update norm | 1.000 | {t['retained_norm']:.3f} |",
         "",
-        "Per-module details: `csulora_report.md` and `csulora_report.json`.",
+        "Per-module details: `csulora_report.md`, `csulora_report.json` and `csulora_report.html` (a picture).",
     ]
     return "\n".join(front + body) + "\n"
+
+
+def _method_words(report: Report) -> str:
+    if report.method == "safe-lora":
+        s = report.settings
+        rule = f"the {s['top_n']} lowest-scoring modules" if s.get("top_n") else f"score ≤ {s.get('threshold')}"
+        return f"the Safe LoRA projection (B ← C·B for {rule})"
+    return f"CSULoRA (closest safe update, {report.form} form, λ = {report.settings['lambda']})"
+
+
+def _format_words(report: Report) -> str:
+    if report.rank_changed:
+        return (
+            "the parts of each layer's update that leave it were attenuated. The block form is exact at rank 2r: "
+            "the LoRA ranks and `adapter_config.json` changed (the scaling is folded into `lora_B`)."
+        )
+    what = "projected" if report.method == "safe-lora" else "attenuated"
+    return (
+        f"the parts of each layer's update that leave it were {what}; tensor names, shapes, dtypes and "
+        "`adapter_config.json` are unchanged, so it loads wherever the input did."
+    )
+
+
+def rank_warning(report: Report) -> str:
+    """What a person serving the adapter must know when the block form changed its rank."""
+    need = _engine_rank(report)
+    advice = f"start it with `--max-lora-rank {need}` or more" if need > 16 else "an engine set lower needs raising"
+    return (
+        f"{rank_change_words(report)}. Serving engines with a maximum LoRA rank must allow "
+        f"{max(m.output_rank for m in report.modules)}: vLLM's default `max_lora_rank` is 16; {advice}."
+    )
+
+
+def _rank_warning(report: Report) -> list[str]:
+    return [f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []
+
+
+def _engine_rank(report: Report) -> int:
+    """The smallest of vLLM's allowed max_lora_rank values (8, 16, 32, 64, …) that holds every module."""
+    need, rank = max(m.output_rank for m in report.modules), 8
+    while rank < need:
+        rank *= 2
+    return rank

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from csulora.cli import app
 from tests.conftest import make_peft_adapter, run_cli
 
-OUTPUT_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "csulora_report.json",
-                "csulora_report.md"]  # fmt: skip
+OUTPUT_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "csulora_report.html",
+                "csulora_report.json", "csulora_report.md"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

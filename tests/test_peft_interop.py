@@ -149,7 +149,8 @@ def test_output_format_is_a_drop_in_replacement(sanitized, variant):
     run = sanitized[variant]
     src, dst = run["adapter"], run["out"]
     assert sorted(p.name for p in dst.iterdir()) == sorted(
-        ["adapter_config.json", "adapter_model.safetensors", "README.md", "csulora_report.json", "csulora_report.md"]
+        ["adapter_config.json", "adapter_model.safetensors", "README.md", "csulora_report.html", "csulora_report.json",
+         "csulora_report.md"]
     )
     assert (dst / "adapter_config.json").read_bytes() == (src / "adapter_config.json").read_bytes()
     weights = "adapter_model.safetensors"
