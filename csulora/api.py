@@ -286,7 +286,10 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
             del D
             row, A_new, B_new = correct_module(module, sub, settings.lam, score)
         if sub.total_energy == 0:
-            warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, left unchanged")
+            warnings.append(
+                f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update counts "
+                "as off-subspace and is attenuated"
+            )
         rows[module.name] = row
         tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
     if progress:

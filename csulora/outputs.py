@@ -77,6 +77,7 @@ def remove_stale(out: Path) -> list[Path]:
     """Remove ``out``'s temp folders left by runs on this host whose process is gone (killed mid-write).
 
     Folders of live processes (a concurrent run) and of other hosts (a shared file system) are left alone.
+    An old output moved aside by a killed two-rename swap is moved back first when ``out`` is missing.
     """
     pattern = re.compile(re.escape(f".{out.name}.") + r"(?:tmp|old)-(\d+)-([0-9a-f]{8})-[\w]+")
     removed = []
@@ -85,6 +86,9 @@ def remove_stale(out: Path) -> list[Path]:
     for entry in sorted(out.parent.iterdir()):
         m = pattern.fullmatch(entry.name)
         if m and m[2] == _host() and not _alive(int(m[1])) and entry.is_dir() and not entry.is_symlink():
+            moved_aside = entry / out.name  # a two-rename swap killed halfway: put the old output back
+            if ".old-" in entry.name and moved_aside.is_dir() and not (out.exists() or out.is_symlink()):
+                os.replace(moved_aside, out)
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
