@@ -53,7 +53,8 @@ class Adapter:
 
     @property
     def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path") or None
+        named = self.config.get("base_model_name_or_path")
+        return named if isinstance(named, str) and named else None
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -128,9 +129,9 @@ def _check_config(config: dict, where: Path) -> None:
         if not isinstance(patterns, dict):
             raise CsuloraError(f"{where}: {field} must be a mapping of module pattern to value")
         for key, value in patterns.items():
-            try:
-                re.compile(key)
-            except re.error as e:
+            try:  # compiled as PEFT uses it: a key can be valid alone and not inside the wrapper
+                re.compile(rf"(.*\.)?({key})$")
+            except (re.error, TypeError) as e:
                 raise CsuloraError(f"{where}: {field} key {key!r} is not a valid regular expression ({e})") from e
             _check_number(value, f"{field}[{key!r}]", where, integer=field == "rank_pattern")
     for field in ("use_rslora", "fan_in_fan_out"):

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -71,10 +72,10 @@ def _errors(debug: bool) -> Iterator[None]:
     except CsuloraError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # paths may hold [..]
         raise typer.Exit(2) from None
     except GateFailed as e:
-        err.print(f"[red]failed:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]failed:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
@@ -82,7 +83,8 @@ def _errors(debug: bool) -> Iterator[None]:
     except Exception as e:
         if debug:
             raise
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for a traceback)")
+        what = escape(f"{type(e).__name__}: {e}")
+        err.print(f"[red]internal error:[/red] {what} (rerun with --debug for a traceback)")
         raise typer.Exit(1) from None
 
 

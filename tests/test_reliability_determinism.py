@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 import synth
+import torch
 from conftest import REPO
+from safetensors.torch import load_file
 
 from csulora import sanitize
 from csulora.api import Settings
@@ -79,3 +81,19 @@ def test_safetensors_header_is_canonical(tmp_path):
     assert offsets[-1][1] == len(data) - 8 - n
     report = json.loads((tmp_path / "out" / "csulora_report.json").read_text())
     assert "timings" not in report and not any(k.endswith("_s") for k in report)
+
+
+def test_deterministic_writer_output_loads_in_peft(peft_adapter, llama_pair, tmp_path):
+    """The hand-written (sorted) safetensors file loads in PEFT with no missing or unexpected LoRA keys."""
+    from conftest import load_llama
+    from peft import PeftModel
+
+    sanitize(peft_adapter, str(llama_pair["aligned"]), str(llama_pair["base"]), tmp_path / "out")
+    model = PeftModel.from_pretrained(load_llama(llama_pair["aligned"]), peft_adapter)
+    result = model.load_adapter(tmp_path / "out", adapter_name="sanitized")
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+    written = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    loaded = {k: v for k, v in model.state_dict().items() if ".sanitized." in k}
+    assert len(loaded) == len(written)
+    for key, value in written.items():
+        assert torch.equal(loaded[key.replace(".weight", ".sanitized.weight")], value), key

@@ -307,3 +307,12 @@ def test_output_through_a_symlink_is_refused(adapter, pair, tmp_path):
     result = sanitize(adapter, pair, tmp_path / "out", "--force")
     synth.assert_one_line_error(result, "not a folder")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_messages_with_brackets_are_printed_verbatim(pair, tmp_path):
+    """A path like ``ad[/red]`` is text, not rich markup: the line is printed as is (it used to crash)."""
+    folder = tmp_path / "ad[/red][bold]"
+    synth.write_adapter(folder, SHAPES)
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 4)
+    line = synth.assert_one_line_error(sanitize(folder, pair, tmp_path / "out"), "ad[/red][bold]")
+    assert "shorter than 8 bytes" in line
