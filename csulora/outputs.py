@@ -101,6 +101,8 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
+    except (OverflowError, ValueError):  # not a pid this system could have: not ours to remove
+        return True
     return True
 
 

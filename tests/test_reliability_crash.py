@@ -222,8 +222,9 @@ def test_stale_folders_of_live_processes_and_other_hosts_are_kept(tmp_path):
     out = tmp_path / "out"
     live = tmp_path / f".out.tmp-{os.getpid()}-{outputs._host()}-abc123"
     other_host = tmp_path / ".out.tmp-999999999-00000000-abc123"
+    odd_pid = tmp_path / f".out.tmp-{10**30}-{outputs._host()}-abc123"
     dead = tmp_path / f".out.tmp-999999999-{outputs._host()}-abc123"
-    for d in (live, other_host, dead):
+    for d in (live, other_host, dead, odd_pid):
         d.mkdir()
     assert outputs.remove_stale(out) == [dead]
-    assert live.exists() and other_host.exists() and not dead.exists()
+    assert live.exists() and other_host.exists() and odd_pid.exists() and not dead.exists()
