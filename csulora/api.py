@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import CONFIG, Adapter, LoraModule, read_adapter, write_adapter
+from .adapters import CONFIG, Adapter, LoraModule, cast_back, read_adapter, write_adapter
 from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
 from .correction import (
     attenuation,
@@ -23,6 +23,7 @@ from .correction import (
     safe_lora_score,
     split,
 )
+from .determinism import fixed_threads
 from .errors import CsuloraError
 from .methods import FORMS, METHODS, apply_safe_lora, block_config, block_module, safe_lora_candidate
 from .outputs import check_output, write_folder
@@ -110,6 +111,7 @@ class _Inputs:
         return {
             "adapter": {
                 "path": str(self.adapter.path),
+                "resolved_path": str(self.adapter.path.resolve()),  # symlinks followed: what was read
                 "weights_sha256": self.adapter.weights_sha256,
                 "base_model_name_or_path": self.adapter.base_model,
             },
@@ -119,7 +121,10 @@ class _Inputs:
 
 
 def _describe(ckpt: Checkpoint) -> dict:
-    return {"ref": ckpt.ref.spec, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint()}
+    described = {"ref": ckpt.ref.spec, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint()}
+    if ckpt.ref.path is not None:
+        described["resolved_path"] = str(ckpt.ref.path)  # parse_ref resolved symlinks
+    return described
 
 
 def sanitize(
@@ -275,28 +280,31 @@ def _run(inputs: _Inputs, settings: Settings, progress: Progress | None) -> tupl
     for i, module in enumerate(modules):
         if progress:
             progress(i, len(modules), module.name)
-        D = displacement(inputs.aligned.get(module.weight_key), inputs.base.get(module.weight_key)).to(device)
-        if inputs.adapter.fan_in_fan_out:
-            D = D.T
-        if not torch.isfinite(D).all():
-            raise CsuloraError(_nonfinite(module.weight_key, inputs.aligned, inputs.base))
-        sub = safety_subspace(
-            D,
-            rank=settings.subspace_rank,
-            energy=settings.subspace_energy,
-            max_rank=settings.max_subspace_rank,
-            exact=settings.exact_svd,
-            seed=settings.seed,
-        )
-        score = safe_lora_score(module.A.to(device), module.B.to(device), D)
-        if settings.form == "block":
-            row, A_new, B_new = block_module(module, sub, settings.lam, score)
-        else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
-            lam = 0.0 if settings.method == "safe-lora" else settings.lam
-            row, A_new, B_new = correct_module(module, sub, lam, score)
-        if settings.method == "safe-lora" and (cand := safe_lora_candidate(module, sub, D, row.update_norm)):
-            candidates[module.name] = (module.key("B"), cand)  # C·B needs D: computed now, applied below
-        del D
+        w_aligned, w_base = inputs.aligned.get(module.weight_key), inputs.base.get(module.weight_key)
+        with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
+            D = displacement(w_aligned, w_base).to(device)
+            del w_aligned, w_base
+            if inputs.adapter.fan_in_fan_out:
+                D = D.T
+            if not torch.isfinite(D).all():
+                raise CsuloraError(_nonfinite(module.weight_key, inputs.aligned, inputs.base))
+            sub = safety_subspace(
+                D,
+                rank=settings.subspace_rank,
+                energy=settings.subspace_energy,
+                max_rank=settings.max_subspace_rank,
+                exact=settings.exact_svd,
+                seed=settings.seed,
+            )
+            score = safe_lora_score(module.A.to(device), module.B.to(device), D)
+            if settings.form == "block":
+                row, A_new, B_new = block_module(module, sub, settings.lam, score)
+            else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
+                lam = 0.0 if settings.method == "safe-lora" else settings.lam
+                row, A_new, B_new = correct_module(module, sub, lam, score)
+            if settings.method == "safe-lora" and (cand := safe_lora_candidate(module, sub, D, row.update_norm)):
+                candidates[module.name] = (module.key("B"), cand)  # C·B needs D: computed now, applied below
+            del D
         if sub.total_energy == 0:
             warnings.append(
                 f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update counts "
@@ -367,6 +375,6 @@ def correct_module(
         safe_lora_score=score,
         notes=notes,
     )
-    A_out = module.A if gamma_in == 1.0 else A_new.to("cpu", module.A.dtype).contiguous()
-    B_out = module.B if gamma_out == 1.0 else B_new.to("cpu", module.B.dtype).contiguous()
+    A_out = module.A if gamma_in == 1.0 else cast_back(A_new, module.A.dtype, module.key("A"))
+    B_out = module.B if gamma_out == 1.0 else cast_back(B_new, module.B.dtype, module.key("B"))
     return row, A_out, B_out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Adapter, LoraModule, pattern_value
+from .adapters import Adapter, LoraModule, cast_back, pattern_value
 from .correction import (
     block_attenuation,
     block_energies,
@@ -69,7 +69,7 @@ def block_module(
         gamma_in=gamma_h, gamma_out=gamma_h, gamma_off=gamma_o, rank_after=2 * module.rank,
         rho_after=_relative_to(block_energies(energies, gamma_h, gamma_o), sum(energies.values())),
     )  # fmt: skip
-    return row, A_new.to("cpu", module.A.dtype).contiguous(), B_new.to("cpu", module.B.dtype).contiguous()
+    return row, cast_back(A_new, module.A.dtype, module.key("A")), cast_back(B_new, module.B.dtype, module.key("B"))
 
 
 def block_config(adapter: Adapter, rows: list[ModuleRow]) -> dict:
@@ -114,7 +114,8 @@ def safe_lora_candidate(
     CB = safe_lora_project(module.B.to(device), D)
     A = module.A.to(device, torch.float64)
     after = component_energies(split(A, module.scaling * CB.double(), sub.U.double(), sub.V.double()))
-    return SafeLoraCandidate(B=CB.to("cpu", module.B.dtype).contiguous(), rho_after=_relative_to(after, update_norm**2))
+    B_new = cast_back(CB, module.B.dtype, module.key("B"))
+    return SafeLoraCandidate(B=B_new, rho_after=_relative_to(after, update_norm**2))
 
 
 def safe_lora_selection(scores: dict[str, float], threshold: float, top_n: int | None) -> list[str]:

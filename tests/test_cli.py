@@ -16,10 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from csulora.cli import app
-from tests.conftest import make_peft_adapter, run_cli
-
-OUTPUT_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "csulora_report.html",
-                "csulora_report.json", "csulora_report.md"]  # fmt: skip
+from tests.conftest import OUTPUT_FILES, make_peft_adapter, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from csulora.cli import app
 from tests import oracle
-from tests.conftest import load_llama, make_peft_adapter, run_cli
+from tests.conftest import OUTPUT_FILES, load_llama, make_peft_adapter, run_cli
 
 PATTERNS = {  # rsLoRA, per-module rank and alpha, and a regex-string target_modules
     "use_rslora": True,
@@ -148,10 +148,7 @@ def test_output_format_is_a_drop_in_replacement(sanitized, variant):
 
     run = sanitized[variant]
     src, dst = run["adapter"], run["out"]
-    assert sorted(p.name for p in dst.iterdir()) == sorted(
-        ["adapter_config.json", "adapter_model.safetensors", "README.md", "csulora_report.html", "csulora_report.json",
-         "csulora_report.md"]
-    )
+    assert sorted(p.name for p in dst.iterdir()) == OUTPUT_FILES
     assert (dst / "adapter_config.json").read_bytes() == (src / "adapter_config.json").read_bytes()
     weights = "adapter_model.safetensors"
     with safe_open(src / weights, "pt") as a, safe_open(dst / weights, "pt") as b:
