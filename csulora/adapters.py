@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import CsuloraError
-from .tensorfile import read_header, sha256_file, sort_metadata
+from .tensorfile import read_header, save_sorted, sha256_file
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -54,7 +53,8 @@ class Adapter:
 
     @property
     def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path") or None
+        named = self.config.get("base_model_name_or_path")
+        return named if isinstance(named, str) and named else None
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -122,13 +122,29 @@ def _check_config(config: dict, where: Path) -> None:
             f"{where}: init_lora_weights={init!r} changes the base weights at load time, so the adapter is not a "
             "plain delta on the aligned model; convert it to a plain LoRA first"
         )
-    for field in ("r", "lora_alpha"):
-        value = config.get(field)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise CsuloraError(f"{where}: {field} must be a positive number, found {value!r}")
+    _check_number(config.get("r"), "r", where, integer=True)
+    _check_number(config.get("lora_alpha"), "lora_alpha", where, integer=False)
     for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, dict):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
             raise CsuloraError(f"{where}: {field} must be a mapping of module pattern to value")
+        for key, value in patterns.items():
+            try:  # compiled as PEFT uses it: a key can be valid alone and not inside the wrapper
+                re.compile(rf"(.*\.)?({key})$")
+            except (re.error, TypeError) as e:
+                raise CsuloraError(f"{where}: {field} key {key!r} is not a valid regular expression ({e})") from e
+            _check_number(value, f"{field}[{key!r}]", where, integer=field == "rank_pattern")
+    for field in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(field, False), bool):
+            raise CsuloraError(f"{where}: {field} must be true or false, found {config[field]!r}")
+
+
+def _check_number(value, field: str, where: Path, integer: bool) -> None:
+    """Ranks are positive integers; alphas positive finite numbers (JSON allows NaN and Infinity)."""
+    number = (int,) if integer else (int, float)
+    if not isinstance(value, number) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise CsuloraError(f"{where}: {field} must be {kind}, found {value!r}")
 
 
 def _read_weights(path: Path, trust_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -152,9 +168,12 @@ def _read_weights(path: Path, trust_pickle: bool) -> tuple[Path, dict[str, torch
             state = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CsuloraError(f"{pickled}: not a loadable weights-only PyTorch file ({e.__class__.__name__})") from e
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
             raise CsuloraError(f"{pickled}: expected a mapping of tensor names to tensors")
-        return pickled, state
+        # pickles keep views and shared storage, which safetensors refuses to write: own each tensor
+        return pickled, {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
     raise CsuloraError(f"{path}: no {WEIGHTS}; point --adapter at a PEFT adapter folder")
 
 
@@ -202,8 +221,35 @@ def _unsupported(key: str) -> str:
     )
 
 
-def write_adapter(folder: Path, adapter: Adapter, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``adapter_model.safetensors`` (header metadata: ``format: pt`` plus settings) and the config."""
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", **metadata})
-    sort_metadata(folder / WEIGHTS)  # byte-identical output for identical inputs (DESIGN.md §7)
-    (folder / CONFIG).write_bytes(adapter.config_bytes)
+def cast_back(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """Cast a corrected factor (computed in float64) back to the adapter's dtype on the CPU.
+
+    Values that do not fit ``dtype`` (fp16 saturates at 65504) are an error, not a silent Inf or clamp:
+    the written adapter must mean what the report says.
+    """
+    if not bool(torch.isfinite(x).all()):
+        raise CsuloraError(f"{what}: the corrected values are not finite; the adapter's values are too large")
+    if dtype.is_floating_point:
+        largest, limit = float(x.abs().max()) if x.numel() else 0.0, torch.finfo(dtype).max
+        if largest > limit:
+            raise CsuloraError(
+                f"{what}: a corrected value ({largest:.6g}) does not fit {str(dtype).removeprefix('torch.')} "
+                f"(max {limit:.6g}); convert the adapter to float32 or bfloat16 and rerun"
+            )
+    return x.to("cpu", dtype).contiguous()
+
+
+def write_adapter(
+    folder: Path,
+    adapter: Adapter,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    config: dict | None = None,
+) -> None:
+    """Write ``adapter_model.safetensors`` (header metadata: ``format: pt`` plus settings) and the config:
+    the input's bytes unchanged, or ``config`` (the block form) serialized as PEFT does."""
+    save_sorted(tensors, folder / WEIGHTS, {"format": "pt", **metadata})
+    if config is None:
+        (folder / CONFIG).write_bytes(adapter.config_bytes)
+    else:
+        (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import CONFIG, Adapter, LoraModule, read_adapter, write_adapter
-from .cache import SubspaceParams, SubspaceSource
+from .adapters import CONFIG, Adapter, LoraModule, cast_back, read_adapter, write_adapter
+from .cache import SubspaceParams, SubspaceSource, read_displacement, subspace_of
 from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
 from .correction import (
     attenuation,
@@ -21,12 +21,16 @@ from .correction import (
     corrected_energies,
     factored_update,
     relative_energies,
+    safe_lora_score,
     safe_lora_score_subspace,
     split,
 )
+from .determinism import fixed_threads
 from .errors import CsuloraError
+from .methods import FORMS, METHODS, apply_safe_lora, block_config, block_module, safe_lora_candidate
 from .outputs import check_output, write_folder
 from .report import ModuleRow, Report, model_card, to_markdown
+from .report_html import to_html
 from .subspace import Subspace
 
 # (phase, done, total, item): phases "reading" (adapter and headers), "subspaces" (one step per module:
@@ -47,6 +51,8 @@ class Settings:
     exact_svd: bool = False
     seed: int = 0
     device: str = "cpu"
+    threshold: float = 0.5  # Safe LoRA: project modules with score ≤ τ …
+    top_n: int | None = None  # … or the n lowest-scoring
 
     def validate(self) -> None:
         if not (math.isfinite(self.lam) and self.lam >= 0):
@@ -57,10 +63,16 @@ class Settings:
             raise CsuloraError(f"--subspace-energy must be in (0, 1], got {self.subspace_energy}")
         if self.max_subspace_rank < 1:
             raise CsuloraError(f"--max-subspace-rank must be ≥ 1, got {self.max_subspace_rank}")
-        if self.form != "factored":
-            raise CsuloraError(f"--form {self.form!r} is not available; use 'factored'")
-        if self.method != "csulora":
-            raise CsuloraError(f"--method {self.method!r} is not available; use 'csulora'")
+        if self.form not in FORMS:
+            raise CsuloraError(f"--form {self.form!r} is not available; use one of {', '.join(FORMS)}")
+        if self.method not in METHODS:
+            raise CsuloraError(f"--method {self.method!r} is not available; use one of {', '.join(METHODS)}")
+        if self.method == "safe-lora" and self.form != "factored":
+            raise CsuloraError("--method safe-lora keeps the rank; --form block applies to --method csulora only")
+        if not math.isfinite(self.threshold):
+            raise CsuloraError(f"--threshold must be a finite number, got {self.threshold}")
+        if self.top_n is not None and self.top_n < 1:
+            raise CsuloraError(f"--top-n must be ≥ 1, got {self.top_n}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise CsuloraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -86,6 +98,8 @@ class Settings:
             "max_subspace_rank": self.max_subspace_rank,
             "exact_svd": self.exact_svd,
             "seed": self.seed,
+            "threshold": self.threshold,
+            "top_n": self.top_n,
         }
 
 
@@ -107,6 +121,7 @@ class _Inputs:
         return {
             "adapter": {
                 "path": str(self.adapter.path),
+                "resolved_path": str(self.adapter.path.resolve()),  # symlinks followed: what was read
                 "weights_sha256": self.adapter.weights_sha256,
                 "base_model_name_or_path": self.adapter.base_model,
             },
@@ -116,7 +131,10 @@ class _Inputs:
 
 
 def _describe(ckpt: Checkpoint) -> dict:
-    return {"ref": ckpt.ref.spec, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint()}
+    described = {"ref": ckpt.ref.spec, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint()}
+    if ckpt.ref.path is not None:
+        described["resolved_path"] = str(ckpt.ref.path)  # parse_ref resolved symlinks
+    return described
 
 
 def sanitize(
@@ -156,11 +174,14 @@ def sanitize(
     }
     command_line = shlex.join(command) if command else _api_call(adapter, aligned, base, settings)
 
+    config = block_config(inputs.adapter, report.modules) if report.rank_changed else None
+
     def fill(tmp: Path) -> None:
-        write_adapter(tmp, inputs.adapter, tensors, metadata)
+        write_adapter(tmp, inputs.adapter, tensors, metadata, config)
         (tmp / "README.md").write_text(model_card(report, inputs.adapter.base_model, command_line))
         (tmp / "csulora_report.json").write_text(report.to_json())
         (tmp / "csulora_report.md").write_text(to_markdown(report))
+        (tmp / "csulora_report.html").write_text(to_html(report))
 
     write_folder(out, fill)
     _phase(progress, "writing", 1, str(out))
@@ -270,8 +291,8 @@ def _check_shapes(adapter: Adapter, aligned: Checkpoint, base: Checkpoint) -> No
         expected = expected if adapter.fan_in_fan_out else expected[::-1]
         if tuple(a.shape) != expected:
             raise CsuloraError(
-                f"{m.weight_key}: the checkpoint weight is {list(a.shape)} but the adapter's factors imply "
-                f"{list(expected)}; the adapter was trained on another architecture"
+                f"{adapter.weights_file}: module {m.name} has factors for a weight of {list(expected)}, but "
+                f"{aligned.ref} has {list(a.shape)}; the adapter was trained on another architecture"
             )
 
 
@@ -285,20 +306,39 @@ def _run(
     rows: dict[str, ModuleRow] = {}
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
+    candidates: dict = {}  # Safe LoRA: module → (B key, C·B), selected once every score is known
     for i, module in enumerate(modules):
         if progress:
             progress("subspaces", i, len(modules), module.name)
-        sub, _ = subspaces.get(inputs.aligned, inputs.base, module.weight_key, params, device)
-        # from the subspace, not D, so that a cached run reports what a computing run does (docs/scale.md)
-        score = safe_lora_score_subspace(module.A.to(device), module.B.to(device), sub.U, sub.S)
-        row, A_new, B_new = correct_module(module, sub, settings.lam, score)
+        with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
+            A, B = module.A.to(device), module.B.to(device)
+            if settings.method == "safe-lora":  # C·B needs D itself: read it (no cache); the score is exact
+                D = read_displacement(inputs.aligned, inputs.base, module.weight_key, params.transposed, device)
+                sub, score = subspace_of(D, params), safe_lora_score(A, B, D)
+            else:  # the score from the subspace, so that cached and computing runs agree (docs/scale.md)
+                D = None
+                sub, _ = subspaces.get(inputs.aligned, inputs.base, module.weight_key, params, device)
+                score = safe_lora_score_subspace(A, B, sub.U, sub.S)
+            if settings.form == "block":
+                row, A_new, B_new = block_module(module, sub, settings.lam, score)
+            else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
+                lam = 0.0 if settings.method == "safe-lora" else settings.lam
+                row, A_new, B_new = correct_module(module, sub, lam, score)
+            if settings.method == "safe-lora" and (cand := safe_lora_candidate(module, sub, D, row.update_norm)):
+                candidates[module.name] = (module.key("B"), cand)  # C·B needs D: computed now, applied below
+            del D, A, B
         if sub.total_energy == 0:
-            warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, left unchanged")
+            warnings.append(
+                f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update counts "
+                "as off-subspace and is attenuated"
+            )
         del sub
         rows[module.name] = row
         tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
     if progress:
         progress("subspaces", len(modules), len(modules), "")
+    if settings.method == "safe-lora":
+        apply_safe_lora(rows, tensors, candidates, settings.threshold, settings.top_n)
     inputs.aligned.close()
     inputs.base.close()
     if modules and all(r.displacement_norm == 0 for r in rows.values()):
@@ -352,8 +392,8 @@ def correct_module(
         safe_lora_score=score,
         notes=notes,
     )
-    A_out = module.A if gamma_in == 1.0 else A_new.to("cpu", module.A.dtype).contiguous()
-    B_out = module.B if gamma_out == 1.0 else B_new.to("cpu", module.B.dtype).contiguous()
+    A_out = module.A if gamma_in == 1.0 else cast_back(A_new, module.A.dtype, module.key("A"))
+    B_out = module.B if gamma_out == 1.0 else cast_back(B_new, module.B.dtype, module.key("B"))
     return row, A_out, B_out
 
 

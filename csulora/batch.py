@@ -32,6 +32,12 @@ class Outcome:
     message: str = ""
     report: Report | None = None
 
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "adapter": str(self.adapter), "status": self.status, "output": str(self.output),
+            "message": self.message, "totals": self.report.totals() if self.report else None,
+        }  # fmt: skip
+
 
 def is_batch(adapters: list[Path]) -> bool:
     """Several ``--adapter``s, or one folder that holds adapter folders rather than being one."""

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoints import Checkpoint
+from .determinism import fixed_threads
 from .errors import CsuloraError
 from .subspace import FIRST_GUESS, NITER, OVERSAMPLE, Subspace, displacement, safety_subspace
 from .tensorfile import TensorReader
@@ -181,15 +182,32 @@ class SubspaceSource:
 def compute_subspace(
     aligned: Checkpoint, base: Checkpoint, weight_key: str, params: SubspaceParams, device: torch.device
 ) -> Subspace:
-    """Read one module's two weights, form ``D`` on ``device`` and take its safety subspace; free ``D``."""
+    """Read one module's two weights, form ``D`` on ``device``, take its safety subspace, free ``D``."""
+    with fixed_threads():  # the same bytes whatever the thread count (determinism.py), cached or not
+        D = read_displacement(aligned, base, weight_key, params.transposed, device)
+        sub = subspace_of(D, params)
+        del D
+    return sub
+
+
+def read_displacement(
+    aligned: Checkpoint, base: Checkpoint, weight_key: str, transposed: bool, device: torch.device
+) -> torch.Tensor:
+    """``D = W_a − W_b`` of one module on ``device``, in ``nn.Linear`` orientation; NaN or Inf is an error."""
     D = displacement(aligned.get(weight_key).to(device), base.get(weight_key).to(device))
-    if params.transposed:
-        D = D.T
     if not torch.isfinite(D).all():
-        raise CsuloraError(f"{weight_key}: NaN or Inf in the aligned or base weights; re-download the checkpoints")
+        bad = next((c for c in (aligned, base) if not torch.isfinite(c.get(weight_key)).all()), aligned)
+        raise CsuloraError(
+            f"{bad.folder / bad.weight_map[weight_key]}: tensor {weight_key} has NaN or Inf values; "
+            "re-download the checkpoint"
+        )
+    return D.T if transposed else D
+
+
+def subspace_of(D: torch.Tensor, params: SubspaceParams) -> Subspace:
+    """The safety subspace (§2) of ``D`` with ``params``, its factors contiguous (ready to store)."""
     sub = safety_subspace(
         D, rank=params.rank, energy=params.energy, max_rank=params.max_rank, exact=params.exact, seed=params.seed
     )
-    del D
     return Subspace(sub.U.contiguous(), sub.S.contiguous(), sub.V.contiguous(), sub.total_energy,
                     sub.captured_energy)  # fmt: skip

@@ -158,7 +158,7 @@ def _local_weight_map(folder: Path) -> dict[str, str]:
                 raise ValueError
         except (ValueError, KeyError, TypeError) as e:
             raise CsuloraError(f"{index}: not a valid index (needs a 'weight_map' of tensor → shard)") from e
-        bad = sorted({s for s in weight_map.values() if Path(s).name != s})
+        bad = sorted({s for s in weight_map.values() if Path(s).name != s or s in ("", ".", "..")})
         if bad:
             raise CsuloraError(f"{index}: shard name {bad[0]!r} points outside the folder; refusing to read it")
         return weight_map

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -50,6 +52,13 @@ ExactOpt = Annotated[bool, typer.Option("--exact-svd", help="Exact SVD instead o
 SeedOpt = Annotated[int, typer.Option(help="Seed of the randomized SVD.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 PickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow adapter_model.bin (loaded weights-only).")]
+FormOpt = Annotated[str, typer.Option(help="factored (same rank and config) or block (exact, rank 2r).")]
+MethodOpt = Annotated[str, typer.Option(help="csulora, or the safe-lora baseline.")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="safe-lora: project modules with score ≤ this (default 0.5).")
+]
+TopNOpt = Annotated[int | None, typer.Option("--top-n", help="safe-lora: project the n lowest-scoring modules.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else there.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")]
 CacheDirOpt = Annotated[
     Path | None,
@@ -74,6 +83,11 @@ def _root(
     pass
 
 
+def _one_line(e: BaseException) -> str:
+    """A message from a library may span lines; the user gets one."""
+    return " ".join(str(e).split())
+
+
 @contextmanager
 def _errors(debug: bool) -> Iterator[None]:
     """The one place where known failures become one line and an exit code."""
@@ -82,10 +96,11 @@ def _errors(debug: bool) -> Iterator[None]:
     except CsuloraError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        # escape: paths such as run[lr=1e-4] or x[/y] are not rich markup
+        err.print(f"[red]error:[/red] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except GateFailed as e:
-        err.print(f"[red]failed:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]failed:[/red] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
@@ -93,7 +108,12 @@ def _errors(debug: bool) -> Iterator[None]:
     except Exception as e:
         if debug:
             raise
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for a traceback)")
+        err.print(
+            f"[red]internal error:[/red] {type(e).__name__}: {escape(_one_line(e))} "
+            "(rerun with --debug for a traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -105,7 +125,7 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
         return
     with Progress(
         TextColumn("[bold]{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[item]}"), console=err, transient=True,
+        TextColumn("{task.fields[item]}", markup=False), console=err, transient=True,
     ) as bar:  # fmt: skip
         tasks: dict[str, int] = {}
 
@@ -121,8 +141,19 @@ def _source(cache_dir: Path | None, no_cache: bool) -> SubspaceSource:
     return SubspaceSource.open(cache_dir, enabled=not no_cache)
 
 
-def _settings(lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device) -> Settings:
+def _settings(
+    lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device,
+    form="factored", method="csulora", threshold=None, top_n=None,
+) -> Settings:  # fmt: skip
+    if threshold is not None and top_n is not None:
+        raise CsuloraError("--threshold and --top-n are two ways to choose modules for safe-lora; pass one")
+    if method != "safe-lora" and (threshold is not None or top_n is not None):
+        raise CsuloraError("--threshold and --top-n apply to --method safe-lora only")
     return Settings(
+        form=form,
+        method=method,
+        threshold=0.5 if threshold is None else threshold,
+        top_n=top_n,
         lam=lam,
         subspace_rank=subspace_rank,
         subspace_energy=subspace_energy,
@@ -146,6 +177,10 @@ def sanitize(
     exact_svd: ExactOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
+    form: FormOpt = "factored",
+    method: MethodOpt = "csulora",
+    threshold: ThresholdOpt = None,
+    top_n: TopNOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     skip_existing: Annotated[
         bool, typer.Option("--skip-existing", help="Batch: leave adapters whose output exists (resume a run).")
@@ -156,6 +191,7 @@ def sanitize(
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     trust_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -163,8 +199,12 @@ def sanitize(
 
     Several --adapter, or a folder of adapter folders, make a batch: -o OUT receives OUT/<name>/ each."""
     command = ["csulora", *sys.argv[1:]]
+    screen = err if json_out else out  # with --json, stdout holds the JSON only
     with _errors(debug):
-        settings = _settings(lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device)
+        settings = _settings(
+            lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device, form, method, threshold,
+            top_n,
+        )  # fmt: skip
         if is_batch(adapter):
             with _progress(quiet) as progress:
                 outcomes = run_batch(
@@ -172,7 +212,9 @@ def sanitize(
                     shard=shard, trust_pickle=trust_pickle, subspaces=_source(cache_dir, no_cache),
                     command=command, progress=progress,
                 )  # fmt: skip
-            out.print(summary_table(outcomes, title="csulora sanitize · batch"))
+            screen.print(summary_table(outcomes, title="csulora sanitize · batch"))
+            if json_out:
+                sys.stdout.write(json.dumps([o.to_dict() for o in outcomes], indent=2, sort_keys=True) + "\n")
             failed = sum(o.status == "failed" for o in outcomes)
             if failed:
                 raise GateFailed(f"{failed} of {len(outcomes)} adapters failed; the others were written")
@@ -185,13 +227,16 @@ def sanitize(
                 command=command, progress=progress, subspaces=_source(cache_dir, no_cache),
             )  # fmt: skip
     if not quiet:
-        out.print(to_table(result.report, title=f"csulora sanitize · {adapter[0]}"))
-    out.print(f"wrote {result.output}", highlight=False, soft_wrap=True)
+        screen.print(to_table(result.report, title=f"csulora sanitize · {escape(str(adapter[0]))}"))
+    _warn(result.report.warnings)
+    screen.print(f"wrote {result.output}", markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        sys.stdout.write(result.report.to_json())
 
 
 @app.command()
 def audit(
-    adapter: AdapterOpt,
+    adapter: Annotated[list[Path], typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")],
     aligned: AlignedOpt,
     base: BaseOpt = None,
     lam: LambdaOpt = 1.0,
@@ -201,20 +246,67 @@ def audit(
     exact_svd: ExactOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
+    form: FormOpt = "factored",
+    method: MethodOpt = "csulora",
+    threshold: ThresholdOpt = None,
+    top_n: TopNOpt = None,
+    max_off_energy: Annotated[
+        float | None, typer.Option(help="Fail when the adapter's total off-subspace energy ρ_O exceeds this.")
+    ] = None,
+    max_layer_off_energy: Annotated[
+        float | None, typer.Option(help="Fail when any module's off-subspace energy ρ_O exceeds this.")
+    ] = None,
+    min_safe_lora_score: Annotated[
+        float | None, typer.Option(help="Fail when any module's Safe LoRA score is below this.")
+    ] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write the HTML report to this file (one adapter).")] = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     trust_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Print the per-layer report without writing an adapter."""
-    with _errors(debug), _progress(quiet) as progress:
-        settings = _settings(lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device)
-        result = api_audit(
-            adapter, aligned, base, settings=settings, trust_pickle=trust_pickle, progress=progress,
-            subspaces=_source(cache_dir, no_cache),
+    """Report without writing an adapter; exit 1 when a threshold is exceeded (the gate before publishing)."""
+    from .gate import Thresholds, audit_document, enforce
+    from .report_html import to_html
+
+    screen = err if json_out else out  # with --json, stdout holds the JSON only
+    with _errors(debug):
+        limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score)
+        limits.validate()
+        settings = _settings(
+            lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device, form, method, threshold,
+            top_n,
         )  # fmt: skip
-    out.print(to_table(result.report, title=f"csulora audit · {adapter}"))
+        if html is not None and len(adapter) != 1:
+            raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
+        if html is not None and not html.parent.is_dir():
+            raise CsuloraError(f"--html {html}: the folder {html.parent} does not exist; create it first")
+        reports, source = [], _source(cache_dir, no_cache)  # one source: shared subspaces across adapters
+        for path in adapter:
+            with _progress(quiet) as progress:
+                result = api_audit(
+                    path, aligned, base, settings=settings, trust_pickle=trust_pickle, progress=progress,
+                    subspaces=source,
+                )  # fmt: skip
+            reports.append(result.report)
+            if not quiet:
+                screen.print(to_table(result.report, title=f"csulora audit · {escape(str(path))}"))
+            _warn(result.report.warnings)
+        if html is not None:
+            html.write_text(to_html(reports[0]))
+        document = audit_document(reports, limits)
+        if json_out:
+            sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        elif document["passed"] and not quiet:
+            screen.print(f"audit passed: {len(reports)} adapter(s) within the thresholds", highlight=False)
+        enforce(document)
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

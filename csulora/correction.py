@@ -126,3 +126,35 @@ def safe_lora_score_subspace(A: Tensor, B: Tensor, U: Tensor, S: Tensor) -> floa
     inner = float(((CB.T @ B) * (A @ A.T)).sum())
     norms = product_energy(CB, A) * product_energy(B, A)
     return inner / norms**0.5 if norms > 0 else 0.0
+
+
+def block_attenuation(rho: dict[str, float], lam: float) -> tuple[float, float]:
+    """Block-form factors (§4): ``γ_H = 1/(1 + λ(ρ_Hin + ρ_Hout))``, ``γ_O = 1/(1 + λ ρ_O)``."""
+    return 1.0 / (1.0 + lam * (rho["H_in"] + rho["H_out"])), 1.0 / (1.0 + lam * rho["O"])
+
+
+def block_update(sp: Split, gamma_h: float, gamma_o: float) -> tuple[Tensor, Tensor]:
+    """Closest safe update, block form (§4): ``X = F + γ_H H + γ_O O`` as rank-``2r`` factors.
+
+    ``B' = [B1 | B2]`` ``(d_out, 2r)`` and ``A' = [A1 + γ_H A2 ; γ_H A1 + γ_O A2]`` ``(2r, d_in)``, so that
+    ``B'A' = B1A1 + γ_H (B1A2 + B2A1) + γ_O B2A2``. The scaling ``s`` is already in ``B1``, ``B2``: the
+    written adapter must give this module scale 1.
+    """
+    B_new = torch.cat([sp.B1, sp.B2], dim=1)
+    A_new = torch.cat([sp.A1 + gamma_h * sp.A2, gamma_h * sp.A1 + gamma_o * sp.A2], dim=0)
+    return A_new, B_new
+
+
+def block_energies(energies: dict[str, float], gamma_h: float, gamma_o: float) -> dict[str, float]:
+    """Energies after the block update (§4): each orthogonal component scales by its factor squared."""
+    return {
+        "F": energies["F"],
+        "H_in": gamma_h**2 * energies["H_in"],
+        "H_out": gamma_h**2 * energies["H_out"],
+        "O": gamma_o**2 * energies["O"],
+    }
+
+
+def safe_lora_project(B: Tensor, D: Tensor) -> Tensor:
+    """Safe LoRA projection (§5): ``C·B = D (Dᵀ B) / ‖D‖_F``, without forming ``C = D Dᵀ / ‖D‖_F``."""
+    return D @ (D.T @ B.to(D.dtype)) / torch.linalg.vector_norm(D)

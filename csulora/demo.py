@@ -103,15 +103,17 @@ def make_demo_files(root: Path, seed: int = 0) -> dict[str, Path]:
 
 def run_demo(workdir: Path, console: Console) -> None:
     workdir = workdir.resolve()
-    console.print(f"generating a tiny Llama-shaped base/aligned pair and a LoRA adapter in {workdir}")
+    console.print(f"generating a tiny Llama-shaped base/aligned pair and a LoRA adapter in {workdir}", markup=False)
     paths = make_demo_files(workdir)
     out = workdir / "adapter-sanitized"
     command = ["csulora", "sanitize", "--adapter", str(paths["adapter"]), "--aligned", str(paths["aligned"]),
                "-o", str(out), "--force"]  # fmt: skip
-    console.print("$ " + " ".join(command), highlight=False, soft_wrap=True)
+    console.print("$ " + " ".join(command), markup=False, highlight=False, soft_wrap=True)
     result = sanitize(paths["adapter"], str(paths["aligned"]), output=out, force=True, command=command)
     console.print(to_table(result.report, title="csulora demo"))
-    console.print(f"base model resolved from: {result.report.inputs['base']['source']} → {paths['base']}")
-    console.print(f"sanitized adapter: {out / 'adapter_model.safetensors'}", highlight=False, soft_wrap=True)
+    console.print(f"base model resolved from: {result.report.inputs['base']['source']} → {paths['base']}", markup=False)
+    weights = out / "adapter_model.safetensors"
+    console.print(f"sanitized adapter: {weights}", markup=False, highlight=False, soft_wrap=True)
     report = f"{out / 'csulora_report.md'} and {out / 'csulora_report.json'}"
-    console.print(f"report: {report}", highlight=False, soft_wrap=True)
+    console.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"picture: {out / 'csulora_report.html'}", markup=False, highlight=False, soft_wrap=True)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,27 +33,106 @@ def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
 def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
     """Run ``fill(tmp)`` on a fresh sibling temp folder, then move it into place atomically.
 
-    An existing ``out`` (allowed by ``check_output``) is swapped out only once the new folder is
-    complete; on any failure the temp folder is removed and ``out`` is as it was.
+    An existing ``out`` (allowed by ``check_output``) is swapped with the new folder in one
+    ``renameat2(RENAME_EXCHANGE)`` where the OS offers it, so ``out`` never goes missing; elsewhere
+    it is moved aside and the new folder moved in (two renames: a crash between them leaves ``out``
+    absent and the old folder in ``.<name>.old-*``). On any failure the temp folder is removed and
+    ``out`` is as it was. Temp folders of killed runs are removed by the next write to the same ``out``.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent))
     try:
         fill(tmp)
-        for f in tmp.iterdir():
+        for f in sorted(tmp.iterdir()):
             _fsync(f)
         os.chmod(tmp, 0o755)
+        _fsync(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
+            if exchange(tmp, out):  # tmp now holds the old folder
+                shutil.rmtree(tmp)
+            else:
+                old = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent))
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old)
         else:
             os.replace(tmp, out)
         _fsync(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _prefix(out: Path, kind: str) -> str:
+    """``.<name>.tmp-<pid>-<host>-``: who owns a temp folder, so that a later run can tell a dead one."""
+    return f".{out.name}.{kind}-{os.getpid()}-{_host()}-"
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove ``out``'s temp folders left by runs on this host whose process is gone (killed mid-write).
+
+    Folders of live processes (a concurrent run) and of other hosts (a shared file system) are left alone.
+    An old output moved aside by a killed two-rename swap is moved back first when ``out`` is missing.
+    """
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(?:tmp|old)-(\d+)-([0-9a-f]{8})-[\w]+")
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(entry.name)
+        if m and m[2] == _host() and not _alive(int(m[1])) and entry.is_dir() and not entry.is_symlink():
+            moved_aside = entry / out.name  # a two-rename swap killed halfway: put the old output back
+            if ".old-" in entry.name and moved_aside.is_dir() and not (out.exists() or out.is_symlink()):
+                os.replace(moved_aside, out)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OverflowError, ValueError):  # not a pid this system could have: not ours to remove
+        return True
+    return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without it (glibc < 2.28, some musl)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2_fn = _renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where not supported."""
+    if _renameat2_fn is None:
+        return False
+    if _renameat2_fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # the file system or kernel cannot: fall back to two renames
+    raise CsuloraError(f"{b}: cannot replace it ({os.strerror(code)}); check permissions or remove it")
 
 
 def _fsync(path: Path) -> None:

@@ -11,8 +11,14 @@ from rich.table import Table
 from .correction import COMPONENTS
 
 SCHEMA_VERSION = 1
-# the score is computed from the cached subspace, so cold and warm runs agree (docs/scale.md)
-SAFE_LORA_SCORE_BASIS = "approximate: C_k = U_k Σ_k² U_kᵀ / ‖D‖_F, the rank-k truncation of C = D Dᵀ / ‖D‖_F"
+
+
+def safe_lora_score_basis(method: str) -> str:
+    """How the Safe LoRA score was computed: from ``D`` itself under ``--method safe-lora`` (which reads it
+    anyway), else from the (possibly cached) subspace, so that cold and warm runs agree (docs/scale.md)."""
+    if method == "safe-lora":
+        return "exact: C = D Dᵀ / ‖D‖_F"
+    return "approximate: C_k = U_k Σ_k² U_kᵀ / ‖D‖_F, the rank-k truncation of C = D Dᵀ / ‖D‖_F"
 
 
 @dataclass
@@ -33,6 +39,17 @@ class ModuleRow:
     rho_after: dict[str, float]  # the components of ΔW' as fractions of ‖ΔW‖_F²
     safe_lora_score: float
     notes: list[str] = field(default_factory=list)
+    rank_after: int | None = None  # rank written (block form: 2r); None: unchanged
+    gamma_off: float | None = None  # factor on O (block form: γ_O); None: γ_in γ_out (factored form)
+    safe_lora_projected: bool = False  # Safe LoRA replaced B by C·B in this module
+
+    @property
+    def output_rank(self) -> int:
+        return self.rank if self.rank_after is None else self.rank_after
+
+    @property
+    def off_factor(self) -> float:
+        return self.gamma_in * self.gamma_out if self.gamma_off is None else self.gamma_off
 
     @property
     def retained(self) -> float:
@@ -59,6 +76,8 @@ class ModuleRow:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(
+            rank_after=self.output_rank,
+            gamma_off=self.off_factor,
             retained_norm=self.retained,
             off_energy_before=self.off_before,
             off_energy_after=self.off_after,
@@ -77,6 +96,11 @@ class Report:
     inputs: dict
     modules: list[ModuleRow]
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rank_changed(self) -> bool:
+        """Whether the written adapter has other ranks than the input (the block form doubles them)."""
+        return any(m.output_rank != m.rank for m in self.modules)
 
     def totals(self) -> dict:
         """Energies summed over modules (in absolute units), then made relative to the total ``Σ‖ΔW‖²``."""
@@ -105,12 +129,13 @@ class Report:
             "tool": {"name": "csulora", "version": self.tool_version},
             "method": self.method,
             "form": self.form,
+            "rank_changed": self.rank_changed,
             "settings": self.settings,
             "inputs": self.inputs,
             "totals": self.totals(),
             "modules": [m.to_dict() for m in self.modules],
             "warnings": self.warnings,
-            "safe_lora_score": SAFE_LORA_SCORE_BASIS,
+            "safe_lora_score_basis": safe_lora_score_basis(self.method),
         }
 
     def to_json(self) -> str:
@@ -132,8 +157,7 @@ def _cells(m: ModuleRow) -> list[str]:
         str(m.k),
         _pct(m.captured),
         *(_pct(m.rho[c]) for c in COMPONENTS),
-        f"{m.gamma_in:.3f}",
-        f"{m.gamma_out:.3f}",
+        *(("C·B", "C·B") if m.safe_lora_projected else (f"{m.gamma_in:.3f}", f"{m.gamma_out:.3f}")),
         f"{m.retained:.3f}",
         _pct(m.off_after),
         f"{m.safe_lora_score:+.3f}",
@@ -148,7 +172,15 @@ def _summary_lines(report: Report) -> list[str]:
         f"→ leaving after: {_pct(t['leaving_energy_after'])}",
         f"off-subspace energy: {_pct(t['off_energy_before'])} → {_pct(t['off_energy_after'])}",
         f"retained update norm: {t['retained_norm']:.3f}",
+        *([rank_change_words(report)] if report.rank_changed else []),
     ]
+
+
+def rank_change_words(report: Report) -> str:
+    """The rank change of the block form, said once for every renderer."""
+    before = sorted({m.rank for m in report.modules})
+    after = sorted({m.output_rank for m in report.modules})
+    return f"rank changed: {'/'.join(map(str, before))} → {'/'.join(map(str, after))}"
 
 
 def to_markdown(report: Report) -> str:
@@ -158,7 +190,7 @@ def to_markdown(report: Report) -> str:
         "",
         f"- method: {report.method}, form: {report.form}, λ = {s['lambda']}",
         f"- subspace: {_subspace_words(s)}",
-        f"- Safe LoRA score: {SAFE_LORA_SCORE_BASIS}",
+        f"- Safe LoRA score: {safe_lora_score_basis(report.method)}",
         f"- adapter: `{report.inputs['adapter']['path']}`",
         f"- aligned: `{report.inputs['aligned']['ref']}`, base: `{report.inputs['base']['ref']}` "
         f"(from {report.inputs['base']['source']})",
@@ -199,12 +231,11 @@ def model_card(report: Report, base_model: str | None, command: str) -> str:
         "",
         "# Sanitized LoRA adapter",
         "",
-        f"This adapter is `{report.inputs['adapter']['path']}` after CSULoRA (closest safe update, "
-        f"{report.form} form, λ = {report.settings['lambda']}), made with csulora {report.tool_version}. "
-        "The parts of each layer's update that leave the safety subspace estimated from "
-        f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}` were attenuated; "
-        "tensor names, shapes, dtypes and `adapter_config.json` are unchanged, so it loads wherever the input did.",
+        f"This adapter is `{report.inputs['adapter']['path']}` after {_method_words(report)}, made with "
+        f"csulora {report.tool_version}. The safety subspace of each layer was estimated from "
+        f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}`; {_format_words(report)}",
         "",
+        *_rank_warning(report),
         "```",
         command,
         "```",
@@ -216,6 +247,49 @@ def model_card(report: Report, base_model: str | None, command: str) -> str:
         f"| off-subspace energy (both sides) | {_pct(t['off_energy_before'])} | {_pct(t['off_energy_after'])} |",
         f"| update norm | 1.000 | {t['retained_norm']:.3f} |",
         "",
-        "Per-module details: `csulora_report.md` and `csulora_report.json`.",
+        "Per-module details: `csulora_report.md`, `csulora_report.json` and `csulora_report.html` (a picture).",
     ]
     return "\n".join(front + body) + "\n"
+
+
+def _method_words(report: Report) -> str:
+    if report.method == "safe-lora":
+        s = report.settings
+        rule = f"the {s['top_n']} lowest-scoring modules" if s.get("top_n") else f"score ≤ {s.get('threshold')}"
+        return f"the Safe LoRA projection (B ← C·B for {rule})"
+    return f"CSULoRA (closest safe update, {report.form} form, λ = {report.settings['lambda']})"
+
+
+def _format_words(report: Report) -> str:
+    if report.rank_changed:
+        return (
+            "the parts of each layer's update that leave it were attenuated. The block form is exact at rank 2r: "
+            "the LoRA ranks and `adapter_config.json` changed (the scaling is folded into `lora_B`)."
+        )
+    what = "projected" if report.method == "safe-lora" else "attenuated"
+    return (
+        f"the parts of each layer's update that leave it were {what}; tensor names, shapes, dtypes and "
+        "`adapter_config.json` are unchanged, so it loads wherever the input did."
+    )
+
+
+def rank_warning(report: Report) -> str:
+    """What a person serving the adapter must know when the block form changed its rank."""
+    need = _engine_rank(report)
+    advice = f"start it with `--max-lora-rank {need}` or more" if need > 16 else "an engine set lower needs raising"
+    return (
+        f"{rank_change_words(report)}. Serving engines with a maximum LoRA rank must allow "
+        f"{max(m.output_rank for m in report.modules)}: vLLM's default `max_lora_rank` is 16; {advice}."
+    )
+
+
+def _rank_warning(report: Report) -> list[str]:
+    return [f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []
+
+
+def _engine_rank(report: Report) -> int:
+    """The smallest of vLLM's allowed max_lora_rank values (8, 16, 32, 64, …) that holds every module."""
+    need, rank = max(m.output_rank for m in report.modules), 8
+    while rank < need:
+        rank *= 2
+    return rank

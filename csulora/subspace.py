@@ -5,8 +5,6 @@ Pure functions over tensors: no file access here.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,46 +53,11 @@ def exact_svd(D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def randomized_svd(D: Tensor, q: int, seed: int, niter: int = NITER) -> tuple[Tensor, Tensor, Tensor]:
-    """Randomized SVD of rank ``q`` with a fixed seed, whatever the global RNG: Halko et al. (2009)
-    Algorithms 4.4 and 5.1, step for step and draw for draw what ``torch.svd_lowrank`` computes.
-
-    Written out so that the LAPACK factorizations of the thin ``q``-column matrices run on one thread
-    (``_one_thread``) while the products with ``D`` use them all.
-    """
-    A = D.mT if D.shape[0] < D.shape[1] else D  # tall, as torch.svd_lowrank arranges it
+    """Randomized SVD of rank ``q`` (``torch.svd_lowrank``) with a fixed seed, whatever the global RNG."""
     devices = [D.device] if D.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        R = torch.randn(A.shape[-1], q, dtype=A.dtype, device=A.device)
-    with _one_thread(A):
-        Q = torch.linalg.qr(A @ R).Q
-    for _ in range(niter):
-        X = A.mT @ Q
-        with _one_thread(A):
-            Q = torch.linalg.qr(X).Q
-        X = A @ Q
-        with _one_thread(A):
-            Q = torch.linalg.qr(X).Q
-    B = Q.mT @ A
-    with _one_thread(A):
-        U, S, Vh = torch.linalg.svd(B, full_matrices=False)
-    U, V = Q @ U, Vh.mT
-    return (V, S, U) if A is not D else (U, S, V)
-
-
-@contextlib.contextmanager
-def _one_thread(on: Tensor) -> Iterator[None]:
-    """One CPU thread for QR/SVD of thin matrices: MKL's threaded QR of a 5632×266 matrix took 1.3–2.3 s on
-    2 cores against 0.09 s on one (measured, machine shared), and ``svd_lowrank`` at rank 266 16 s against 2."""
-    if on.device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+        return torch.svd_lowrank(D, q=q, niter=niter)
 
 
 def _top(D: Tensor, want: int, exact: bool, seed: int) -> tuple[Tensor, Tensor, Tensor]:

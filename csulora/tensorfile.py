@@ -19,9 +19,9 @@ from .errors import CsuloraError
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
 }  # fmt: skip
-_TORCH_DTYPES = {
+_READ_DTYPES = {  # safetensors dtype → torch dtype, for TensorReader
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -63,30 +63,65 @@ def read_header(path: Path) -> Header:
     except OSError as e:
         raise CsuloraError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
             raise ValueError
     except (ValueError, UnicodeDecodeError) as e:
         raise CsuloraError(f"{path}: unreadable safetensors header; re-save or re-download it") from e
     metadata = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
-    tensors = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CsuloraError(f"{path}: header __metadata__ is not a mapping of strings; re-save or re-download it")
+    tensors, spans = {}, []
     for name, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = 0 <= start <= end <= data_len and all(isinstance(d, int) and d >= 0 for d in shape)
-            if ok and dtype in _DTYPE_BYTES:
+            ok = isinstance(dtype, str) and _is_index(start) and _is_index(end) and start <= end
+            ok = ok and all(_is_index(d) for d in shape)
+            if ok and dtype in _DTYPE_BYTES:  # sub-byte or future dtypes: offsets checked below, size not
                 ok = (end - start) == _DTYPE_BYTES[dtype] * _numel(shape)
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise CsuloraError(
-                f"{path}: tensor {name!r} has an invalid entry (dtype, shape or offsets past the end of the "
-                "file); the file is truncated or corrupt: re-save or re-download it"
+                f"{path}: tensor {name!r} has an invalid entry (dtype, shape and byte size disagree, or bad offsets); "
+                "the file is truncated or corrupt: re-save or re-download it"
             )
         tensors[name] = TensorInfo(dtype=dtype, shape=shape, start=start, end=end)
+        spans.append((start, end, name))
+    _check_layout(path, spans, size - 8 - n)
     digest = hashlib.sha256(prefix + raw).hexdigest()
     return Header(tensors=tensors, metadata=dict(metadata), digest=digest, size=size, data_offset=8 + n)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """JSON object hook: a header naming a tensor twice is ambiguous, so refuse it."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _is_index(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """The tensors' byte ranges must tile the data section exactly, as the safetensors format requires:
+    no overlap (two tensors aliasing the same bytes), no gap, nothing past the end of the file."""
+    position = 0
+    for start, end, name in sorted(spans):
+        if start != position:
+            what = "overlaps another tensor" if start < position else "leaves a gap before it"
+            raise CsuloraError(
+                f"{path}: tensor {name!r} {what} (data_offsets {[start, end]}); "
+                "the file is corrupt: re-save or re-download it"
+            )
+        position = end
+    if position != data_len:
+        what = "past the end of the file" if position > data_len else "short of the end of the file (trailing bytes)"
+        raise CsuloraError(
+            f"{path}: the tensors' data ends {what}; the file is truncated or corrupt: re-save or re-download it"
+        )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -121,7 +156,7 @@ class TensorReader:
         info = self._header.tensors.get(name)
         if info is None:
             raise CsuloraError(f"{path}: has no tensor {name!r}; re-save or re-download it")
-        dtype = _TORCH_DTYPES.get(info.dtype)
+        dtype = _READ_DTYPES.get(info.dtype)
         if dtype is None:
             raise CsuloraError(f"{path}: tensor {name!r} has dtype {info.dtype}, which csulora cannot read")
         buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
@@ -149,23 +184,38 @@ class TensorReader:
         self._file, self._path, self._header = None, None, None
 
 
-def sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted.
+_TORCH_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 
-    The safetensors library keeps metadata in a hash map, so ``save_file`` writes its keys in an order
-    that changes from process to process; sorted, identical inputs give byte-identical files. The header
-    keeps its length (same content, other order; padded with spaces as the format allows).
-    """
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n), object_pairs_hook=dict)
-        metadata = header.pop("__metadata__", None)
-        ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | header
-        raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(raw) > n:  # cannot happen for a header safetensors wrote; leave the file as it is
-            return
-        f.seek(8)
-        f.write(raw + b" " * (n - len(raw)))
+
+def save_sorted(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its content: tensors in name order, header
+    keys sorted. (``safetensors.save_file`` serializes the metadata from a hash map, whose order changes
+    from process to process.) Same layout rules as the library: little-endian data, contiguous and
+    non-overlapping, header padded with spaces to a multiple of 8 bytes."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _TORCH_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in sorted(tensors):  # one tensor's bytes at a time
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def sha256_file(path: Path) -> str:

@@ -12,6 +12,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# What every sanitize output folder holds: the adapter, its config, the card and the report in three renderings.
+OUTPUT_FILES = [
+    "README.md", "adapter_config.json", "adapter_model.safetensors", "csulora_report.html", "csulora_report.json",
+    "csulora_report.md",
+]  # fmt: skip
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

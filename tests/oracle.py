@@ -27,3 +27,25 @@ def factored_delta(dW: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, lam: floa
     g_out = 1 / (1 + lam * (rho["H_out"] + rho["O"]))
     g_in = 1 / (1 + lam * (rho["H_in"] + rho["O"]))
     return c["F"] + g_in * c["H_in"] + g_out * c["H_out"] + g_in * g_out * c["O"]
+
+
+def block_delta(dW: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, lam: float) -> torch.Tensor:
+    """§4, block form: X = F + H/(1 + λρ_H) + O/(1 + λρ_O), H = H_in + H_out."""
+    c = components(dW, P, Q)
+    total = sum(float((x**2).sum()) for x in c.values())
+    rho = {name: float((x**2).sum()) / total for name, x in c.items()}
+    H = c["H_in"] + c["H_out"]
+    return c["F"] + H / (1 + lam * (rho["H_in"] + rho["H_out"])) + c["O"] / (1 + lam * rho["O"])
+
+
+def safe_lora_matrix(D: torch.Tensor) -> torch.Tensor:
+    """§5: C = D Dᵀ / ‖D‖_F, formed densely."""
+    D = D.double()
+    return D @ D.T / torch.linalg.norm(D)
+
+
+def safe_lora_score(dW: torch.Tensor, D: torch.Tensor) -> float:
+    """§5: cos(vec(C ΔW), vec(ΔW)) (the LoRA scaling cancels)."""
+    dW = dW.double()
+    CdW = safe_lora_matrix(D) @ dW
+    return float((CdW * dW).sum() / (torch.linalg.norm(CdW) * torch.linalg.norm(dW)))

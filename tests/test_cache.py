@@ -19,7 +19,6 @@ from csulora.api import Settings, audit, precompute_subspaces, sanitize
 from csulora.cache import SubspaceCache, SubspaceSource, default_cache_dir
 from csulora.checkpoints import Checkpoint, parse_ref
 from csulora.cli import app
-from csulora.subspace import randomized_svd
 from csulora.synthetic import SIZES, write_adapter, write_pair
 from csulora.tensorfile import TensorReader
 
@@ -71,7 +70,7 @@ def test_cold_warm_and_uncached_runs_give_identical_outputs(pair, tmp_path):
     for name in ("adapter_model.safetensors", "csulora_report.json", "csulora_report.md"):
         cold_bytes = (tmp_path / "cold" / name).read_bytes()
         assert cold_bytes == (tmp_path / "warm" / name).read_bytes() == (tmp_path / "none" / name).read_bytes(), name
-    assert "approximate" in json.loads((tmp_path / "cold" / "csulora_report.json").read_text())["safe_lora_score"]
+    assert "approximate" in json.loads((tmp_path / "cold" / "csulora_report.json").read_text())["safe_lora_score_basis"]
     assert any(m.k > 0 for m in cold.report.modules)
 
 
@@ -204,20 +203,6 @@ def test_svd_counted_once_per_module(pair, tmp_path, monkeypatch):
     for _ in range(3):
         audit(pair["adapter"], str(pair["aligned"]), subspaces=_source(tmp_path))
     assert len(calls) == MODULES
-
-
-def test_randomized_svd_is_torch_svd_lowrank():
-    """The written-out randomized SVD draws and computes what torch.svd_lowrank does."""
-    g = torch.Generator().manual_seed(3)
-    for shape in [(120, 50), (50, 120)]:
-        D = torch.randn(shape[0], 8, generator=g) @ torch.randn(8, shape[1], generator=g)
-        D += 1e-3 * torch.randn(*shape, generator=g)
-        U, S, V = randomized_svd(D, 12, seed=5)
-        with torch.random.fork_rng():
-            torch.manual_seed(5)
-            U0, S0, V0 = torch.svd_lowrank(D, q=12, niter=4)
-        torch.testing.assert_close(S, S0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(U @ torch.diag(S) @ V.T, U0 @ torch.diag(S0) @ V0.T, rtol=1e-4, atol=1e-4)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The gate before publishing LoRA adapters: audit every adapter under a folder against thresholds; if any
+# exceeds them, fail (exit 1) and sanitize nothing; otherwise sanitize each one into OUT_DIR.
+#
+#   ADAPTERS_DIR  a folder of adapters (each subfolder with an adapter_config.json), or one adapter folder
+#   ALIGNED       the safety-aligned checkpoint: local folder or Hub id org/name[@revision]
+#   BASE          optional: the pretrained checkpoint (default: from the adapter config / aligned model card)
+#   OUT_DIR       where the sanitized adapters and the audit JSON go (default: ./sanitized)
+#   MAX_OFF_ENERGY, MAX_LAYER_OFF_ENERGY, MIN_SAFE_LORA_SCORE   the thresholds (docs/audit.md); empty = not checked
+#   CSULORA       the command to run (default: csulora)
+#
+# Exit codes: 0 all adapters passed and were sanitized; 1 a threshold was exceeded; 2 bad input.
+set -euo pipefail
+
+: "${ADAPTERS_DIR:?set ADAPTERS_DIR}" "${ALIGNED:?set ALIGNED}"
+OUT_DIR=${OUT_DIR:-sanitized}
+read -r -a csulora <<< "${CSULORA:-csulora}"
+
+adapters=()
+if [ -f "$ADAPTERS_DIR/adapter_config.json" ]; then
+  adapters=("$ADAPTERS_DIR")
+else
+  for config in "$ADAPTERS_DIR"/*/adapter_config.json; do
+    [ -e "$config" ] && adapters+=("$(dirname "$config")")
+  done
+fi
+if [ ${#adapters[@]} -eq 0 ]; then
+  echo "no adapter (a folder with adapter_config.json) under $ADAPTERS_DIR" >&2
+  exit 2
+fi
+
+common=(--aligned "$ALIGNED")
+[ -n "${BASE:-}" ] && common+=(--base "$BASE")
+gate=()
+[ -n "${MAX_OFF_ENERGY:-}" ] && gate+=(--max-off-energy "$MAX_OFF_ENERGY")
+[ -n "${MAX_LAYER_OFF_ENERGY:-}" ] && gate+=(--max-layer-off-energy "$MAX_LAYER_OFF_ENERGY")
+[ -n "${MIN_SAFE_LORA_SCORE:-}" ] && gate+=(--min-safe-lora-score "$MIN_SAFE_LORA_SCORE")
+
+mkdir -p "$OUT_DIR"
+audit_args=()
+for a in "${adapters[@]}"; do audit_args+=(--adapter "$a"); done
+
+# 1. The gate: the JSON verdict is kept as an artifact; the one-line reason goes to the job log (stderr).
+status=0
+"${csulora[@]}" audit "${audit_args[@]}" "${common[@]}" "${gate[@]}" --json --quiet > "$OUT_DIR/audit.json" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "audit failed (exit $status): nothing sanitized; see $OUT_DIR/audit.json" >&2
+  exit "$status"
+fi
+echo "audit passed for ${#adapters[@]} adapter(s)"
+
+# 2. Sanitize each adapter (report, model card and csulora_report.html in each output folder).
+for a in "${adapters[@]}"; do
+  "${csulora[@]}" sanitize --adapter "$a" "${common[@]}" -o "$OUT_DIR/$(basename "$a")" --force --quiet
+done
