@@ -14,6 +14,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from .api import sanitize
+from .cache import SubspaceSource
 from .report import to_table
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 176, 2, 4, 2, 256
@@ -109,7 +110,9 @@ def run_demo(workdir: Path, console: Console) -> None:
     command = ["csulora", "sanitize", "--adapter", str(paths["adapter"]), "--aligned", str(paths["aligned"]),
                "-o", str(out), "--force"]  # fmt: skip
     console.print("$ " + " ".join(command), markup=False, highlight=False, soft_wrap=True)
-    result = sanitize(paths["adapter"], str(paths["aligned"]), output=out, force=True, command=command)
+    # no subspace cache: the pair is regenerated (new mtimes) each time, so entries would only pile up
+    result = sanitize(paths["adapter"], str(paths["aligned"]), output=out, force=True, command=command,
+                      subspaces=SubspaceSource.open(enabled=False))  # fmt: skip
     console.print(to_table(result.report, title="csulora demo"))
     console.print(f"base model resolved from: {result.report.inputs['base']['source']} → {paths['base']}", markup=False)
     weights = out / "adapter_model.safetensors"

@@ -70,6 +70,10 @@ def test_cli_batch_exit_code_and_summary(pair, tmp_path):
     assert result.exit_code == 1, result.output
     assert "1 of 3 adapters failed" in result.output and "adapter-01" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["adapter-00", "adapter-02"]
+    result = CliRunner().invoke(app, [*args, "--skip-existing", "--json"])  # resume; machine-readable outcomes
+    assert result.exit_code == 1
+    outcomes = {o["name"]: o for o in json.loads(result.stdout)}
+    assert [outcomes[n]["status"] for n in sorted(outcomes)] == ["skipped", "failed", "skipped"]
     # repeated --adapter is a batch too, named by folder
     result = CliRunner().invoke(app, ["sanitize", "--adapter", str(folder / "adapter-00"), "--adapter",
                                       str(folder / "adapter-02"), "--aligned", str(pair["aligned"]),
