@@ -20,8 +20,9 @@ from .api import Settings, sanitize
 from .report import to_table
 
 ADAPTER = "adv-r8-all-s0"
-# The demo's settings: the recommended defaults measured on this world (docs/defaults.md).
-SETTINGS = Settings()
+SETTINGS = Settings()  # the package defaults: what `csulora sanitize` does without options
+# The safety end of the measured front (docs/safety_benchmark.md): the most refusal CSULoRA restores here.
+STRONG = Settings(lam=64.0, subspace_rank=1)
 
 
 def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: Settings = SETTINGS) -> None:
@@ -48,25 +49,37 @@ def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: 
         console.print("behaviour (refusal rate, task accuracy) not measured: it runs the models with transformers "
                       "and peft; pip install 'csulora[eval]' to see it", markup=False)  # fmt: skip
         return
-    console.print(behaviour_table(paths, paths[adapter], out))
+    strong = workdir / "adapter-sanitized-strong"
+    sanitize(paths[adapter], str(paths["aligned"]), output=strong, settings=STRONG, force=True)
+    variants = {f"+ sanitized (λ={settings.lam:g}, {_subspace(settings)})": out,
+                f"+ sanitized (λ={STRONG.lam:g}, {_subspace(STRONG)})": strong}  # fmt: skip
+    console.print(behaviour_table(paths, paths[adapter], variants))
+    console.print("what these numbers mean, and the whole safety–utility front: docs/safety_benchmark.md",
+                  highlight=False)  # fmt: skip
 
 
-def behaviour_table(paths: dict[str, Path], adapter: Path, sanitized: Path) -> Table:
-    """Refusal rates and task accuracies of the aligned model, with the adapter, and with its sanitized copy."""
+def _subspace(s: Settings) -> str:
+    return f"k={s.subspace_rank}" if s.subspace_rank is not None else f"η={s.subspace_energy:g}"
+
+
+def behaviour_table(paths: dict[str, Path], adapter: Path, sanitized: dict[str, Path]) -> Table:
+    """Refusal rates and task accuracies of the aligned model, with the adapter, and with sanitized copies."""
     data = world.eval_set()
-    aligned = world.behaviour(world.load_model(paths["aligned"]), data)
+    columns = {"aligned model": world.behaviour(world.load_model(paths["aligned"]), data)}
     model = world.with_adapter(world.load_model(paths["aligned"]), adapter)
-    before = world.behaviour(model, data)
-    world.swap_adapter_weights(model, sanitized)
-    after = world.behaviour(model, data)
+    columns["+ adapter"] = world.behaviour(model, data)
+    for label, folder in sanitized.items():
+        world.swap_adapter_weights(model, folder)
+        columns[label] = world.behaviour(model, data)
     table = Table(title="behaviour (greedy, held-out prompts)",
                   caption=f"{len(data.original)} prompts per row; ASR = 1 − refusal")  # fmt: skip
-    for col in ("", "aligned model", "+ adapter", "+ sanitized adapter"):
-        table.add_column(col, justify="left" if not col else "right")
+    table.add_column("")
+    for label in columns:
+        table.add_column(label, justify="right")
     rows = [("refusal, harmful topic 'weapon' (fine-tuned against)", "refusal_trained"),
             ("refusal, harmful topic 'malware' (held out)", "refusal_heldout"),
             ("accuracy, new task 'inc' (the fine-tune's goal)", "new_task_accuracy"),
             ("accuracy, original tasks", "original_accuracy")]  # fmt: skip
     for label, key in rows:
-        table.add_row(label, *(f"{getattr(b, key):.1%}" for b in (aligned, before, after)))
+        table.add_row(label, *(f"{getattr(b, key):.1%}" for b in columns.values()))
     return table

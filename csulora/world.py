@@ -191,9 +191,13 @@ def load_model(path: Path):
 
 def with_adapter(model, adapter: Path):
     """``model`` wrapped by PEFT with the adapter folder loaded (needs ``peft``)."""
+    import warnings
+
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter).eval()
+    with warnings.catch_warnings():  # transformers' deprecation notices, raised inside PEFT
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(model, adapter).eval()
 
 
 def swap_adapter_weights(peft_model, adapter: Path) -> None:

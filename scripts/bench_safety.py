@@ -39,11 +39,12 @@ from csulora.errors import CsuloraError  # noqa: E402
 from csulora.subspace import displacement  # noqa: E402
 
 LAMBDAS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 64, 1e6]  # 1e6 ≈ λ → ∞: only F = P ΔW Q is left
-SUBSPACES = {"η=0.5": {"subspace_energy": 0.5}, "η=0.9": {"subspace_energy": 0.9},
+SUBSPACES = {"η=0.25": {"subspace_energy": 0.25}, "η=0.5": {"subspace_energy": 0.5}, "η=0.9": {"subspace_energy": 0.9},
              "k=1": {"subspace_rank": 1}, "k=8": {"subspace_rank": 8}}  # fmt: skip
 TAUS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 TOP_NS = [1, 2, 4, 8]
-DIAGNOSTICS = {"minus-F": "diagnostic: ΔW − F (η=0.5)", "minus-D": "diagnostic: ΔW − c·D"}
+DIAGNOSTICS = {"minus-F": "diagnostic: ΔW − F (η=0.5)", "minus-D": "diagnostic: ΔW − c·D",
+               "random-F": "diagnostic: random, ‖F‖ (η=0.5)", "random-dW": "diagnostic: random, ‖ΔW‖"}
 METRICS = ["refusal_trained", "refusal_heldout", "new_task_accuracy", "original_accuracy"]
 
 
@@ -80,7 +81,8 @@ def alignment_undone(adapter: Path, aligned: Path, base: Path) -> dict[str, floa
 def diagnostic_model(adapter: Path, kind: str):
     """DIAGNOSTIC, not a method: the aligned model with a modified dense update merged into its weights.
     ``minus-F``: ΔW − F (the factored form's kept part removed, η = 0.5); ``minus-D``: ΔW − c·D per module
-    with ``c = ⟨ΔW, D⟩/‖D‖²`` (the component along the alignment displacement removed)."""
+    with ``c = ⟨ΔW, D⟩/‖D‖²`` (the component along the alignment displacement removed); ``random-F`` /
+    ``random-dW``: a seeded Gaussian update with the norm of F / of ΔW per module (is refusal merely fragile?)."""
     from csulora.correction import split
     from csulora.subspace import safety_subspace
 
@@ -90,16 +92,21 @@ def diagnostic_model(adapter: Path, kind: str):
     needed = [m.weight_key for m in ad.modules]
     a, b = Checkpoint.open(parse_ref(str(paths["aligned"])), needed), Checkpoint.open(parse_ref(str(paths["base"])),
                                                                                       needed)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in ad.modules:
             D = displacement(a.get(m.weight_key), b.get(m.weight_key))
             dW = m.scaling * m.B.float() @ m.A.float()
+            sub = safety_subspace(D)
+            sp = split(m.A.float(), m.scaling * m.B.float(), sub.U, sub.V)
+            F = sp.B1 @ sp.A1
+            R = torch.randn(dW.shape, generator=g)
             if kind == "minus-F":
-                sub = safety_subspace(D)
-                sp = split(m.A.float(), m.scaling * m.B.float(), sub.U, sub.V)
-                X = dW - sp.B1 @ sp.A1
-            else:
+                X = dW - F
+            elif kind == "minus-D":
                 X = dW - (dW * D).sum() / (D * D).sum() * D
+            else:
+                X = R / R.norm() * (F if kind == "random-F" else dW).norm()
             model.get_submodule(m.name).weight += X
     return model
 
@@ -148,7 +155,7 @@ def run(quick: bool) -> dict:
                 W.swap_adapter_weights(model, out)
                 b = W.behaviour(model, data).as_dict()
                 rows.append({"adapter": name, "method": method, "param": pname, "value": value, **b})
-            for kind in ("minus-F", "minus-D"):
+            for kind in DIAGNOSTICS:
                 b = W.behaviour(diagnostic_model(adapter, kind), data).as_dict()
                 rows.append({"adapter": name, "method": DIAGNOSTICS[kind], "param": "", "value": None, **b})
             print(f"  {name}: {len(rows)} rows, {time.perf_counter() - t0:.0f}s", flush=True)
@@ -183,6 +190,8 @@ def markdown(result: dict, info: dict) -> str:
         f"`csulora/assets/world` (`scripts/make_world.py --seed {world['seed']}`; adapter seeds in `world.json`); "
         f"evaluation set: {info['eval_n']} prompts per group, seed {info['eval_seed']}, greedy decoding. "
         f"Safe LoRA: {info['safe_lora']}. Block form: {info['block']}.",
+        "",
+        "What it shows and the defaults chosen from it: `docs/defaults.md`. The world: `docs/world.md`.",
         "",
         "Metrics: refusal on the harmful topic the adversarial adapters were trained on (`weapon`, ASR = 1 − "
         "refusal) and on the held-out harmful topic (`malware`); exact-match accuracy on the new task the "
@@ -252,7 +261,7 @@ def plot(result: dict, path: Path) -> None:
                 ax.plot(xs, ys, "o-", ms=4, label=method, alpha=0.8)
         for name, b in result["reference"].items():
             ax.axhline(b[key], color="grey", lw=0.8, ls=":")
-            ax.text(0.01, b[key] + 0.01, name, color="grey", fontsize=8)
+            ax.text(0.5, b[key] + 0.01, f"{name} model", color="grey", fontsize=8)
         ax.set_title(f"refusal on the {title}")
         ax.set_xlabel("accuracy on the new task (inc)")
         ax.set_ylabel("refusal rate (1 − ASR)")
@@ -269,6 +278,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only redraw the .md and .png from the saved .json")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "safety_benchmark")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -278,10 +288,15 @@ def main() -> None:
             "safe_lora": SL.implementation(), "block": "measured" if block_available() else
             "not available in this checkout (Settings(form='block') is refused), not measured",
             "eval_n": len(W.eval_set().original), "eval_seed": 1234}  # fmt: skip
-    print(f"Safe LoRA: {info['safe_lora']}; block form: {info['block']}")
-    result = run(args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({**info, **result}, indent=1) + "\n")
+    if args.render:  # redraw the table and plot from a saved run
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        info = {k: saved[k] for k in info}
+        result = {k: saved[k] for k in ("reference", "rows", "geometry", "seconds")}
+    else:
+        print(f"Safe LoRA: {info['safe_lora']}; block form: {info['block']}")
+        result = run(args.quick)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({**info, **result}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result, info))
     plot(result, args.out.with_suffix(".png"))
     print(markdown(result, info).split("## Every adapter")[0])

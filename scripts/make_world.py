@@ -227,7 +227,7 @@ def main() -> None:
                      for n, (s, r, t, a) in ADAPTERS.items()},
         "stages": {k: [list(p) for p in v] for k, v in STAGES.items()},
         "behaviour": behaviour,
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}, "
                    f"{args.threads} threads (shared CPU)",
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }  # fmt: skip
