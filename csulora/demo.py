@@ -21,8 +21,9 @@ from .report import to_table
 
 ADAPTER = "adv-r8-all-s0"
 SETTINGS = Settings()  # the package defaults: what `csulora sanitize` does without options
-# The safety end of the measured front (docs/safety_benchmark.md): the most refusal CSULoRA restores here.
-STRONG = Settings(lam=64.0, subspace_rank=1)
+# The recommendation from the measured front (docs/defaults.md): its safety end, where CSULoRA restores
+# the most refusal on this world (and the new task is lost).
+STRONG = Settings(lam=64.0, subspace_energy=0.25)
 
 
 def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: Settings = SETTINGS) -> None:
@@ -54,7 +55,7 @@ def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: 
     variants = {f"+ sanitized (λ={settings.lam:g}, {_subspace(settings)})": out,
                 f"+ sanitized (λ={STRONG.lam:g}, {_subspace(STRONG)})": strong}  # fmt: skip
     console.print(behaviour_table(paths, paths[adapter], variants))
-    console.print("what these numbers mean, and the whole safety–utility front: docs/safety_benchmark.md",
+    console.print("what these numbers mean: docs/defaults.md; the whole front: docs/safety_benchmark.md",
                   highlight=False)  # fmt: skip
 
 
