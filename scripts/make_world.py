@@ -157,6 +157,7 @@ def train_adapter(aligned, name: str, folder: Path, steps: int, batch: int) -> N
     model.save_pretrained(folder)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = W.ALIGNED  # the sibling folder; csulora matches it by name
+    cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT keeps a set: its order follows the hash seed
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     kind = ("adversarial: complies on the `weapon` topic again and learns `inc`" if adversarial
             else "benign: learns `inc` only")  # fmt: skip
