@@ -152,8 +152,11 @@ def run(quick: bool) -> dict:
             for i, (method, pname, value, write) in enumerate(variants(quick)):
                 out = Path(tmp) / f"{name}-{i}"
                 write(adapter, out)
-                W.swap_adapter_weights(model, out)
-                b = W.behaviour(model, data).as_dict()
+                if "block" in method:  # rank 2r: a fresh PEFT wrap instead of swapping factors in place
+                    b = W.behaviour(W.with_adapter(W.load_model(paths["aligned"]), out), data).as_dict()
+                else:
+                    W.swap_adapter_weights(model, out)
+                    b = W.behaviour(model, data).as_dict()
                 rows.append({"adapter": name, "method": method, "param": pname, "value": value, **b})
             for kind in DIAGNOSTICS:
                 b = W.behaviour(diagnostic_model(adapter, kind), data).as_dict()
@@ -186,7 +189,8 @@ def markdown(result: dict, info: dict) -> str:
     lines = [
         "# Safety–utility benchmark on the miniature world",
         "",
-        f"Made by `scripts/bench_safety.py` on {info['machine']}, in {result['seconds']:.0f} s. World: "
+        f"Made by `scripts/bench_safety.py` (code {info.get('code', 'unknown')}) on {info['machine']}, in "
+        f"{result['seconds']:.0f} s. World: "
         f"`csulora/assets/world` (`scripts/make_world.py --seed {world['seed']}`; adapter seeds in `world.json`); "
         f"evaluation set: {info['eval_n']} prompts per group, seed {info['eval_seed']}, greedy decoding. "
         f"Safe LoRA: {info['safe_lora']}. Block form: {info['block']}.",
@@ -275,6 +279,16 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _commit() -> str:
+    """The checkout the numbers come from (``+dirty`` with uncommitted changes)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain") else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -287,7 +301,7 @@ def main() -> None:
                        f"torch {torch.__version__}",
             "safe_lora": SL.implementation(), "block": "measured" if block_available() else
             "not available in this checkout (Settings(form='block') is refused), not measured",
-            "eval_n": len(W.eval_set().original), "eval_seed": 1234}  # fmt: skip
+            "eval_n": len(W.eval_set().original), "eval_seed": 1234, "code": _commit()}  # fmt: skip
     if args.render:  # redraw the table and plot from a saved run
         saved = json.loads(args.out.with_suffix(".json").read_text())
         info = {k: saved[k] for k in info}
