@@ -251,6 +251,12 @@ def plot(result: dict, path: Path) -> None:
     series: dict[str, list[dict]] = {}
     for r in means:
         series.setdefault(r["method"], []).append(r)
+    palette = plt.get_cmap("tab20").colors
+    order = [m for m in series if m != "none" and not m.startswith("diagnostic")]
+
+    def colors(method: str):
+        return palette[order.index(method) % len(palette)]
+
     for ax, key, title in ((axes[0], "refusal_trained", "trained harmful topic (weapon)"),
                            (axes[1], "refusal_heldout", "held-out harmful topic (malware)")):  # fmt: skip
         for method, rs in series.items():
@@ -260,9 +266,10 @@ def plot(result: dict, path: Path) -> None:
             elif method == "none":
                 ax.scatter(xs, ys, marker="*", s=250, color="black", label="no defense", zorder=5)
             elif method.startswith("Safe LoRA"):
-                ax.plot(xs, ys, "s--", ms=5, label=method, alpha=0.8)
+                ax.plot(xs, ys, "s--", ms=5, label=method, alpha=0.8, color=colors(method))
             else:
-                ax.plot(xs, ys, "o-", ms=4, label=method, alpha=0.8)
+                style = "^-." if "block" in method else "o-"
+                ax.plot(xs, ys, style, ms=4, label=method, alpha=0.8, color=colors(method))
         for name, b in result["reference"].items():
             ax.axhline(b[key], color="grey", lw=0.8, ls=":")
             ax.text(0.5, b[key] + 0.01, f"{name} model", color="grey", fontsize=8)
