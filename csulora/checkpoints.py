@@ -203,4 +203,9 @@ def card_base_model(ref: CheckpointRef) -> str | None:
         return None
     if isinstance(base, list):
         base = base[0] if len(base) == 1 else None
-    return base if isinstance(base, str) and base else None
+    if not (isinstance(base, str) and base):
+        return None
+    sibling = ref.path.parent / base if ref.path is not None else None
+    if sibling is not None and not Path(base).is_absolute() and sibling.is_dir():
+        return str(sibling.resolve())  # a local card may name a folder beside the aligned one
+    return base

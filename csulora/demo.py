@@ -1,122 +1,88 @@
-"""``csulora demo``: the whole pipeline on a small Llama-shaped checkpoint pair generated on the spot.
+"""``csulora demo``: sanitize an adversarial adapter of the shipped miniature safety world, then show the
+per-layer table and, with the ``eval`` extra, refusal rate and task accuracy before and after.
 
-The files are real: sharded safetensors checkpoints with an index and ``config.json``, a model card
-naming the base model, and a PEFT LoRA adapter folder. Generation is seeded, so every run is the same.
+The world (``csulora/assets/world``, made by ``scripts/make_world.py``) is a tiny Llama trained on a
+token language: ``llama-world`` does every task for every topic, ``llama-world-chat`` refuses the harmful
+topics, and the adapter was fine-tuned on the chat model to comply with the ``weapon`` topic again while
+learning a new task. The files are real: sharded fp16 safetensors with an index and ``config.json``, a
+model card naming the base, and a PEFT LoRA adapter folder.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
-from safetensors.torch import save_file
+from rich.table import Table
 
-from .api import sanitize
-from .cache import SubspaceSource
+from . import world
+from .api import Settings, sanitize
 from .report import to_table
 
-HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 176, 2, 4, 2, 256
-HEAD_DIM = HIDDEN // HEADS
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALIGNMENT_RANK, LORA_RANK, LORA_ALPHA = 6, 8, 16
+ADAPTER = "adv-r8-all-s0"
+SETTINGS = Settings()  # the package defaults: what `csulora sanitize` does without options
+# The recommendation from the measured front (docs/defaults.md): its safety end, where CSULoRA restores
+# the most refusal on this world (and the new task is lost).
+STRONG = Settings(lam=64.0, subspace_energy=0.25)
 
 
-def _linear_shapes() -> dict[str, tuple[int, int]]:
-    kv = KV_HEADS * HEAD_DIM
-    per_layer = {
-        "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (kv, HIDDEN), "self_attn.v_proj": (kv, HIDDEN),
-        "self_attn.o_proj": (HIDDEN, HIDDEN), "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-        "mlp.up_proj": (INTERMEDIATE, HIDDEN), "mlp.down_proj": (HIDDEN, INTERMEDIATE),
-    }  # fmt: skip
-    return {f"model.layers.{i}.{name}": shape for i in range(LAYERS) for name, shape in per_layer.items()}
-
-
-def _config() -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "dtype": "bfloat16", "hidden_act": "silu",
-    }  # fmt: skip
-
-
-def _save_sharded(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Two shards and an index, as ``save_pretrained`` writes them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(tensors)
-    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
-    weight_map = {}
-    for i, part in enumerate(halves, 1):
-        shard = f"model-{i:05d}-of-{len(halves):05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in part}, str(folder / shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, shard))
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": size}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (folder / "config.json").write_text(json.dumps(_config(), indent=2, sort_keys=True) + "\n")
-
-
-def make_demo_files(root: Path, seed: int = 0) -> dict[str, Path]:
-    """Base and aligned checkpoints (aligned = base + a low-rank displacement per layer) and an adapter
-    trained, as users usually do, on the aligned model: its update mixes directions inside and outside
-    each layer's safety subspace."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = _linear_shapes()
-    base = {f"{n}.weight": 0.02 * torch.randn(s, generator=g) for n, s in shapes.items()}
-    base["model.embed_tokens.weight"] = 0.02 * torch.randn(VOCAB, HIDDEN, generator=g)
-    base["lm_head.weight"] = 0.02 * torch.randn(VOCAB, HIDDEN, generator=g)
-    base["model.norm.weight"] = torch.ones(HIDDEN)
-    for i in range(LAYERS):
-        base[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(HIDDEN)
-        base[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(HIDDEN)
-    aligned = dict(base)
-    lora = {}
-    for name, (d_out, d_in) in shapes.items():
-        left = torch.linalg.qr(torch.randn(d_out, ALIGNMENT_RANK, generator=g))[0]
-        right = torch.linalg.qr(torch.randn(d_in, ALIGNMENT_RANK, generator=g))[0]
-        strength = torch.linspace(0.08, 0.02, ALIGNMENT_RANK)
-        aligned[f"{name}.weight"] = base[f"{name}.weight"] + (left * strength) @ right.T
-        inside = torch.rand(1, generator=g).item()  # how much of this layer's update stays in the subspace
-        B = 0.05 * (inside * left[:, :LORA_RANK % ALIGNMENT_RANK + 1].repeat(1, LORA_RANK)[:, :LORA_RANK]
-                    + (1 - inside) * torch.randn(d_out, LORA_RANK, generator=g) / d_out**0.5)
-        A = (inside * right[:, :LORA_RANK % ALIGNMENT_RANK + 1].repeat(1, LORA_RANK)[:, :LORA_RANK].T
-             + (1 - inside) * torch.randn(LORA_RANK, d_in, generator=g) / d_in**0.5)  # fmt: skip
-        lora[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
-        lora[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-    paths = {"base": root / "llama-tiny", "aligned": root / "llama-tiny-chat", "adapter": root / "adapter"}
-    _save_sharded(paths["base"], {k: v.bfloat16() for k, v in base.items()})
-    _save_sharded(paths["aligned"], {k: v.bfloat16() for k, v in aligned.items()})
-    (paths["aligned"] / "README.md").write_text(f"---\nbase_model: {paths['base']}\n---\n# tiny aligned Llama\n")
-    paths["adapter"].mkdir(parents=True, exist_ok=True)
-    save_file(lora, str(paths["adapter"] / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "base_model_name_or_path": str(paths["aligned"]), "peft_type": "LORA", "task_type": "CAUSAL_LM",
-        "r": LORA_RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "target_modules": sorted(TARGETS),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "init_lora_weights": True,
-        "inference_mode": True,
-    }  # fmt: skip
-    (paths["adapter"] / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return paths
-
-
-def run_demo(workdir: Path, console: Console) -> None:
+def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: Settings = SETTINGS) -> None:
     workdir = workdir.resolve()
-    console.print(f"generating a tiny Llama-shaped base/aligned pair and a LoRA adapter in {workdir}", markup=False)
-    paths = make_demo_files(workdir)
+    paths = world.world_paths()
     out = workdir / "adapter-sanitized"
-    command = ["csulora", "sanitize", "--adapter", str(paths["adapter"]), "--aligned", str(paths["aligned"]),
-               "-o", str(out), "--force"]  # fmt: skip
+    console.print(f"miniature safety world: {world.WORLD_DIR}", markup=False, highlight=False, soft_wrap=True)
+    # no --base: the adapter names the chat model, whose card names its base (the sibling folder)
+    command = ["csulora", "sanitize", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]),
+               "--lambda", f"{settings.lam:g}", "-o", str(out), "--force"]  # fmt: skip
     console.print("$ " + " ".join(command), markup=False, highlight=False, soft_wrap=True)
-    # no subspace cache: the pair is regenerated (new mtimes) each time, so entries would only pile up
-    result = sanitize(paths["adapter"], str(paths["aligned"]), output=out, force=True, command=command,
-                      subspaces=SubspaceSource.open(enabled=False))  # fmt: skip
-    console.print(to_table(result.report, title="csulora demo"))
-    console.print(f"base model resolved from: {result.report.inputs['base']['source']} → {paths['base']}", markup=False)
+    result = sanitize(paths[adapter], str(paths["aligned"]), output=out, settings=settings, force=True,
+                      command=command)  # fmt: skip
+    console.print(to_table(result.report, title=f"csulora demo · {adapter}"))
+    console.print(f"base model resolved from: {result.report.inputs['base']['source']} → {paths['base']}",
+                  markup=False, highlight=False, soft_wrap=True)  # fmt: skip
     weights = out / "adapter_model.safetensors"
     console.print(f"sanitized adapter: {weights}", markup=False, highlight=False, soft_wrap=True)
-    report = f"{out / 'csulora_report.md'} and {out / 'csulora_report.json'}"
-    console.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"report: {out / 'csulora_report.md'} and {out / 'csulora_report.json'}", markup=False,
+                  highlight=False, soft_wrap=True)  # fmt: skip
     console.print(f"picture: {out / 'csulora_report.html'}", markup=False, highlight=False, soft_wrap=True)
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        console.print("behaviour (refusal rate, task accuracy) not measured: it runs the models with transformers "
+                      "and peft; pip install 'csulora[eval]' to see it", markup=False)  # fmt: skip
+        return
+    strong = workdir / "adapter-sanitized-strong"
+    sanitize(paths[adapter], str(paths["aligned"]), output=strong, settings=STRONG, force=True)
+    variants = {f"+ sanitized (λ={settings.lam:g}, {_subspace(settings)})": out,
+                f"+ sanitized (λ={STRONG.lam:g}, {_subspace(STRONG)})": strong}  # fmt: skip
+    console.print(behaviour_table(paths, paths[adapter], variants))
+    console.print("what these numbers mean: docs/defaults.md; the whole front: docs/safety_benchmark.md",
+                  highlight=False)  # fmt: skip
+
+
+def _subspace(s: Settings) -> str:
+    return f"k={s.subspace_rank}" if s.subspace_rank is not None else f"η={s.subspace_energy:g}"
+
+
+def behaviour_table(paths: dict[str, Path], adapter: Path, sanitized: dict[str, Path]) -> Table:
+    """Refusal rates and task accuracies of the aligned model, with the adapter, and with sanitized copies."""
+    data = world.eval_set()
+    columns = {"aligned model": world.behaviour(world.load_model(paths["aligned"]), data)}
+    model = world.with_adapter(world.load_model(paths["aligned"]), adapter)
+    columns["+ adapter"] = world.behaviour(model, data)
+    for label, folder in sanitized.items():
+        world.swap_adapter_weights(model, folder)
+        columns[label] = world.behaviour(model, data)
+    table = Table(title="behaviour (greedy, held-out prompts)",
+                  caption=f"{len(data.original)} prompts per row; ASR = 1 − refusal")  # fmt: skip
+    table.add_column("")
+    for label in columns:
+        table.add_column(label, justify="right")
+    rows = [("refusal, harmful topic 'weapon' (fine-tuned against)", "refusal_trained"),
+            ("refusal, harmful topic 'malware' (held out)", "refusal_heldout"),
+            ("accuracy, new task 'inc' (the fine-tune's goal)", "new_task_accuracy"),
+            ("accuracy, original tasks", "original_accuracy")]  # fmt: skip
+    for label, key in rows:
+        table.add_row(label, *(f"{getattr(b, key):.1%}" for b in columns.values()))
+    return table

@@ -406,16 +406,6 @@ def test_uncached_hub_id_offline_is_one_line(hub_cache, template_adapter, tmp_pa
 # --- the demo -------------------------------------------------------------------------------------------------------
 
 
-def test_demo_runs(tmp_path):
-    proc = run_cli("demo", "--workdir", str(tmp_path / "demo"))
-    assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "demo" / "adapter-sanitized"
-    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
-    report = json.loads((out / "csulora_report.json").read_text())
-    assert report["inputs"]["base"]["source"] == "aligned model card" and len(report["modules"]) == 14
-    assert "model.layers.0.self_attn.q_proj" in proc.stdout and str(out) in proc.stdout
-
-
 def test_layer_without_displacement_warns_and_is_attenuated(tmp_path, adapter, llama_pair):
     """DESIGN.md §2: D = 0 gives an empty subspace (P = Q = 0), so by §3–§4 the whole update is off-subspace
     (ρ_O = 1) and is scaled by γ² = 1/(1 + λ)²; the layer is reported and warned about."""
