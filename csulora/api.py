@@ -40,13 +40,14 @@ Progress = Callable[[str, int, int, str], None]
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that changes the numbers. Defaults are provisional (DESIGN.md §2, §4)."""
+    """Everything that changes the numbers. The defaults of λ and η come from the safety benchmark on the
+    miniature world (docs/defaults.md): DESIGN.md's provisional λ = 1, η = 0.5 was dominated there."""
 
-    lam: float = 1.0
+    lam: float = 64.0
     form: str = "factored"
     method: str = "csulora"
     subspace_rank: int | None = None
-    subspace_energy: float = 0.5
+    subspace_energy: float = 0.25
     max_subspace_rank: int = 256
     exact_svd: bool = False
     seed: int = 0

@@ -32,6 +32,7 @@ app = typer.Typer(
 # Logs and pipes get a wide table instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+DEFAULTS = Settings()  # the one place defaults live; the options below show them
 
 AdapterOpt = Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")]
 AdaptersOpt = Annotated[
@@ -152,7 +153,7 @@ def _settings(
     return Settings(
         form=form,
         method=method,
-        threshold=0.5 if threshold is None else threshold,
+        threshold=DEFAULTS.threshold if threshold is None else threshold,
         top_n=top_n,
         lam=lam,
         subspace_rank=subspace_rank,
@@ -170,10 +171,10 @@ def sanitize(
     aligned: AlignedOpt,
     base: BaseOpt = None,
     output: OutputOpt = None,
-    lam: LambdaOpt = 1.0,
+    lam: LambdaOpt = DEFAULTS.lam,
     subspace_rank: RankOpt = None,
-    subspace_energy: EnergyOpt = 0.5,
-    max_subspace_rank: MaxRankOpt = 256,
+    subspace_energy: EnergyOpt = DEFAULTS.subspace_energy,
+    max_subspace_rank: MaxRankOpt = DEFAULTS.max_subspace_rank,
     exact_svd: ExactOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
@@ -239,10 +240,10 @@ def audit(
     adapter: Annotated[list[Path], typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")],
     aligned: AlignedOpt,
     base: BaseOpt = None,
-    lam: LambdaOpt = 1.0,
+    lam: LambdaOpt = DEFAULTS.lam,
     subspace_rank: RankOpt = None,
-    subspace_energy: EnergyOpt = 0.5,
-    max_subspace_rank: MaxRankOpt = 256,
+    subspace_energy: EnergyOpt = DEFAULTS.subspace_energy,
+    max_subspace_rank: MaxRankOpt = DEFAULTS.max_subspace_rank,
     exact_svd: ExactOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
@@ -319,8 +320,8 @@ def subspace(
     ] = None,
     cache_dir: CacheDirOpt = None,
     subspace_rank: RankOpt = None,
-    subspace_energy: EnergyOpt = 0.5,
-    max_subspace_rank: MaxRankOpt = 256,
+    subspace_energy: EnergyOpt = DEFAULTS.subspace_energy,
+    max_subspace_rank: MaxRankOpt = DEFAULTS.max_subspace_rank,
     exact_svd: ExactOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
@@ -334,7 +335,7 @@ def subspace(
     from rich.table import Table
 
     with _errors(debug), _progress(quiet) as progress:
-        settings = _settings(1.0, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device)
+        settings = _settings(DEFAULTS.lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device)
         source = _source(cache_dir, False)
         modules = [m for item in modules for m in item.split(",") if m] if modules else None
         rows = precompute_subspaces(

@@ -20,10 +20,9 @@ from .api import Settings, sanitize
 from .report import to_table
 
 ADAPTER = "adv-r8-all-s0"
-SETTINGS = Settings()  # the package defaults: what `csulora sanitize` does without options
-# The recommendation from the measured front (docs/defaults.md): its safety end, where CSULoRA restores
-# the most refusal on this world (and the new task is lost).
-STRONG = Settings(lam=64.0, subspace_energy=0.25)
+SETTINGS = Settings()  # the package defaults, the safety end of the measured front (docs/defaults.md)
+# The utility end of the same front, for contrast: the new task survives and no refusal comes back.
+MILD = Settings(lam=0.05, subspace_energy=0.5)
 
 
 def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: Settings = SETTINGS) -> None:
@@ -52,10 +51,10 @@ def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: 
         console.print("behaviour (refusal rate, task accuracy) not measured: it runs the models with transformers "
                       "and peft; pip install 'csulora[eval]' to see it", markup=False)  # fmt: skip
         return
-    strong = workdir / "adapter-sanitized-strong"
-    sanitize(paths[adapter], str(paths["aligned"]), output=strong, settings=STRONG, force=True)
+    mild = workdir / "adapter-sanitized-mild"
+    sanitize(paths[adapter], str(paths["aligned"]), output=mild, settings=MILD, force=True)
     variants = {f"+ sanitized (λ={settings.lam:g}, {_subspace(settings)})": out,
-                f"+ sanitized (λ={STRONG.lam:g}, {_subspace(STRONG)})": strong}  # fmt: skip
+                f"+ sanitized (λ={MILD.lam:g}, {_subspace(MILD)})": mild}  # fmt: skip
     console.print(behaviour_table(paths, paths[adapter], variants))
     console.print("what these numbers mean: docs/defaults.md; the whole front: docs/safety_benchmark.md",
                   highlight=False)  # fmt: skip

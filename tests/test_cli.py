@@ -413,7 +413,8 @@ def test_layer_without_displacement_warns_and_is_attenuated(tmp_path, adapter, l
     aligned_q0 = load_file(shard_of(llama_pair["aligned"], Q0))[Q0]
     edit_tensors(shard_of(base, Q0), lambda t: t.__setitem__(Q0, aligned_q0))
     out = tmp_path / "out"
-    result = invoke("sanitize", "--adapter", adapter, "--aligned", llama_pair["aligned"], "--base", base, "-o", out)
+    result = invoke("sanitize", "--adapter", adapter, "--aligned", llama_pair["aligned"], "--base", base, "-o", out,
+                    "--lambda", "1")
     assert result.exit_code == 0, result.output
     assert "warning: model.layers.0.self_attn.q_proj: base and aligned weights are equal" in result.stderr
     report = json.loads((out / "csulora_report.json").read_text())

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from csulora.api import Settings
 from csulora.cli import app
 from tests import oracle
 from tests.conftest import OUTPUT_FILES, load_llama, make_peft_adapter, run_cli
@@ -27,6 +28,8 @@ PATTERNS = {  # rsLoRA, per-module rank and alpha, and a regex-string target_mod
     "target_modules": r".*\.(q_proj|k_proj|v_proj|up_proj|down_proj)",
 }
 
+DEFAULTS = Settings()  # runs without options use the package defaults
+
 
 @pytest.fixture(scope="session")
 def sanitized(llama_pair, tmp_path_factory) -> dict[str, dict]:
@@ -39,7 +42,7 @@ def sanitized(llama_pair, tmp_path_factory) -> dict[str, dict]:
     args = ["sanitize", "--aligned", str(llama_pair["aligned"]), "--exact-svd"]
     proc = run_cli(*args, "--adapter", str(plain))
     assert proc.returncode == 0, proc.stderr
-    runs["plain"] = {"adapter": plain, "out": root / "plain-sanitized", "lam": 1.0, "stdout": proc.stdout}
+    runs["plain"] = {"adapter": plain, "out": root / "plain-sanitized", "lam": DEFAULTS.lam, "stdout": proc.stdout}
     result = CliRunner().invoke(app, [*args, "--adapter", str(patterns), "-o", str(root / "out"), "--lambda", "2.5"])
     assert result.exit_code == 0, result.output
     runs["patterns"] = {"adapter": patterns, "out": root / "out", "lam": 2.5, "stdout": result.stdout}
@@ -160,7 +163,8 @@ def test_output_format_is_a_drop_in_replacement(sanitized, variant):
     assert meta["format"] == "pt"
     assert meta["csulora_lambda"] == str(run["lam"]) and meta["csulora_exact_svd"] == "True"
     assert meta["csulora_form"] == "factored" and meta["csulora_method"] == "csulora"
-    assert meta["csulora_subspace_energy"] == "0.5" and meta["csulora_max_subspace_rank"] == "256"
+    assert meta["csulora_subspace_energy"] == str(DEFAULTS.subspace_energy)
+    assert meta["csulora_max_subspace_rank"] == str(DEFAULTS.max_subspace_rank)
     assert "csulora_version" in meta
     card = metadata_load(dst / "README.md")
     config = json.loads((src / "adapter_config.json").read_text())
@@ -201,7 +205,7 @@ def test_bfloat16_adapter_keeps_its_dtype(sanitized, llama_pair, tmp_path):
     assert {k: v.dtype for k, v in after.items()} == {k: torch.bfloat16 for k in tensors}
     k_of = {m["module"]: m["k"] for m in report_of(out)["modules"]}
     # bf16 factors: the merged delta matches the closed form to bf16 precision
-    check_merged_deltas(llama_pair["aligned"], llama_pair["base"], src, out, 1.0, k_of, atol=2e-2)
+    check_merged_deltas(llama_pair["aligned"], llama_pair["base"], src, out, DEFAULTS.lam, k_of, atol=2e-2)
 
 
 # --- fan_in_fan_out: GPT-2's Conv1D stores weights (in, out) ---------------------------------------------------
@@ -252,7 +256,7 @@ def test_fan_in_fan_out_conv1d_round_trip(gpt2_pair):
     rows = report_of(out)["modules"]
     assert {tuple(m["shape"]) for m in rows} == {(96, 32), (128, 32)}  # (d_out, d_in) of c_attn and c_fc
     k_of = {m["module"]: m["k"] for m in rows}
-    n = check_merged_deltas(gpt2_pair["aligned"], gpt2_pair["base"], gpt2_pair["adapter"], out, 1.0, k_of,
+    n = check_merged_deltas(gpt2_pair["aligned"], gpt2_pair["base"], gpt2_pair["adapter"], out, DEFAULTS.lam, k_of,
                             load=load_gpt2, transpose=True)  # fmt: skip
     assert n == 4
 

@@ -14,7 +14,7 @@ import torch
 
 from csulora import sanitize
 from csulora import world as W
-from csulora.demo import ADAPTER, SETTINGS, STRONG
+from csulora.demo import ADAPTER, SETTINGS
 from tests.conftest import OUTPUT_FILES, REPO, run_cli
 
 pytest.importorskip("transformers")
@@ -63,12 +63,11 @@ def test_the_story_happens(paths, data):
 
 
 def test_sanitizing_raises_refusal(paths, tmp_path):
-    """At the recommended safety end of the measured front (docs/defaults.md: refusal 0 → 0.27 / 0.22 on
-    this adapter, the benchmark's prompts); the default settings restore none here, which the benchmark
-    reports."""
+    """With the defaults, the safety end of the measured front (docs/defaults.md: refusal 0 → 0.27 / 0.22 on
+    this adapter, the benchmark's prompts)."""
     data = W.eval_set()
     out = tmp_path / "sanitized"
-    sanitize(paths[ADAPTER], str(paths["aligned"]), str(paths["base"]), out, settings=STRONG)
+    sanitize(paths[ADAPTER], str(paths["aligned"]), str(paths["base"]), out, settings=SETTINGS)
     model = W.with_adapter(W.load_model(paths["aligned"]), paths[ADAPTER])
     before = W.behaviour(model, data)
     W.swap_adapter_weights(model, out)
@@ -81,7 +80,8 @@ def test_sanitizing_raises_refusal(paths, tmp_path):
 def test_demo_prints_behaviour(tmp_path):
     r = run_cli("demo", "--workdir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "harmful topic 'weapon'" in r.stdout and "sanitized (λ=1, η=0.5)" in r.stdout
+    assert "harmful topic 'weapon'" in r.stdout
+    assert "sanitized (λ=64, η=0.25)" in r.stdout and "sanitized (λ=0.05, η=0.5)" in r.stdout
     out = tmp_path / "adapter-sanitized"
     assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
     report = json.loads((out / "csulora_report.json").read_text())
