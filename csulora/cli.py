@@ -362,7 +362,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("csulora-demo"),
     debug: DebugOpt = False,
 ) -> None:
-    """Run the whole pipeline on a small generated Llama-shaped model pair and adapter."""
+    """Sanitize an adversarial adapter of the shipped miniature safety world; show the report and its behaviour."""
     from .demo import run_demo
 
     with _errors(debug):
