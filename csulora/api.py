@@ -12,26 +12,16 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import CONFIG, Adapter, LoraModule, cast_back, read_adapter, write_adapter
+from .adapters import CONFIG, Adapter, read_adapter, write_adapter
 from .cache import SubspaceParams, SubspaceSource, read_displacement, subspace_of
 from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
-from .correction import (
-    attenuation,
-    component_energies,
-    corrected_energies,
-    factored_update,
-    relative_energies,
-    safe_lora_score,
-    safe_lora_score_subspace,
-    split,
-)
+from .correction import safe_lora_score, safe_lora_score_subspace
 from .determinism import fixed_threads
 from .errors import CsuloraError
-from .methods import FORMS, METHODS, apply_safe_lora, block_config, block_module, safe_lora_candidate
+from .methods import FORMS, METHODS, apply_safe_lora, block_config, block_module, factored_module, safe_lora_candidate
 from .outputs import check_output, write_folder
 from .report import ModuleRow, Report, model_card, to_markdown
 from .report_html import to_html
-from .subspace import Subspace
 
 # (phase, done, total, item): phases "reading" (adapter and headers), "subspaces" (one step per module:
 # read W_a, W_b and take the SVD, or load the cached subspace; then correct), "writing"
@@ -324,7 +314,7 @@ def _run(
                 row, A_new, B_new = block_module(module, sub, settings.lam, score)
             else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
                 lam = 0.0 if settings.method == "safe-lora" else settings.lam
-                row, A_new, B_new = correct_module(module, sub, lam, score)
+                row, A_new, B_new = factored_module(module, sub, lam, score)
             if settings.method == "safe-lora" and (cand := safe_lora_candidate(module, sub, D, row.update_norm)):
                 candidates[module.name] = (module.key("B"), cand)  # C·B needs D: computed now, applied below
             del D, A, B
@@ -357,45 +347,6 @@ def _run(
         warnings=warnings,
     )
     return report, tensors
-
-
-def correct_module(
-    module: LoraModule, sub: Subspace, lam: float, score: float
-) -> tuple[ModuleRow, torch.Tensor, torch.Tensor]:
-    """Decompose one module's update (§3), apply the factored closed form (§4), describe it."""
-    device = sub.U.device
-    U, V = sub.U.double(), sub.V.double()
-    A, B = module.A.to(device, torch.float64), module.B.to(device, torch.float64)
-    energies = component_energies(split(A, module.scaling * B, U, V))
-    rho = relative_energies(energies)
-    gamma_out, gamma_in = attenuation(rho, lam)
-    A_new, B_new = factored_update(A, B, U, V, gamma_out, gamma_in)
-    total = sum(energies.values())
-    after = corrected_energies(energies, gamma_out, gamma_in)
-    notes = []
-    if sub.k == 0:
-        notes.append("empty subspace")
-    if total == 0:
-        notes.append("zero update")
-    row = ModuleRow(
-        module=module.name,
-        shape=[module.B.shape[0], module.A.shape[1]],
-        rank=module.rank,
-        scaling=module.scaling,
-        k=sub.k,
-        captured=sub.captured_fraction,
-        displacement_norm=math.sqrt(sub.total_energy),
-        update_norm=math.sqrt(total),
-        rho=rho,
-        gamma_in=gamma_in,
-        gamma_out=gamma_out,
-        rho_after={c: (e / total if total > 0 else 0.0) for c, e in after.items()},
-        safe_lora_score=score,
-        notes=notes,
-    )
-    A_out = module.A if gamma_in == 1.0 else cast_back(A_new, module.A.dtype, module.key("A"))
-    B_out = module.B if gamma_out == 1.0 else cast_back(B_new, module.B.dtype, module.key("B"))
-    return row, A_out, B_out
 
 
 @dataclass

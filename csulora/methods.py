@@ -1,4 +1,5 @@
-"""The methods besides the default factored CSULoRA: the block form (DESIGN.md §4) and Safe LoRA (§5).
+"""The correction of one module by each method: CSULoRA's factored and block forms (DESIGN.md §4) and
+Safe LoRA (§5).
 
 Each works on one module while its subspace (and, for Safe LoRA, its displacement ``D``) is in memory;
 what needs every module (Safe LoRA's selection, the block form's config) runs once afterwards.
@@ -14,10 +15,13 @@ import torch
 
 from .adapters import Adapter, LoraModule, cast_back, pattern_value
 from .correction import (
+    attenuation,
     block_attenuation,
     block_energies,
     block_update,
     component_energies,
+    corrected_energies,
+    factored_update,
     relative_energies,
     safe_lora_project,
     split,
@@ -51,6 +55,25 @@ def _row(module: LoraModule, sub: Subspace, energies: dict[str, float], score: f
 
 def _relative_to(energies: dict[str, float], total: float) -> dict[str, float]:
     return {c: (e / total if total > 0 else 0.0) for c, e in energies.items()}
+
+
+def factored_module(
+    module: LoraModule, sub: Subspace, lam: float, score: float
+) -> tuple[ModuleRow, torch.Tensor, torch.Tensor]:
+    """Factored form (§4) of one module: rank, scaling and config kept; a side with ``γ = 1`` is returned as is."""
+    device = sub.U.device
+    U, V = sub.U.double(), sub.V.double()
+    A, B = module.A.to(device, torch.float64), module.B.to(device, torch.float64)
+    energies = component_energies(split(A, module.scaling * B, U, V))
+    gamma_out, gamma_in = attenuation(relative_energies(energies), lam)
+    A_new, B_new = factored_update(A, B, U, V, gamma_out, gamma_in)
+    row = _row(
+        module, sub, energies, score, gamma_in=gamma_in, gamma_out=gamma_out,
+        rho_after=_relative_to(corrected_energies(energies, gamma_out, gamma_in), sum(energies.values())),
+    )  # fmt: skip
+    A_out = module.A if gamma_in == 1.0 else cast_back(A_new, module.A.dtype, module.key("A"))
+    B_out = module.B if gamma_out == 1.0 else cast_back(B_new, module.B.dtype, module.key("B"))
+    return row, A_out, B_out
 
 
 def block_module(

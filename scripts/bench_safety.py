@@ -60,7 +60,7 @@ def alignment_undone(adapter: Path, aligned: Path, base: Path) -> dict[str, floa
     """How the update relates to the alignment displacement, over all targeted modules:
     ``c = ⟨ΔW, D⟩ / ‖D‖²`` (−1 would undo the alignment along D exactly), ``cos(ΔW, D)``, and the share
     of ‖ΔW‖² that lies in the top-k (η = 0.5) two-sided subspace, i.e. is kept by the factored form."""
-    from csulora.api import correct_module
+    from csulora.methods import factored_module
     from csulora.subspace import safety_subspace
 
     ad = read_adapter(adapter)
@@ -73,7 +73,7 @@ def alignment_undone(adapter: Path, aligned: Path, base: Path) -> dict[str, floa
         inner += float((dW * D).sum())
         d2 += float((D * D).sum())
         w2 += float((dW * dW).sum())
-        row, _, _ = correct_module(m, safety_subspace(D.float()), 1.0, 0.0)
+        row, _, _ = factored_module(m, safety_subspace(D.float()), 1.0, 0.0)
         f2 += row.rho["F"] * row.update_norm**2
     return {"c_along_D": inner / d2, "cos_dW_D": inner / (d2 * w2) ** 0.5, "rho_F_eta0.5": f2 / w2}
 
