@@ -174,7 +174,7 @@ def sanitize(
         (tmp / "csulora_report.md").write_text(to_markdown(report))
         (tmp / "csulora_report.html").write_text(to_html(report))
 
-    write_folder(out, fill)
+    write_folder(out, fill, replace=force)
     _phase(progress, "writing", 1, str(out))
     t3 = time.perf_counter()
     return Result(report, out, {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2})

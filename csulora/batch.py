@@ -17,7 +17,7 @@ from rich.table import Table
 from .adapters import CONFIG, WEIGHTS
 from .api import Progress, Settings, sanitize
 from .cache import SubspaceSource
-from .errors import CsuloraError
+from .errors import CsuloraError, OutputExists
 from .report import Report
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
@@ -140,6 +140,10 @@ def _one(name, path, out, aligned, base, settings, force, skip_existing, trust_p
             path, aligned, base, out, settings=settings, force=force, trust_pickle=trust_pickle,
             command=command, progress=progress, subspaces=source,
         )  # fmt: skip
+    except OutputExists as e:
+        if skip_existing and is_complete(out):  # a concurrent batch finished this one first
+            return Outcome(name, path, "skipped", out, "written by another run")
+        return Outcome(name, path, "failed", out, str(e))
     except CsuloraError as e:
         return Outcome(name, path, "failed", out, str(e))
     except Exception as e:  # an unexpected failure of one adapter must not lose the others

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import CsuloraError
+from .errors import CsuloraError, OutputExists
 
 
 def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
@@ -25,12 +25,12 @@ def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
             raise CsuloraError(f"{out}: the output would overwrite the input {path}; choose another -o")
     if out.exists() or out.is_symlink():
         if not force:
-            raise CsuloraError(f"{out}: already exists; pass --force to replace it, or choose another -o")
+            raise OutputExists(f"{out}: already exists; pass --force to replace it, or choose another -o")
         if not out.is_dir() or out.is_symlink():
             raise CsuloraError(f"{out}: exists and is not a folder; remove it or choose another -o")
 
 
-def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
+def write_folder(out: Path, fill: Callable[[Path], None], replace: bool = False) -> None:
     """Run ``fill(tmp)`` on a fresh sibling temp folder, then move it into place atomically.
 
     An existing ``out`` (allowed by ``check_output``) is swapped with the new folder in one
@@ -38,6 +38,8 @@ def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
     it is moved aside and the new folder moved in (two renames: a crash between them leaves ``out``
     absent and the old folder in ``.<name>.old-*``). On any failure the temp folder is removed and
     ``out`` is as it was. Temp folders of killed runs are removed by the next write to the same ``out``.
+    Without ``replace`` the move never overwrites: an ``out`` that another process created meanwhile
+    raises ``OutputExists`` (``renameat2(RENAME_NOREPLACE)``, or a rename that fails on a non-empty folder).
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
@@ -48,7 +50,9 @@ def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
             _fsync(f)
         os.chmod(tmp, 0o755)
         _fsync(tmp)
-        if out.exists():
+        if not replace:
+            move_new(tmp, out)
+        elif out.exists():
             if exchange(tmp, out):  # tmp now holds the old folder
                 shutil.rmtree(tmp)
             else:
@@ -106,6 +110,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -123,16 +128,45 @@ def _renameat2():
 _renameat2_fn = _renameat2()
 
 
+def _rename2(a: Path, b: Path, flags: int) -> int:
+    """``renameat2``: 0 on success, else the errno; ``EINVAL`` where the OS or file system lacks it."""
+    if _renameat2_fn is None:
+        return errno.EINVAL
+    if _renameat2_fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV)
+
+
 def exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where not supported."""
-    if _renameat2_fn is None:
-        return False
-    if _renameat2_fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+    code = _rename2(a, b, _RENAME_EXCHANGE)
+    if code in _UNSUPPORTED:
         return False  # the file system or kernel cannot: fall back to two renames
-    raise CsuloraError(f"{b}: cannot replace it ({os.strerror(code)}); check permissions or remove it")
+    if code:
+        raise CsuloraError(f"{b}: cannot replace it ({os.strerror(code)}); check permissions or remove it")
+    return True
+
+
+def move_new(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` only if ``dst`` does not exist (``RENAME_NOREPLACE``); else ``OutputExists``."""
+    code = _rename2(src, dst, _RENAME_NOREPLACE)
+    if code in _UNSUPPORTED:
+        if dst.exists() or dst.is_symlink():
+            code = errno.EEXIST
+        else:
+            try:
+                os.rename(src, dst)  # cannot replace a non-empty folder, and outputs never are empty
+                code = 0
+            except OSError as e:
+                code = e.errno
+    if code in (errno.EEXIST, errno.ENOTEMPTY):
+        raise OutputExists(f"{dst}: appeared while this run was writing it (another process?); pass --force "
+                           "to replace it, or choose another -o")  # fmt: skip
+    if code:
+        raise CsuloraError(f"{dst}: cannot create it ({os.strerror(code)}); check permissions")
 
 
 def _fsync(path: Path) -> None:

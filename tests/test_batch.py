@@ -1,9 +1,13 @@
-"""Batch runs: isolation of failures, subspaces computed once, --shard slices, --skip-existing resumes."""
+"""Batch runs: isolation of failures, subspaces computed once, --shard slices, --skip-existing resumes,
+two concurrent batches sharing a cache and an output folder."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +18,7 @@ from csulora.cache import SubspaceSource
 from csulora.cli import app
 from csulora.errors import CsuloraError
 from csulora.synthetic import SIZES, write_adapter, write_pair
+from tests.conftest import REPO
 
 TINY = SIZES["tiny"]
 MODULES = len(TINY.linear())
@@ -136,3 +141,25 @@ def test_batch_detection_and_names(pair, tmp_path):
         find_adapters([folder, folder / "adapter-00"])
     with pytest.raises(CsuloraError, match="neither an adapter folder"):
         find_adapters([folder / "notes"])
+
+
+def test_two_concurrent_batches_share_cache_and_output(pair, tmp_path):
+    """Two batch processes on the same adapters, one cache and one output folder: every output is written
+    once, whole and correct; the run that loses a race reports it as skipped, not as a failure."""
+    folder = _adapters(tmp_path / "adapters", pair, 6)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "csulora", "sanitize", "--adapter", str(folder), "--aligned", str(pair["aligned"]),
+           "-o", str(out), "--cache-dir", str(cache), "--skip-existing", "--quiet", "--json"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
+    assert sorted(p.name for p in out.iterdir()) == [f"adapter-{i:02d}" for i in range(6)]  # no temp folders
+    serial = tmp_path / "serial"
+    run_batch([folder], str(pair["aligned"]), None, serial, subspaces=SubspaceSource.open(tmp_path / "c2"))
+    for name in (f"adapter-{i:02d}" for i in range(6)):
+        for f in ("adapter_model.safetensors", "csulora_report.json"):
+            assert (out / name / f).read_bytes() == (serial / name / f).read_bytes(), (name, f)
+    assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".safetensors")]
+

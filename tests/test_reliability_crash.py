@@ -21,6 +21,7 @@ from conftest import REPO
 
 from csulora import outputs, sanitize
 from csulora.api import Settings
+from csulora.errors import OutputExists
 
 SHAPES = {n: (48, 32) for n in synth.module_names(2)}
 OLD_LAMBDA, NEW_LAMBDA = 0.5, 2.0
@@ -209,7 +210,7 @@ def test_out_never_goes_missing_with_exchange(mode, tmp_path, monkeypatch):
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     time.sleep(0.3)  # the poller is running
     for i in range(1, 101):
-        outputs.write_folder(out, lambda tmp, i=i: (tmp / "f").write_text(str(i)))
+        outputs.write_folder(out, lambda tmp, i=i: (tmp / "f").write_text(str(i)), replace=True)
     (tmp_path / "stop").touch()
     missing, checks = map(int, poller.communicate(timeout=60)[0].split())
     assert (out / "f").read_text() == "100" and stale(out) == [] and checks > 1000
@@ -228,3 +229,18 @@ def test_stale_folders_of_live_processes_and_other_hosts_are_kept(tmp_path):
         d.mkdir()
     assert outputs.remove_stale(out) == [dead]
     assert live.exists() and other_host.exists() and odd_pid.exists() and not dead.exists()
+
+
+def test_output_that_appears_during_the_write_is_not_replaced(tmp_path):
+    out = tmp_path / "out"
+
+    def fill(tmp):  # another process finishes first, while this one is still writing
+        (tmp / "f").write_text("mine")
+        out.mkdir()
+        (out / "f").write_text("theirs")
+
+    with pytest.raises(OutputExists, match="appeared while this run was writing"):
+        outputs.write_folder(out, fill)
+    assert (out / "f").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    outputs.write_folder(out, lambda tmp: (tmp / "f").write_text("forced"), replace=True)
+    assert (out / "f").read_text() == "forced"
