@@ -57,13 +57,17 @@ def _relative_to(energies: dict[str, float], total: float) -> dict[str, float]:
     return {c: (e / total if total > 0 else 0.0) for c, e in energies.items()}
 
 
+def _in_float64(module: LoraModule, sub: Subspace) -> tuple[torch.Tensor, ...]:
+    """``A``, ``B``, ``U``, ``V`` in float64 on the subspace's device: all arithmetic on factors is done wide."""
+    device = sub.U.device
+    return module.A.to(device, torch.float64), module.B.to(device, torch.float64), sub.U.double(), sub.V.double()
+
+
 def factored_module(
     module: LoraModule, sub: Subspace, lam: float, score: float
 ) -> tuple[ModuleRow, torch.Tensor, torch.Tensor]:
     """Factored form (§4) of one module: rank, scaling and config kept; a side with ``γ = 1`` is returned as is."""
-    device = sub.U.device
-    U, V = sub.U.double(), sub.V.double()
-    A, B = module.A.to(device, torch.float64), module.B.to(device, torch.float64)
+    A, B, U, V = _in_float64(module, sub)
     energies = component_energies(split(A, module.scaling * B, U, V))
     gamma_out, gamma_in = attenuation(relative_energies(energies), lam)
     A_new, B_new = factored_update(A, B, U, V, gamma_out, gamma_in)
@@ -80,9 +84,7 @@ def block_module(
     module: LoraModule, sub: Subspace, lam: float, score: float
 ) -> tuple[ModuleRow, torch.Tensor, torch.Tensor]:
     """Block form (§4) of one module: rank-``2r`` factors with the scaling folded into ``B'`` (scale 1)."""
-    device = sub.U.device
-    U, V = sub.U.double(), sub.V.double()
-    A, B = module.A.to(device, torch.float64), module.B.to(device, torch.float64)
+    A, B, U, V = _in_float64(module, sub)
     sp = split(A, module.scaling * B, U, V)
     energies = component_energies(sp)
     gamma_h, gamma_o = block_attenuation(relative_energies(energies), lam)
