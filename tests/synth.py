@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import oracle
 import torch
 from safetensors.torch import load_file, save_file
+
+from tests import oracle
 
 PREFIX = "base_model.model."
 

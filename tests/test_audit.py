@@ -13,12 +13,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import REPO, make_peft_adapter, run_cli
 
 from csulora import Settings, audit, sanitize
 from csulora.errors import CsuloraError
 from csulora.gate import Thresholds, violations
 from csulora.report_html import to_html
+from tests.conftest import REPO, make_peft_adapter, run_cli
 
 
 @pytest.fixture(scope="module")

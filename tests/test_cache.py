@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -21,6 +20,7 @@ from csulora.checkpoints import Checkpoint, parse_ref
 from csulora.cli import app
 from csulora.synthetic import SIZES, write_adapter, write_pair
 from csulora.tensorfile import TensorReader
+from tests.conftest import REPO
 
 TINY = SIZES["tiny"]
 MODULES = len(TINY.linear())  # 14

@@ -8,9 +8,8 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
-
 from csulora.synthetic import Shape, write_adapter, write_pair
+from tests.conftest import REPO
 
 CHILD = """
 import resource, sys

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import oracle
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ from csulora.correction import (
 )
 from csulora.methods import safe_lora_selection
 from csulora.subspace import exact_svd
+from tests import oracle
 
 
 def _case(seed: int, d_out=24, d_in=18, r=3, k=4):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
-import oracle
 import pytest
 import torch
-from conftest import TARGETS, load_llama, make_peft_adapter
 
 from csulora import Settings, sanitize
 from csulora.adapters import CONFIG
+from tests import oracle
+from tests.conftest import TARGETS, load_llama, make_peft_adapter
 
 
 def _weights(model) -> dict[str, torch.Tensor]:

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-import synth
-from conftest import REPO
 
 from csulora import outputs, sanitize
 from csulora.api import Settings
 from csulora.errors import OutputExists
+from tests import synth
+from tests.conftest import REPO
 
 SHAPES = {n: (48, 32) for n in synth.module_names(2)}
 OLD_LAMBDA, NEW_LAMBDA = 0.5, 2.0
@@ -185,10 +185,11 @@ def test_failure_inside_fill_keeps_the_old_folder(tmp_path):
 
 
 POLL = r"""
-import os, sys
+import os, sys, time
 path, stop = sys.argv[1], sys.argv[2]
 missing = checks = 0
-while not os.path.exists(stop):
+deadline = time.monotonic() + 120  # stops by itself even if the test never asks it to
+while not os.path.exists(stop) and time.monotonic() < deadline:
     checks += 1
     missing += not os.path.exists(path)
 print(missing, checks)
@@ -208,10 +209,12 @@ def test_out_never_goes_missing_with_exchange(mode, tmp_path, monkeypatch):
     outputs.write_folder(out, lambda tmp: (tmp / "f").write_text("0"))
     poller = subprocess.Popen([sys.executable, "-c", POLL, str(out / "f"), str(tmp_path / "stop")],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(0.3)  # the poller is running
-    for i in range(1, 101):
-        outputs.write_folder(out, lambda tmp, i=i: (tmp / "f").write_text(str(i)), replace=True)
-    (tmp_path / "stop").touch()
+    try:
+        time.sleep(0.3)  # the poller is running
+        for i in range(1, 101):
+            outputs.write_folder(out, lambda tmp, i=i: (tmp / "f").write_text(str(i)), replace=True)
+    finally:
+        (tmp_path / "stop").touch()
     missing, checks = map(int, poller.communicate(timeout=60)[0].split())
     assert (out / "f").read_text() == "100" and stale(out) == [] and checks > 1000
     if mode == "exchange":

@@ -9,14 +9,14 @@ import struct
 import subprocess
 import sys
 
-import synth
 import torch
-from conftest import OUTPUT_FILES as FILES
-from conftest import REPO
 from safetensors.torch import load_file
 
 from csulora import sanitize
 from csulora.api import Settings
+from tests import synth
+from tests.conftest import OUTPUT_FILES as FILES
+from tests.conftest import REPO
 
 RUN = """
 import sys, torch

@@ -13,12 +13,12 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-import synth
 import torch
 from safetensors.torch import load_file
 
 from csulora.errors import CsuloraError
 from csulora.tensorfile import read_header
+from tests import synth
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

@@ -14,13 +14,13 @@ import struct
 import tempfile
 from pathlib import Path
 
-import synth
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from csulora.adapters import pattern_value
+from tests import synth
 
 FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import httpx2
 import pytest
-import synth
-from conftest import run_cli
 from huggingface_hub.utils import hf_raise_for_status
 
 from csulora.checkpoints import _hub_errors, parse_ref
 from csulora.errors import CsuloraError
+from tests import synth
+from tests.conftest import run_cli
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (24, 16)}
 

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-import synth
 import torch
 from safetensors.torch import load_file, save_file
 
 from csulora import sanitize
 from csulora.api import Settings
+from tests import synth
 
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 SHAPES = {Q: (24, 16), V: (8, 16)}
