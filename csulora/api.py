@@ -15,7 +15,7 @@ from . import __version__
 from .adapters import CONFIG, Adapter, read_adapter, write_adapter
 from .cache import SubspaceParams, SubspaceSource, read_displacement, subspace_of
 from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
-from .correction import safe_lora_score, safe_lora_score_subspace
+from .correction import safe_lora_cosine, safe_lora_project, safe_lora_score_subspace
 from .determinism import fixed_threads
 from .errors import CsuloraError
 from .methods import FORMS, METHODS, apply_safe_lora, block_config, block_module, factored_module, safe_lora_candidate
@@ -60,6 +60,8 @@ class Settings:
             raise CsuloraError(f"--method {self.method!r} is not available; use one of {', '.join(METHODS)}")
         if self.method == "safe-lora" and self.form != "factored":
             raise CsuloraError("--method safe-lora keeps the rank; --form block applies to --method csulora only")
+        if not 0 <= self.seed < 2**63:
+            raise CsuloraError(f"--seed must be in [0, 2^63), got {self.seed}")
         if not math.isfinite(self.threshold):
             raise CsuloraError(f"--threshold must be a finite number, got {self.threshold}")
         if self.top_n is not None and self.top_n < 1:
@@ -298,40 +300,45 @@ def _run(
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
     candidates: dict = {}  # Safe LoRA: module → (B key, C·B), selected once every score is known
-    for i, module in enumerate(modules):
-        if progress:
-            progress("subspaces", i, len(modules), module.name)
-        with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
-            A, B = module.A.to(device), module.B.to(device)
-            if settings.method == "safe-lora":  # C·B needs D itself: read it (no cache); the score is exact
-                D = read_displacement(inputs.aligned, inputs.base, module.weight_key, params.transposed, device)
-                sub, score = subspace_of(D, params), safe_lora_score(A, B, D)
-            else:  # the score from the subspace, so that cached and computing runs agree (docs/scale.md)
-                D = None
-                sub, _ = subspaces.get(inputs.aligned, inputs.base, module.weight_key, params, device)
-                score = safe_lora_score_subspace(A, B, sub.U, sub.S)
-            if settings.form == "block":
-                row, A_new, B_new = block_module(module, sub, settings.lam, score)
-            else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
-                lam = 0.0 if settings.method == "safe-lora" else settings.lam
-                row, A_new, B_new = factored_module(module, sub, lam, score)
-            if settings.method == "safe-lora" and (cand := safe_lora_candidate(module, sub, D, row.update_norm)):
-                candidates[module.name] = (module.key("B"), cand)  # C·B needs D: computed now, applied below
-            del D, A, B
-        if sub.total_energy == 0:
-            warnings.append(
-                f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update counts "
-                "as off-subspace and is attenuated"
-            )
-        del sub
-        rows[module.name] = row
-        tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
+    try:
+        for i, module in enumerate(modules):
+            if progress:
+                progress("subspaces", i, len(modules), module.name)
+            with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
+                A, B = module.A.to(device), module.B.to(device)
+                CB = None
+                if settings.method == "safe-lora":  # C·B needs D itself: read it (no cache); the score is exact
+                    D = read_displacement(inputs.aligned, inputs.base, module.weight_key, params.transposed, device)
+                    sub = subspace_of(D, params)
+                    CB = safe_lora_project(B, D) if sub.total_energy else None  # C is undefined where D = 0
+                    del D
+                    score = safe_lora_cosine(CB, B, A) if CB is not None else 0.0
+                else:  # the score from the subspace, so that cached and computing runs agree (docs/scale.md)
+                    sub, _ = subspaces.get(inputs.aligned, inputs.base, module.weight_key, params, device)
+                    score = safe_lora_score_subspace(A, B, sub.U, sub.S)
+                if settings.form == "block":
+                    row, A_new, B_new = block_module(module, sub, settings.lam, score)
+                else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
+                    lam = 0.0 if settings.method == "safe-lora" else settings.lam
+                    row, A_new, B_new = factored_module(module, sub, lam, score)
+                if CB is not None:  # applied below, once every score is known
+                    candidates[module.name] = (module.key("B"), safe_lora_candidate(module, sub, CB, row.update_norm))
+                del A, B, CB
+            if sub.total_energy == 0:
+                warnings.append(
+                    f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update "
+                    "counts as off-subspace and is attenuated"
+                )
+            del sub
+            rows[module.name] = row
+            tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
+    finally:
+        inputs.aligned.close()
+        inputs.base.close()
     if progress:
         progress("subspaces", len(modules), len(modules), "")
     if settings.method == "safe-lora":
         apply_safe_lora(rows, tensors, candidates, settings.threshold, settings.top_n)
-    inputs.aligned.close()
-    inputs.base.close()
     if modules and all(r.displacement_norm == 0 for r in rows.values()):
         raise CsuloraError(
             f"base {inputs.base.ref} and aligned {inputs.aligned.ref} are identical in every targeted tensor; "
@@ -394,16 +401,18 @@ def precompute_subspaces(
             raise CsuloraError(f"{k}: aligned {aligned} and base {base} differ in shape; not the same architecture")
     _phase(progress, "reading", 1, aligned)
     params, device, rows = settings.subspace_params(fan_in_fan_out), settings.torch_device(), []
-    for i, key in enumerate(keys):
-        if progress:
-            progress("subspaces", i, len(keys), key)
-        sub, cached = source.get(aligned_ckpt, base_ckpt, key, params, device)
-        rows.append(SubspaceRow(key[: -len(".weight")], list(aligned_ckpt.info(key).shape), sub.k,
-                                sub.captured_fraction, cached))  # fmt: skip
+    try:
+        for i, key in enumerate(keys):
+            if progress:
+                progress("subspaces", i, len(keys), key)
+            sub, cached = source.get(aligned_ckpt, base_ckpt, key, params, device)
+            rows.append(SubspaceRow(key[: -len(".weight")], list(aligned_ckpt.info(key).shape), sub.k,
+                                    sub.captured_fraction, cached))  # fmt: skip
+    finally:
+        aligned_ckpt.close()
+        base_ckpt.close()
     if progress:
         progress("subspaces", len(keys), len(keys), "")
-    aligned_ckpt.close()
-    base_ckpt.close()
     return sorted(rows, key=lambda r: r.module)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .adapters import CONFIG, WEIGHTS
-from .api import Progress, Settings, sanitize
+from .api import Progress, Settings, default_output, sanitize
 from .cache import SubspaceSource
 from .errors import CsuloraError, OutputExists
 from .report import Report
@@ -84,8 +84,7 @@ def select_shard(items: list[tuple[str, Path]], index: int, count: int) -> list[
 
 def default_batch_output(adapters: list[Path]) -> Path:
     if len(adapters) == 1:
-        resolved = adapters[0].resolve()
-        return resolved.with_name(resolved.name + "-sanitized")
+        return default_output(adapters[0])
     raise CsuloraError("several --adapter folders: pass -o OUT, which receives one OUT/<name> folder per adapter")
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -153,7 +153,6 @@ class SubspaceSource:
     cache: SubspaceCache | None
     computed: int = 0
     loaded: int = 0
-    computed_keys: list[str] = field(default_factory=list)
 
     @classmethod
     def open(cls, cache_dir: str | Path | None = None, enabled: bool = True) -> SubspaceSource:
@@ -173,7 +172,6 @@ class SubspaceSource:
                             sub.captured_energy), True  # fmt: skip
         sub = compute_subspace(aligned, base, weight_key, params, device)
         self.computed += 1
-        self.computed_keys.append(weight_key)
         if self.cache:
             self.cache.store(key, sub, device.type)
         return sub, False
@@ -194,13 +192,16 @@ def read_displacement(
     aligned: Checkpoint, base: Checkpoint, weight_key: str, transposed: bool, device: torch.device
 ) -> torch.Tensor:
     """``D = W_a − W_b`` of one module on ``device``, in ``nn.Linear`` orientation; NaN or Inf is an error."""
-    D = displacement(aligned.get(weight_key).to(device), base.get(weight_key).to(device))
+    w_aligned, w_base = aligned.get(weight_key).to(device), base.get(weight_key).to(device)
+    D = displacement(w_aligned, w_base)
     if not torch.isfinite(D).all():
-        bad = next((c for c in (aligned, base) if not torch.isfinite(c.get(weight_key)).all()), aligned)
-        raise CsuloraError(
-            f"{bad.folder / bad.weight_map[weight_key]}: tensor {weight_key} has NaN or Inf values; "
-            "re-download the checkpoint"
-        )
+        for ckpt, w in ((aligned, w_aligned), (base, w_base)):
+            if not torch.isfinite(w).all():
+                raise CsuloraError(
+                    f"{ckpt.folder / ckpt.weight_map[weight_key]}: tensor {weight_key} has NaN or Inf values; "
+                    "re-download the checkpoint"
+                )
+        raise CsuloraError(f"{weight_key}: aligned − base overflows float32; are these checkpoints of one model?")
     return D.T if transposed else D
 
 

@@ -56,7 +56,7 @@ PickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow adapter_m
 FormOpt = Annotated[str, typer.Option(help="factored (same rank and config) or block (exact, rank 2r).")]
 MethodOpt = Annotated[str, typer.Option(help="csulora, or the safe-lora baseline.")]
 ThresholdOpt = Annotated[
-    float | None, typer.Option(help="safe-lora: project modules with score ≤ this (default 0.5).")
+    float | None, typer.Option(help=f"safe-lora: project modules with score ≤ this (default {DEFAULTS.threshold})."),
 ]
 TopNOpt = Annotated[int | None, typer.Option("--top-n", help="safe-lora: project the n lowest-scoring modules.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else there.")]
@@ -144,7 +144,7 @@ def _source(cache_dir: Path | None, no_cache: bool) -> SubspaceSource:
 
 def _settings(
     lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device,
-    form="factored", method="csulora", threshold=None, top_n=None,
+    form=DEFAULTS.form, method=DEFAULTS.method, threshold=None, top_n=None,
 ) -> Settings:  # fmt: skip
     if threshold is not None and top_n is not None:
         raise CsuloraError("--threshold and --top-n are two ways to choose modules for safe-lora; pass one")
@@ -284,6 +284,8 @@ def audit(
             raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
         if html is not None and not html.parent.is_dir():
             raise CsuloraError(f"--html {html}: the folder {html.parent} does not exist; create it first")
+        if html is not None and html.is_dir():
+            raise CsuloraError(f"--html {html}: is a folder; name the file to write, e.g. {html / 'report.html'}")
         reports, source = [], _source(cache_dir, no_cache)  # one source: shared subspaces across adapters
         for path in adapter:
             with _progress(quiet) as progress:
@@ -296,7 +298,10 @@ def audit(
                 screen.print(to_table(result.report, title=f"csulora audit · {escape(str(path))}"))
             _warn(result.report.warnings)
         if html is not None:
-            html.write_text(to_html(reports[0]))
+            try:
+                html.write_text(to_html(reports[0]))
+            except OSError as e:
+                raise CsuloraError(f"--html {html}: cannot write it ({e.strerror or e}); check permissions") from e
         document = audit_document(reports, limits)
         if json_out:
             sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")

@@ -57,9 +57,10 @@ def component_energies(sp: Split) -> dict[str, float]:
     }
 
 
-def relative_energies(energies: dict[str, float]) -> dict[str, float]:
-    """Relative energies (§3): ``ρ_c = e_c / ‖ΔW‖_F²`` (all zero for a zero update)."""
-    total = sum(energies.values())
+def relative_energies(energies: dict[str, float], total: float | None = None) -> dict[str, float]:
+    """Relative energies (§3): ``ρ_c = e_c / ‖ΔW‖_F²`` (all zero for a zero update). ``total`` defaults to
+    the sum of ``energies``; pass the input's ``‖ΔW‖_F²`` to express a corrected update's energies."""
+    total = sum(energies.values()) if total is None else total
     return {c: (e / total if total > 0 else 0.0) for c, e in energies.items()}
 
 
@@ -96,20 +97,22 @@ def corrected_energies(energies: dict[str, float], gamma_out: float, gamma_in: f
     }
 
 
-def safe_lora_score(A: Tensor, B: Tensor, D: Tensor) -> float:
-    """Safe LoRA score (§5): ``cos(vec(C B A), vec(B A))`` with ``C = D Dᵀ / ‖D‖_F``.
+def safe_lora_cosine(CB: Tensor, B: Tensor, A: Tensor) -> float:
+    """Safe LoRA score (§5) given ``C·B``: ``cos(vec(C B A), vec(B A))`` from ``r × r`` Grams.
 
-    ``C·B`` is applied as ``D (Dᵀ B) / ‖D‖_F``; the inner products come from ``r × r`` Grams.
-    The LoRA scaling cancels. Returns 0 when either product is zero.
+    The LoRA scaling and the scale of ``C`` cancel. Returns 0 when either product is zero.
     """
-    norm_d = torch.linalg.vector_norm(D)
-    if norm_d == 0:
-        return 0.0
-    CB = (D @ (D.T @ B.to(D.dtype)) / norm_d).double()
-    A, B = A.double(), B.double()
+    CB, B, A = CB.double(), B.double(), A.double()
     inner = float(((CB.T @ B) * (A @ A.T)).sum())
     norms = product_energy(CB, A) * product_energy(B, A)
     return inner / norms**0.5 if norms > 0 else 0.0
+
+
+def safe_lora_score(A: Tensor, B: Tensor, D: Tensor) -> float:
+    """Safe LoRA score (§5) with ``C = D Dᵀ / ‖D‖_F``, applied as ``D (Dᵀ B) / ‖D‖_F``; 0 when ``D = 0``."""
+    if not torch.any(D):
+        return 0.0
+    return safe_lora_cosine(safe_lora_project(B, D), B, A)
 
 
 def safe_lora_score_subspace(A: Tensor, B: Tensor, U: Tensor, S: Tensor) -> float:
@@ -121,11 +124,8 @@ def safe_lora_score_subspace(A: Tensor, B: Tensor, U: Tensor, S: Tensor) -> floa
     """
     if S.numel() == 0:
         return 0.0
-    U, S, A, B = U.double(), S.double(), A.double(), B.double()
-    CB = U @ ((S**2)[:, None] * (U.T @ B))
-    inner = float(((CB.T @ B) * (A @ A.T)).sum())
-    norms = product_energy(CB, A) * product_energy(B, A)
-    return inner / norms**0.5 if norms > 0 else 0.0
+    U, S, B = U.double(), S.double(), B.double()
+    return safe_lora_cosine(U @ ((S**2)[:, None] * (U.T @ B)), B, A)
 
 
 def block_attenuation(rho: dict[str, float], lam: float) -> tuple[float, float]:

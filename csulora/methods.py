@@ -23,7 +23,6 @@ from .correction import (
     corrected_energies,
     factored_update,
     relative_energies,
-    safe_lora_project,
     split,
 )
 from .errors import CsuloraError
@@ -53,10 +52,6 @@ def _row(module: LoraModule, sub: Subspace, energies: dict[str, float], score: f
     )
 
 
-def _relative_to(energies: dict[str, float], total: float) -> dict[str, float]:
-    return {c: (e / total if total > 0 else 0.0) for c, e in energies.items()}
-
-
 def _in_float64(module: LoraModule, sub: Subspace) -> tuple[torch.Tensor, ...]:
     """``A``, ``B``, ``U``, ``V`` in float64 on the subspace's device: all arithmetic on factors is done wide."""
     device = sub.U.device
@@ -73,7 +68,7 @@ def factored_module(
     A_new, B_new = factored_update(A, B, U, V, gamma_out, gamma_in)
     row = _row(
         module, sub, energies, score, gamma_in=gamma_in, gamma_out=gamma_out,
-        rho_after=_relative_to(corrected_energies(energies, gamma_out, gamma_in), sum(energies.values())),
+        rho_after=relative_energies(corrected_energies(energies, gamma_out, gamma_in), sum(energies.values())),
     )  # fmt: skip
     A_out = module.A if gamma_in == 1.0 else cast_back(A_new, module.A.dtype, module.key("A"))
     B_out = module.B if gamma_out == 1.0 else cast_back(B_new, module.B.dtype, module.key("B"))
@@ -92,7 +87,7 @@ def block_module(
     row = _row(
         module, sub, energies, score,
         gamma_in=gamma_h, gamma_out=gamma_h, gamma_off=gamma_o, rank_after=2 * module.rank,
-        rho_after=_relative_to(block_energies(energies, gamma_h, gamma_o), sum(energies.values())),
+        rho_after=relative_energies(block_energies(energies, gamma_h, gamma_o), sum(energies.values())),
     )  # fmt: skip
     return row, cast_back(A_new, module.A.dtype, module.key("A")), cast_back(B_new, module.B.dtype, module.key("B"))
 
@@ -128,19 +123,14 @@ class SafeLoraCandidate:
 
 
 def safe_lora_candidate(
-    module: LoraModule, sub: Subspace, D: torch.Tensor, update_norm: float
-) -> SafeLoraCandidate | None:
-    """``C·B`` (§5) while ``D`` is in memory, and the components of ``s·C·B·A`` in the CSULoRA subspace (§3)
-    relative to the input's ``‖ΔW‖² = update_norm²``. ``None`` when ``D = 0``: ``C`` is undefined there, and
-    the module is left as it is."""
-    if sub.total_energy == 0:
-        return None
-    device = sub.U.device
-    CB = safe_lora_project(module.B.to(device), D)
-    A = module.A.to(device, torch.float64)
-    after = component_energies(split(A, module.scaling * CB.double(), sub.U.double(), sub.V.double()))
+    module: LoraModule, sub: Subspace, CB: torch.Tensor, update_norm: float
+) -> SafeLoraCandidate:
+    """What ``B ← C·B`` (§5) makes of the module: the new factor, and the components of ``s·C·B·A`` in the
+    CSULoRA subspace (§3) relative to the input's ``‖ΔW‖² = update_norm²``."""
+    A, _, U, V = _in_float64(module, sub)
+    after = component_energies(split(A, module.scaling * CB.double(), U, V))
     B_new = cast_back(CB, module.B.dtype, module.key("B"))
-    return SafeLoraCandidate(B=B_new, rho_after=_relative_to(after, update_norm**2))
+    return SafeLoraCandidate(B=B_new, rho_after=relative_energies(after, update_norm**2))
 
 
 def safe_lora_selection(scores: dict[str, float], threshold: float, top_n: int | None) -> list[str]:

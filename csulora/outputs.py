@@ -41,9 +41,13 @@ def write_folder(out: Path, fill: Callable[[Path], None], replace: bool = False)
     Without ``replace`` the move never overwrites: an ``out`` that another process created meanwhile
     raises ``OutputExists`` (``renameat2(RENAME_NOREPLACE)``, or a rename that fails on a non-empty folder).
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent))
+    except OSError as e:
+        reason = e.strerror or e
+        raise CsuloraError(f"{out}: cannot write there ({reason}); check permissions or choose another -o") from e
     try:
         fill(tmp)
         for f in sorted(tmp.iterdir()):
@@ -63,6 +67,8 @@ def write_folder(out: Path, fill: Callable[[Path], None], replace: bool = False)
         else:
             os.replace(tmp, out)
         _fsync(out.parent)
+    except OSError as e:  # a full disk or a permission lost mid-write: nothing is left half-written
+        raise CsuloraError(f"{out}: writing failed ({e.strerror or e}); check free space and permissions") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -219,12 +219,23 @@ def negative_lambda(tmp, adapter, pair):
     return ["--lambda", "-0.5"], "--lambda"
 
 
+def seed_out_of_range(tmp, adapter, pair):
+    return ["--seed", str(2**64)], "--seed"
+
+
+def output_under_a_file(tmp, adapter, pair):
+    """-o inside something that is not a folder: the write cannot start (root ignores permission bits, so
+    a read-only folder would not test this here)."""
+    (tmp / "a-file").write_text("x")
+    return ["-o", tmp / "a-file" / "out"], tmp / "a-file" / "out"
+
+
 BAD_INPUTS = [
     truncated_adapter, empty_adapter_file, adapter_not_safetensors, adapter_text_file, truncated_base_shard,
     missing_config, missing_adapter_folder, missing_aligned_folder, nan_in_adapter, inf_in_adapter,
     adapter_shape_mismatch, base_shape_mismatch, base_is_aligned, base_is_a_copy_of_aligned, dora_config,
     dora_magnitude_key, modules_to_save, unresolved_base, negative_lambda, nan_in_aligned, missing_shard,
-    module_not_in_checkpoint, no_base_model_in_config,
+    module_not_in_checkpoint, no_base_model_in_config, seed_out_of_range, output_under_a_file,
 ]  # fmt: skip
 
 
@@ -438,6 +449,12 @@ def test_audit_reports_and_writes_nothing(tmp_path, adapter, llama_pair):
     assert result.exit_code == 0, result.output
     assert "model.layers.1.mlp.down_proj" in result.stdout and "csulora audit" in result.stdout
     assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_audit_html_into_a_folder_exits_2(tmp_path, adapter, llama_pair):
+    result = invoke("audit", "--adapter", adapter, "--aligned", llama_pair["aligned"], "--html", tmp_path, "-q")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "is a folder" in result.stderr and "Traceback" not in result.output
 
 
 def test_failed_run_with_force_keeps_the_existing_output(tmp_path, adapter, llama_pair):

@@ -19,6 +19,7 @@ from csulora.correction import (
     product_energy,
     relative_energies,
     safe_lora_score,
+    safe_lora_score_subspace,
     split,
 )
 from tests import oracle
@@ -208,18 +209,12 @@ def test_corrected_energies_match_the_dense_corrected_update(dims, lam):
         assert e == pytest.approx(float((dense_after[name] ** 2).sum()), rel=1e-8, abs=1e-12 * total)
 
 
-def _dense_safe_lora_score(A, B, D) -> float:
-    C = D @ D.T / torch.linalg.norm(D)
-    x, y = (C @ B @ A).flatten(), (B @ A).flatten()
-    return float(x @ y / (torch.linalg.norm(x) * torch.linalg.norm(y)))
-
-
 @EXAMPLES
 @given(shapes)
 def test_safe_lora_score_equals_the_dense_cosine(dims):
     seed, d_out, d_in, r, _ = dims
     c = case(seed, d_out, d_in, r)
-    expected = _dense_safe_lora_score(c["A"], c["B"], c["D"])
+    expected = oracle.safe_lora_score(c["B"] @ c["A"], c["D"])
     assert safe_lora_score(c["A"], c["B"], c["D"]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
     # the product passes float32 D and the stored (possibly low-precision) factors
     got32 = safe_lora_score(c["A"].float(), c["B"].float(), c["D"].float())
@@ -231,3 +226,21 @@ def test_safe_lora_score_of_degenerate_inputs_is_zero():
     c = case(0)
     assert safe_lora_score(c["A"], c["B"], torch.zeros_like(c["D"])) == 0.0
     assert safe_lora_score(c["A"], torch.zeros_like(c["B"]), c["D"]) == 0.0
+
+
+@EXAMPLES
+@given(shapes)
+def test_subspace_score_is_the_cosine_with_the_truncated_c(dims):
+    """The score reported under the default method (and gated by --min-safe-lora-score):
+    C_k = U_k Σ_k² U_kᵀ / ‖D‖_F. With k = rank(D) it is Safe LoRA's own score."""
+    seed, d_out, d_in, r, k = dims
+    c = case(seed, d_out, d_in, r, k)
+    U, S, _ = torch.linalg.svd(c["D"], full_matrices=False)
+    dW = c["B"] @ c["A"]
+    Ck = U[:, :k] @ torch.diag(S[:k] ** 2) @ U[:, :k].T
+    x = (Ck @ dW).flatten()
+    expected = float(x @ dW.flatten() / (torch.linalg.norm(x) * torch.linalg.norm(dW)))
+    assert safe_lora_score_subspace(c["A"], c["B"], U[:, :k], S[:k]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    full = safe_lora_score_subspace(c["A"], c["B"], U[:, :4], S[:4])  # case() builds D of rank 4
+    assert full == pytest.approx(oracle.safe_lora_score(dW, c["D"]), rel=1e-9, abs=1e-12)
+    assert safe_lora_score_subspace(c["A"], c["B"], U[:, :0], S[:0]) == 0.0
