@@ -19,7 +19,7 @@ import pytest
 
 from csulora import outputs, sanitize
 from csulora.api import Settings
-from csulora.errors import OutputExists
+from csulora.errors import CsuloraError, OutputExists
 from tests import synth
 from tests.conftest import REPO
 
@@ -179,7 +179,7 @@ def test_failure_inside_fill_keeps_the_old_folder(tmp_path):
         (tmp / "f").write_text("partial")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(CsuloraError, match="writing failed \\(disk full\\)"):  # one line, exit 2
         outputs.write_folder(out, fill)
     assert (out / "f").read_text() == "old" and stale(out) == []
 
