@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 import time
 from collections.abc import Callable
@@ -13,87 +12,19 @@ import torch
 
 from . import __version__
 from .adapters import CONFIG, Adapter, read_adapter, write_adapter
-from .cache import SubspaceParams, SubspaceSource, read_displacement, subspace_of
+from .cache import SubspaceSource, read_displacement, subspace_of
 from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
-from .correction import safe_lora_cosine, safe_lora_project, safe_lora_score_subspace
 from .determinism import fixed_threads
 from .errors import CsuloraError
-from .methods import FORMS, METHODS, apply_safe_lora, block_config, block_module, factored_module, safe_lora_candidate
+from .methods import METHODS, Corrected, block_config
 from .outputs import check_output, write_folder
-from .report import ModuleRow, Report, model_card, to_markdown
+from .report import Report, model_card, to_markdown
 from .report_html import to_html
+from .settings import Settings
 
 # (phase, done, total, item): phases "reading" (adapter and headers), "subspaces" (one step per module:
 # read W_a, W_b and take the SVD, or load the cached subspace; then correct), "writing"
 Progress = Callable[[str, int, int, str], None]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that changes the numbers. The defaults of λ and η come from the safety benchmark on the
-    miniature world (docs/defaults.md): DESIGN.md's provisional λ = 1, η = 0.5 was dominated there."""
-
-    lam: float = 64.0
-    form: str = "factored"
-    method: str = "csulora"
-    subspace_rank: int | None = None
-    subspace_energy: float = 0.25
-    max_subspace_rank: int = 256
-    exact_svd: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    threshold: float = 0.5  # Safe LoRA: project modules with score ≤ τ …
-    top_n: int | None = None  # … or the n lowest-scoring
-
-    def validate(self) -> None:
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise CsuloraError(f"--lambda must be a finite number ≥ 0, got {self.lam}")
-        if self.subspace_rank is not None and self.subspace_rank < 1:
-            raise CsuloraError(f"--subspace-rank must be ≥ 1, got {self.subspace_rank}")
-        if not 0 < self.subspace_energy <= 1:
-            raise CsuloraError(f"--subspace-energy must be in (0, 1], got {self.subspace_energy}")
-        if self.max_subspace_rank < 1:
-            raise CsuloraError(f"--max-subspace-rank must be ≥ 1, got {self.max_subspace_rank}")
-        if self.form not in FORMS:
-            raise CsuloraError(f"--form {self.form!r} is not available; use one of {', '.join(FORMS)}")
-        if self.method not in METHODS:
-            raise CsuloraError(f"--method {self.method!r} is not available; use one of {', '.join(METHODS)}")
-        if self.method == "safe-lora" and self.form != "factored":
-            raise CsuloraError("--method safe-lora keeps the rank; --form block applies to --method csulora only")
-        if not 0 <= self.seed < 2**63:
-            raise CsuloraError(f"--seed must be in [0, 2^63), got {self.seed}")
-        if not math.isfinite(self.threshold):
-            raise CsuloraError(f"--threshold must be a finite number, got {self.threshold}")
-        if self.top_n is not None and self.top_n < 1:
-            raise CsuloraError(f"--top-n must be ≥ 1, got {self.top_n}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise CsuloraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise CsuloraError("--device cuda: no CUDA device is available; use --device cpu")
-
-    def torch_device(self) -> torch.device:
-        return torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
-                            "cpu" if self.device == "auto" else self.device)  # fmt: skip
-
-    def subspace_params(self, transposed: bool = False) -> SubspaceParams:
-        return SubspaceParams(
-            rank=self.subspace_rank, energy=self.subspace_energy, max_rank=self.max_subspace_rank,
-            exact=self.exact_svd, seed=self.seed, transposed=transposed,
-        )  # fmt: skip
-
-    def to_dict(self) -> dict:
-        return {
-            "lambda": self.lam,
-            "form": self.form,
-            "method": self.method,
-            "subspace_rank": self.subspace_rank,
-            "subspace_energy": self.subspace_energy,
-            "max_subspace_rank": self.max_subspace_rank,
-            "exact_svd": self.exact_svd,
-            "seed": self.seed,
-            "threshold": self.threshold,
-            "top_n": self.top_n,
-        }
 
 
 @dataclass
@@ -148,6 +79,7 @@ def sanitize(
     ``subspaces``: where module subspaces come from; default the disk cache at ``default_cache_dir()``
     (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder).
     """
+    settings = settings.resolved()
     settings.validate()
     adapter_path = Path(adapter)
     out = Path(output) if output is not None else default_output(adapter_path)
@@ -158,7 +90,7 @@ def sanitize(
     check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
     _phase(progress, "reading", 1, str(adapter_path))
     t1 = time.perf_counter()
-    report, tensors = _run(inputs, settings, progress, subspaces or SubspaceSource.open())
+    report, tensors, config = _run(inputs, settings, progress, subspaces or SubspaceSource.open())
     t2 = time.perf_counter()
     _phase(progress, "writing", 0, str(out))
     metadata = {
@@ -166,8 +98,6 @@ def sanitize(
         **{f"csulora_{k}": str(v) for k, v in settings.to_dict().items()},
     }
     command_line = shlex.join(command) if command else _api_call(adapter, aligned, base, settings)
-
-    config = block_config(inputs.adapter, report.modules) if report.rank_changed else None
 
     def fill(tmp: Path) -> None:
         write_adapter(tmp, inputs.adapter, tensors, metadata, config)
@@ -193,13 +123,14 @@ def audit(
     subspaces: SubspaceSource | None = None,
 ) -> Result:
     """Compute the same decomposition and report as ``sanitize()`` without writing anything."""
+    settings = settings.resolved()
     settings.validate()
     t0 = time.perf_counter()
     _phase(progress, "reading", 0, str(adapter))
     inputs = _load(Path(adapter), aligned, base, trust_pickle)
     _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
-    report, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open())
+    report, _, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open())
     return Result(report, None, {"load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
 
 
@@ -291,55 +222,44 @@ def _check_shapes(adapter: Adapter, aligned: Checkpoint, base: Checkpoint) -> No
 
 def _run(
     inputs: _Inputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource
-) -> tuple[Report, dict[str, torch.Tensor]]:
-    """Stream the targeted weights one module at a time: read (or load the cached subspace), correct, free."""
+) -> tuple[Report, dict[str, torch.Tensor], dict | None]:
+    """Stream the targeted weights one module at a time: read (or load the cached subspace), correct, free.
+
+    Returns the report, the tensors to write, and the new ``adapter_config.json`` (``None``: unchanged)."""
+    method = METHODS[settings.method]
     device = settings.torch_device()
     params = settings.subspace_params(inputs.adapter.fan_in_fan_out)
     modules = sorted(inputs.adapter.modules, key=lambda m: (inputs.aligned.weight_map[m.weight_key], m.name))
-    rows: dict[str, ModuleRow] = {}
-    tensors: dict[str, torch.Tensor] = {}
+    results: dict[str, Corrected] = {}
     warnings: list[str] = []
-    candidates: dict = {}  # Safe LoRA: module → (B key, C·B), selected once every score is known
     try:
         for i, module in enumerate(modules):
             if progress:
                 progress("subspaces", i, len(modules), module.name)
             with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
-                A, B = module.A.to(device), module.B.to(device)
-                CB = None
-                if settings.method == "safe-lora":  # C·B needs D itself: read it (no cache); the score is exact
+                if method.reads_displacement:  # D itself is needed: read it, no cache
                     D = read_displacement(inputs.aligned, inputs.base, module.weight_key, params.transposed, device)
                     sub = subspace_of(D, params)
-                    CB = safe_lora_project(B, D) if sub.total_energy else None  # C is undefined where D = 0
-                    del D
-                    score = safe_lora_cosine(CB, B, A) if CB is not None else 0.0
-                else:  # the score from the subspace, so that cached and computing runs agree (docs/scale.md)
+                else:
+                    D = None
                     sub, _ = subspaces.get(inputs.aligned, inputs.base, module.weight_key, params, device)
-                    score = safe_lora_score_subspace(A, B, sub.U, sub.S)
-                if settings.form == "block":
-                    row, A_new, B_new = block_module(module, sub, settings.lam, score)
-                else:  # Safe LoRA rows start as "unchanged" (λ = 0) until the selection below
-                    lam = 0.0 if settings.method == "safe-lora" else settings.lam
-                    row, A_new, B_new = factored_module(module, sub, lam, score)
-                if CB is not None:  # applied below, once every score is known
-                    candidates[module.name] = (module.key("B"), safe_lora_candidate(module, sub, CB, row.update_norm))
-                del A, B, CB
+                results[module.name] = method.correct(module, sub, settings, D)
+                del D
             if sub.total_energy == 0:
                 warnings.append(
                     f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update "
-                    "counts as off-subspace and is attenuated"
+                    "counts as off-subspace"
+                    + (" and is attenuated" if settings.method == "csulora" else "")
                 )
             del sub
-            rows[module.name] = row
-            tensors[module.key("A")], tensors[module.key("B")] = A_new, B_new
     finally:
         inputs.aligned.close()
         inputs.base.close()
     if progress:
         progress("subspaces", len(modules), len(modules), "")
-    if settings.method == "safe-lora":
-        apply_safe_lora(rows, tensors, candidates, settings.threshold, settings.top_n)
-    if modules and all(r.displacement_norm == 0 for r in rows.values()):
+    method.finish(results, settings)
+    rows = [results[name].row for name in sorted(results)]
+    if modules and all(r.displacement_norm == 0 for r in rows):
         raise CsuloraError(
             f"base {inputs.base.ref} and aligned {inputs.aligned.ref} are identical in every targeted tensor; "
             "pass the pretrained (unaligned) checkpoint as --base"
@@ -350,10 +270,17 @@ def _run(
         form=settings.form,
         settings=settings.to_dict(),
         inputs=inputs.describe(),
-        modules=[rows[name] for name in sorted(rows)],
+        modules=rows,
         warnings=warnings,
     )
-    return report, tensors
+    config = None
+    if report.rank_changed:
+        ranks = [r.output_rank for r in rows]
+        config = block_config(inputs.adapter, rows, method.block_rank(ranks, inputs.adapter.config))
+    tensors = {}
+    for res, module in ((results[m.name], m) for m in modules):
+        tensors[module.key("A")], tensors[module.key("B")] = res.A, res.B
+    return report, tensors, config
 
 
 @dataclass
@@ -380,6 +307,7 @@ def precompute_subspaces(
     ``modules``: names matched as PEFT matches a ``target_modules`` list (the full name, or its last
     dotted parts, e.g. ``q_proj``); default every 2-D weight but embeddings and the output head.
     """
+    settings = settings.resolved()
     settings.validate()
     source = subspaces or SubspaceSource.open()
     if source.cache is None:

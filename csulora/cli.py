@@ -15,58 +15,27 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .api import Settings, precompute_subspaces
 from .api import audit as api_audit
+from .api import precompute_subspaces
 from .api import sanitize as api_sanitize
 from .batch import is_batch, run_batch, summary_table
-from .cache import SubspaceSource
 from .errors import CsuloraError, GateFailed
+from .options import CACHE, CORRECTION, DEBUG, FORM, INPUT, JSON, METHOD, RUN, SUBSPACE, Options, with_options
 from .report import to_table
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Make fine-tuned LoRA adapters safe to publish: CSULoRA, the closest safe update.",
+    help="Make fine-tuned LoRA adapters safe to publish: re-alignment, CSULoRA (the closest safe update) or Safe LoRA.",
 )
 # Logs and pipes get a wide table instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-DEFAULTS = Settings()  # the one place defaults live; the options below show them
-
-AdapterOpt = Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")]
 AdaptersOpt = Annotated[
     list[Path],
     typer.Option("--adapter", help="PEFT LoRA adapter folder, or a folder of them (a batch); may repeat."),
 ]
-AlignedOpt = Annotated[str, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id org/name@rev.")]
-BaseOpt = Annotated[
-    str | None,
-    typer.Option(help="Pretrained (unaligned) checkpoint. Default: the adapter's base model, or the aligned card's."),
-]
-OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: <adapter>-sanitized).")]
-LambdaOpt = Annotated[float, typer.Option("--lambda", help="Attenuation strength λ ≥ 0 (0 = unchanged).")]
-RankOpt = Annotated[int | None, typer.Option(help="Fixed subspace rank k (overrides --subspace-energy).")]
-EnergyOpt = Annotated[float, typer.Option(help="Choose k to hold this fraction η of ‖D‖².")]
-MaxRankOpt = Annotated[int, typer.Option(help="Cap on the subspace rank.")]
-ExactOpt = Annotated[bool, typer.Option("--exact-svd", help="Exact SVD instead of the seeded randomized one.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the randomized SVD.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-PickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow adapter_model.bin (loaded weights-only).")]
-FormOpt = Annotated[str, typer.Option(help="factored (same rank and config) or block (exact, rank 2r).")]
-MethodOpt = Annotated[str, typer.Option(help="csulora, or the safe-lora baseline.")]
-ThresholdOpt = Annotated[
-    float | None, typer.Option(help=f"safe-lora: project modules with score ≤ this (default {DEFAULTS.threshold})."),
-]
-TopNOpt = Annotated[int | None, typer.Option("--top-n", help="safe-lora: project the n lowest-scoring modules.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else there.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")]
-CacheDirOpt = Annotated[
-    Path | None,
-    typer.Option(help="Subspace cache folder (default $CSULORA_CACHE, $XDG_CACHE_HOME/csulora, ~/.cache/csulora)."),
-]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the subspace cache.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
 def _version(value: bool) -> None:
@@ -138,50 +107,13 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
         yield update
 
 
-def _source(cache_dir: Path | None, no_cache: bool) -> SubspaceSource:
-    return SubspaceSource.open(cache_dir, enabled=not no_cache)
-
-
-def _settings(
-    lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device,
-    form=DEFAULTS.form, method=DEFAULTS.method, threshold=None, top_n=None,
-) -> Settings:  # fmt: skip
-    if threshold is not None and top_n is not None:
-        raise CsuloraError("--threshold and --top-n are two ways to choose modules for safe-lora; pass one")
-    if method != "safe-lora" and (threshold is not None or top_n is not None):
-        raise CsuloraError("--threshold and --top-n apply to --method safe-lora only")
-    return Settings(
-        form=form,
-        method=method,
-        threshold=DEFAULTS.threshold if threshold is None else threshold,
-        top_n=top_n,
-        lam=lam,
-        subspace_rank=subspace_rank,
-        subspace_energy=subspace_energy,
-        max_subspace_rank=max_subspace_rank,
-        exact_svd=exact_svd,
-        seed=seed,
-        device=device,
-    )
-
-
 @app.command()
+@with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JSON, RUN)
 def sanitize(
     adapter: AdaptersOpt,
-    aligned: AlignedOpt,
-    base: BaseOpt = None,
-    output: OutputOpt = None,
-    lam: LambdaOpt = DEFAULTS.lam,
-    subspace_rank: RankOpt = None,
-    subspace_energy: EnergyOpt = DEFAULTS.subspace_energy,
-    max_subspace_rank: MaxRankOpt = DEFAULTS.max_subspace_rank,
-    exact_svd: ExactOpt = DEFAULTS.exact_svd,
-    seed: SeedOpt = DEFAULTS.seed,
-    device: DeviceOpt = DEFAULTS.device,
-    form: FormOpt = DEFAULTS.form,
-    method: MethodOpt = DEFAULTS.method,
-    threshold: ThresholdOpt = None,
-    top_n: TopNOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output folder (default: <adapter>-sanitized).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     skip_existing: Annotated[
         bool, typer.Option("--skip-existing", help="Batch: leave adapters whose output exists (resume a run).")
@@ -189,32 +121,25 @@ def sanitize(
     shard: Annotated[
         str | None, typer.Option(help="Batch: process only slice i of N (i/N, 1-based), e.g. for array jobs.")
     ] = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    trust_pickle: PickleOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    *,
+    opts: Options,
 ) -> None:
-    """Rewrite an adapter so that what leaves the safety subspace is attenuated; write it with a report.
+    """Rewrite an adapter so that it is safe to publish; write it with a per-layer report.
 
     Several --adapter, or a folder of adapter folders, make a batch: -o OUT receives OUT/<name>/ each."""
     command = ["csulora", *sys.argv[1:]]
-    screen = err if json_out else out  # with --json, stdout holds the JSON only
-    with _errors(debug):
-        settings = _settings(
-            lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device, form, method, threshold,
-            top_n,
-        )  # fmt: skip
+    screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
+    inputs = {"aligned": opts["aligned"], "base": opts["base"], "trust_pickle": opts["trust_pickle"]}
+    with _errors(opts["debug"]):
+        settings = opts.settings()
         if is_batch(adapter):
-            with _progress(quiet) as progress:
+            with _progress(opts["quiet"]) as progress:
                 outcomes = run_batch(
-                    adapter, aligned, base, output, settings=settings, force=force, skip_existing=skip_existing,
-                    shard=shard, trust_pickle=trust_pickle, subspaces=_source(cache_dir, no_cache),
-                    command=command, progress=progress,
+                    adapter, output=output, settings=settings, force=force, skip_existing=skip_existing,
+                    shard=shard, subspaces=opts.source(), command=command, progress=progress, **inputs,
                 )  # fmt: skip
             screen.print(summary_table(outcomes, title="csulora sanitize · batch"))
-            if json_out:
+            if opts["json_out"]:
                 sys.stdout.write(json.dumps([o.to_dict() for o in outcomes], indent=2, sort_keys=True) + "\n")
             failed = sum(o.status == "failed" for o in outcomes)
             if failed:
@@ -222,35 +147,23 @@ def sanitize(
             return
         if skip_existing or shard:
             raise CsuloraError("--skip-existing and --shard apply to batches (a folder of adapters, or several)")
-        with _progress(quiet) as progress:
+        with _progress(opts["quiet"]) as progress:
             result = api_sanitize(
-                adapter[0], aligned, base, output, settings=settings, force=force, trust_pickle=trust_pickle,
-                command=command, progress=progress, subspaces=_source(cache_dir, no_cache),
+                adapter[0], output=output, settings=settings, force=force, command=command, progress=progress,
+                subspaces=opts.source(), **inputs,
             )  # fmt: skip
-    if not quiet:
+    if not opts["quiet"]:
         screen.print(to_table(result.report, title=f"csulora sanitize · {escape(str(adapter[0]))}"))
     _warn(result.report.warnings)
     screen.print(f"wrote {result.output}", markup=False, highlight=False, soft_wrap=True)
-    if json_out:
+    if opts["json_out"]:
         sys.stdout.write(result.report.to_json())
 
 
 @app.command()
+@with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JSON, RUN)
 def audit(
     adapter: Annotated[list[Path], typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")],
-    aligned: AlignedOpt,
-    base: BaseOpt = None,
-    lam: LambdaOpt = DEFAULTS.lam,
-    subspace_rank: RankOpt = None,
-    subspace_energy: EnergyOpt = DEFAULTS.subspace_energy,
-    max_subspace_rank: MaxRankOpt = DEFAULTS.max_subspace_rank,
-    exact_svd: ExactOpt = DEFAULTS.exact_svd,
-    seed: SeedOpt = DEFAULTS.seed,
-    device: DeviceOpt = DEFAULTS.device,
-    form: FormOpt = DEFAULTS.form,
-    method: MethodOpt = DEFAULTS.method,
-    threshold: ThresholdOpt = None,
-    top_n: TopNOpt = None,
     max_off_energy: Annotated[
         float | None, typer.Option(help="Fail when the adapter's total off-subspace energy ρ_O exceeds this.")
     ] = None,
@@ -260,41 +173,39 @@ def audit(
     min_safe_lora_score: Annotated[
         float | None, typer.Option(help="Fail when any module's Safe LoRA score is below this.")
     ] = None,
+    min_erosion: Annotated[
+        float | None,
+        typer.Option(help="Fail when the adapter's erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖² is below this (e.g. -0.1): "
+                     "it turns the aligned directions back."),
+    ] = None,
     html: Annotated[Path | None, typer.Option(help="Also write the HTML report to this file (one adapter).")] = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    trust_pickle: PickleOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    *,
+    opts: Options,
 ) -> None:
     """Report without writing an adapter; exit 1 when a threshold is exceeded (the gate before publishing)."""
     from .gate import Thresholds, audit_document, enforce
     from .report_html import to_html
 
-    screen = err if json_out else out  # with --json, stdout holds the JSON only
-    with _errors(debug):
-        limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score)
+    screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
+    with _errors(opts["debug"]):
+        limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score, min_erosion)
         limits.validate()
-        settings = _settings(
-            lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device, form, method, threshold,
-            top_n,
-        )  # fmt: skip
+        settings = opts.settings()
         if html is not None and len(adapter) != 1:
             raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
         if html is not None and not html.parent.is_dir():
             raise CsuloraError(f"--html {html}: the folder {html.parent} does not exist; create it first")
         if html is not None and html.is_dir():
             raise CsuloraError(f"--html {html}: is a folder; name the file to write, e.g. {html / 'report.html'}")
-        reports, source = [], _source(cache_dir, no_cache)  # one source: shared subspaces across adapters
+        reports, source = [], opts.source()  # one source: shared subspaces across adapters
         for path in adapter:
-            with _progress(quiet) as progress:
+            with _progress(opts["quiet"]) as progress:
                 result = api_audit(
-                    path, aligned, base, settings=settings, trust_pickle=trust_pickle, progress=progress,
-                    subspaces=source,
+                    path, opts["aligned"], opts["base"], settings=settings, trust_pickle=opts["trust_pickle"],
+                    progress=progress, subspaces=source,
                 )  # fmt: skip
             reports.append(result.report)
-            if not quiet:
+            if not opts["quiet"]:
                 screen.print(to_table(result.report, title=f"csulora audit · {escape(str(path))}"))
             _warn(result.report.warnings)
         if html is not None:
@@ -303,9 +214,9 @@ def audit(
             except OSError as e:
                 raise CsuloraError(f"--html {html}: cannot write it ({e.strerror or e}); check permissions") from e
         document = audit_document(reports, limits)
-        if json_out:
+        if opts["json_out"]:
             sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        elif document["passed"] and not quiet:
+        elif document["passed"] and not opts["quiet"]:
             screen.print(f"audit passed: {len(reports)} adapter(s) within the thresholds", highlight=False)
         enforce(document)
 
@@ -316,38 +227,35 @@ def _warn(warnings: list[str]) -> None:
 
 
 @app.command()
+@with_options(METHOD, SUBSPACE, CACHE, RUN)
 def subspace(
-    aligned: AlignedOpt,
+    aligned: Annotated[str, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id.")],
     base: Annotated[str, typer.Option(help="Pretrained (unaligned) checkpoint: folder or Hub id.")],
     modules: Annotated[
         list[str] | None,
         typer.Option("--modules", help="Modules (e.g. q_proj; comma-separated or repeated). Default: all linear."),
     ] = None,
-    cache_dir: CacheDirOpt = None,
-    subspace_rank: RankOpt = None,
-    subspace_energy: EnergyOpt = DEFAULTS.subspace_energy,
-    max_subspace_rank: MaxRankOpt = DEFAULTS.max_subspace_rank,
-    exact_svd: ExactOpt = DEFAULTS.exact_svd,
-    seed: SeedOpt = DEFAULTS.seed,
-    device: DeviceOpt = DEFAULTS.device,
     fan_in_fan_out: Annotated[
         bool, typer.Option("--fan-in-fan-out", help="For adapters with fan_in_fan_out (GPT-2 Conv1D).")
     ] = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    *,
+    opts: Options,
 ) -> None:
-    """Compute and cache the safety subspaces of a checkpoint pair once, for many later sanitize/audit runs."""
+    """Compute and cache the safety subspaces of a checkpoint pair once, for many later sanitize/audit runs.
+
+    The subspace rule is --method's default unless --subspace-rank or --subspace-energy is given."""
     from rich.table import Table
 
-    with _errors(debug), _progress(quiet) as progress:
-        settings = _settings(DEFAULTS.lam, subspace_rank, subspace_energy, max_subspace_rank, exact_svd, seed, device)
-        source = _source(cache_dir, False)
+    with _errors(opts["debug"]), _progress(opts["quiet"]) as progress:
+        if opts["no_cache"]:
+            raise CsuloraError("precomputing subspaces without a cache keeps nothing; drop --no-cache")
+        settings, source = opts.settings(), opts.source()
         modules = [m for item in modules for m in item.split(",") if m] if modules else None
         rows = precompute_subspaces(
             aligned, base, modules, settings=settings, fan_in_fan_out=fan_in_fan_out, subspaces=source,
             progress=progress,
         )  # fmt: skip
-    if not quiet:
+    if not opts["quiet"]:
         table = Table(title=f"csulora subspace · {aligned} − {base}")
         for col in ("module", "shape", "k", "captured", "source"):
             table.add_column(col, justify="left" if col == "module" else "right")
@@ -363,14 +271,16 @@ def subspace(
 
 
 @app.command()
+@with_options(DEBUG)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("csulora-demo"),
-    debug: DebugOpt = False,
+    *,
+    opts: Options,
 ) -> None:
     """Sanitize an adversarial adapter of the shipped miniature safety world; show the report and its behaviour."""
     from .demo import run_demo
 
-    with _errors(debug):
+    with _errors(opts["debug"]):
         run_demo(workdir, out)
 
 

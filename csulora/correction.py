@@ -7,6 +7,7 @@ Pure functions over tensors. Conventions: ``A`` is ``(r, d_in)``, ``B`` is ``(d_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +65,16 @@ def relative_energies(energies: dict[str, float], total: float | None = None) ->
     return {c: (e / total if total > 0 else 0.0) for c, e in energies.items()}
 
 
+def shrink(lam: float, rho: float) -> float:
+    """``1 / (1 + λρ)``, with its limit as ``λ → ∞``: 0, or 1 where ``ρ = 0`` (nothing to attenuate)."""
+    if math.isinf(lam):
+        return 1.0 if rho == 0 else 0.0
+    return 1.0 / (1.0 + lam * rho)
+
+
 def attenuation(rho: dict[str, float], lam: float) -> tuple[float, float]:
     """Attenuation factors (§4): ``γ_out = 1/(1 + λ(ρ_Hout + ρ_O))``, ``γ_in = 1/(1 + λ(ρ_Hin + ρ_O))``."""
-    gamma_out = 1.0 / (1.0 + lam * (rho["H_out"] + rho["O"]))
-    gamma_in = 1.0 / (1.0 + lam * (rho["H_in"] + rho["O"]))
-    return gamma_out, gamma_in
+    return shrink(lam, rho["H_out"] + rho["O"]), shrink(lam, rho["H_in"] + rho["O"])
 
 
 def factored_update(
@@ -130,7 +136,7 @@ def safe_lora_score_subspace(A: Tensor, B: Tensor, U: Tensor, S: Tensor) -> floa
 
 def block_attenuation(rho: dict[str, float], lam: float) -> tuple[float, float]:
     """Block-form factors (§4): ``γ_H = 1/(1 + λ(ρ_Hin + ρ_Hout))``, ``γ_O = 1/(1 + λ ρ_O)``."""
-    return 1.0 / (1.0 + lam * (rho["H_in"] + rho["H_out"])), 1.0 / (1.0 + lam * rho["O"])
+    return shrink(lam, rho["H_in"] + rho["H_out"]), shrink(lam, rho["O"])
 
 
 def block_update(sp: Split, gamma_h: float, gamma_o: float) -> tuple[Tensor, Tensor]:
@@ -158,3 +164,55 @@ def block_energies(energies: dict[str, float], gamma_h: float, gamma_o: float) -
 def safe_lora_project(B: Tensor, D: Tensor) -> Tensor:
     """Safe LoRA projection (§5): ``C·B = D (Dᵀ B) / ‖D‖_F``, without forming ``C = D Dᵀ / ‖D‖_F``."""
     return D @ (D.T @ B.to(D.dtype)) / torch.linalg.vector_norm(D)
+
+
+# ---------------------------------------------------------------- re-alignment (§5b)
+
+
+def realign_strength(lam: float) -> float:
+    """Re-alignment strength (§5b): ``c = λ / (1 + λ)``; ``λ = ∞`` gives ``c = 1``."""
+    return 1.0 if math.isinf(lam) else lam / (1.0 + lam)
+
+
+def subspace_block(A: Tensor, sB: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """The in-subspace block (§5b): ``M = (U_kᵀ sB)(A V_k)`` ``(k × k)``, so that ``F = U_k M V_kᵀ``."""
+    return (U.T @ sB) @ (A @ V)
+
+
+def erosion(M: Tensor, S: Tensor) -> float:
+    """Erosion coefficient (§5b): ``e = ⟨ΔW, D_k⟩ / ‖D_k‖² = Σ_i σ_i M_ii / Σ_i σ_i²`` (0 for an empty
+    subspace). Negative: the update turns the aligned directions back."""
+    S = S.to(M.dtype)
+    norm = float((S * S).sum())
+    return float((S * torch.diagonal(M)).sum()) / norm if norm > 0 else 0.0
+
+
+def realign_shift(M: Tensor, S: Tensor, c: float, beta: float) -> Tensor:
+    """Re-alignment (§5b): ``Z = c (β Σ_k − M)``, so that ``X* = ΔW + U_k Z V_kᵀ = ΔW − c (F − β D_k)``."""
+    return c * (beta * torch.diag(S.to(M.dtype)) - M)
+
+
+def realign_block_factors(A: Tensor, sB: Tensor, U: Tensor, V: Tensor, Z: Tensor) -> tuple[Tensor, Tensor]:
+    """Block form of re-alignment (§5b), exact at rank ``r + k``: ``B' = [sB | U_k Z]``, ``A' = [A ; V_kᵀ]``
+    (module scale 1)."""
+    return torch.cat([A, V.T], dim=0), torch.cat([sB, U @ Z], dim=1)
+
+
+def best_rank(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor, float]:
+    """Best rank-``r`` approximation of ``B A`` (Eckart–Young, §5b factored form) from the factors alone.
+
+    Thin QR ``B = Q_b R_b``, ``Aᵀ = Q_a R_a``; SVD ``R_b R_aᵀ = Ũ Σ̃ Ṽᵀ``; keep the top ``r``, balanced:
+    ``B_r = Q_b Ũ_r Σ̃_r^½``, ``A_r = Σ̃_r^½ Ṽ_rᵀ Q_aᵀ``. Returns them and the dropped energy ``Σ_{i>r} σ̃_i²``.
+    Fewer than ``r`` singular values (tiny layers) are padded with zero rank-one terms.
+    """
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    Ut, St, Vth = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    keep = min(r, St.numel())
+    root = St[:keep].sqrt()
+    B_r = (Qb @ Ut[:, :keep]) * root
+    A_r = root[:, None] * (Vth[:keep] @ Qa.T)
+    if keep < r:
+        B_r = torch.cat([B_r, B_r.new_zeros(B_r.shape[0], r - keep)], dim=1)
+        A_r = torch.cat([A_r, A_r.new_zeros(r - keep, A_r.shape[1])], dim=0)
+    return A_r, B_r, float((St[keep:] ** 2).sum())

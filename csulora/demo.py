@@ -20,7 +20,7 @@ from .api import Settings, sanitize
 from .report import to_table
 
 ADAPTER = "adv-r8-all-s0"
-SETTINGS = Settings()  # the package defaults, the safety end of the measured front (docs/defaults.md)
+SETTINGS = Settings(method="csulora").resolved()  # the paper's method at its defaults (docs/defaults.md)
 # The utility end of the same front, for contrast: the new task survives and no refusal comes back.
 MILD = Settings(lam=0.05, subspace_energy=0.5)
 

@@ -20,6 +20,7 @@ class Thresholds:
     max_off_energy: float | None = None  # adapter total ρ_O = Σ e_O / Σ ‖ΔW‖²
     max_layer_off_energy: float | None = None  # each module's ρ_O
     min_safe_lora_score: float | None = None  # each module's Safe LoRA score
+    min_erosion: float | None = None  # adapter erosion coefficient Σ⟨ΔW, D_k⟩ / Σ‖D_k‖² (§5b)
 
     def validate(self) -> None:
         for name in ("max_off_energy", "max_layer_off_energy"):
@@ -29,6 +30,8 @@ class Thresholds:
         score = self.min_safe_lora_score
         if score is not None and not (math.isfinite(score) and -1 <= score <= 1):
             raise CsuloraError(f"--min-safe-lora-score must be in [-1, 1], got {score}")
+        if self.min_erosion is not None and not math.isfinite(self.min_erosion):
+            raise CsuloraError(f"--min-erosion must be a finite number (e.g. -0.1), got {self.min_erosion}")
 
 
 def _counts(m: ModuleRow) -> bool:
@@ -63,6 +66,14 @@ def violations(report: Report, limits: Thresholds) -> list[dict]:
             under.sort(key=lambda m: m.safe_lora_score)
             found.append(_violation(adapter, "min_safe_lora_score", limits.min_safe_lora_score,
                                     under[0].safe_lora_score, under))  # fmt: skip
+    if limits.min_erosion is not None:
+        value = report.totals()["erosion_before"]
+        if value < limits.min_erosion:
+            # each module's contribution e_m ‖D_k,m‖² / Σ‖D_k‖²: these add up to the adapter's value
+            weight = sum(m.subspace_norm**2 for m in report.modules)
+            share = {m.module: m.erosion * m.subspace_norm**2 / weight for m in report.modules}
+            worst = sorted((m for m in report.modules if share[m.module] < 0), key=lambda m: share[m.module])
+            found.append(_violation(adapter, "min_erosion", limits.min_erosion, value, worst, share))
     return found
 
 
@@ -100,13 +111,17 @@ def audit_document(reports: list[Report], limits: Thresholds) -> dict:
 
 def describe(v: dict) -> str:
     """One violation in words: which adapter, which threshold, which modules."""
-    fmt = (lambda x: f"{x:+.3f}") if v["threshold"] == "min_safe_lora_score" else (lambda x: f"{100 * x:.1f}%")
+    signed = v["threshold"] in ("min_safe_lora_score", "min_erosion")
+    fmt = (lambda x: f"{x:+.3f}") if signed else (lambda x: f"{100 * x:.1f}%")
     mods = ", ".join(f"{m['module']} ({fmt(m['value'])})" for m in v["modules"][:NAMED])
     more = f" and {len(v['modules']) - NAMED} more" if len(v["modules"]) > NAMED else ""
     if v["threshold"] == "max_off_energy":
         head = f"off-subspace energy {fmt(v['value'])} > {fmt(v['limit'])}; largest shares: "
     elif v["threshold"] == "max_layer_off_energy":
         head = f"{len(v['modules'])} module(s) with off-subspace energy > {fmt(v['limit'])}: "
+    elif v["threshold"] == "min_erosion":
+        head = (f"erosion coefficient {fmt(v['value'])} < {fmt(v['limit'])} (the update turns the aligned "
+                "directions back); largest shares: ")  # fmt: skip
     else:
         head = f"{len(v['modules'])} module(s) with Safe LoRA score < {fmt(v['limit'])}: "
     return f"{v['adapter']}: {head}{mods}{more}"

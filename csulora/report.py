@@ -32,16 +32,28 @@ class ModuleRow:
     k: int  # subspace rank
     captured: float  # fraction of ‖D‖_F² in P D Q
     displacement_norm: float  # ‖D‖_F
+    subspace_norm: float  # ‖D_k‖_F = ‖Σ_k‖: the displacement kept in the subspace
     update_norm: float  # ‖ΔW‖_F
-    rho: dict[str, float]  # ρ_F, ρ_H_in, ρ_H_out, ρ_O before
-    gamma_in: float
-    gamma_out: float
-    rho_after: dict[str, float]  # the components of ΔW' as fractions of ‖ΔW‖_F²
+    rho: dict[str, float]  # ρ_F, ρ_H_in, ρ_H_out, ρ_O before; after: the components of ΔW' / ‖ΔW‖_F²
     safe_lora_score: float
+    erosion: float  # e = ⟨ΔW, D_k⟩ / ‖D_k‖² (§5b); negative: the update turns the aligned directions back
+    gamma_in: float = 1.0
+    gamma_out: float = 1.0
+    rho_after: dict[str, float] = field(default_factory=dict)  # empty: unchanged (= rho)
+    erosion_after: float | None = None  # None: unchanged (= erosion)
     notes: list[str] = field(default_factory=list)
     rank_after: int | None = None  # rank written (block form: 2r); None: unchanged
     gamma_off: float | None = None  # factor on O (block form: γ_O); None: γ_in γ_out (factored form)
     safe_lora_projected: bool = False  # Safe LoRA replaced B by C·B in this module
+    c: float | None = None  # realign: c = λ/(1+λ)
+    beta: float | None = None  # realign: target β·D_k of the in-subspace block
+    truncation_loss: float | None = None  # realign, factored: ‖X* − X_r‖² / ‖ΔW‖²
+
+    def __post_init__(self) -> None:
+        if not self.rho_after:
+            self.rho_after = dict(self.rho)
+        if self.erosion_after is None:
+            self.erosion_after = self.erosion
 
     @property
     def output_rank(self) -> int:
@@ -110,6 +122,12 @@ class Report:
         rel = {c: (energy[c] / total if total else 0.0) for c in COMPONENTS}
         rel_after = {c: (after[c] / total if total else 0.0) for c in COMPONENTS}
         scores = [m.safe_lora_score for m in self.modules]
+        # erosion of the whole adapter: Σ⟨ΔW, D_k⟩ / Σ‖D_k‖², each module weighted by its ‖D_k‖²
+        weight = sum(m.subspace_norm**2 for m in self.modules)
+        erosion = {
+            when: sum(getattr(m, field) * m.subspace_norm**2 for m in self.modules) / weight if weight else 0.0
+            for when, field in (("before", "erosion"), ("after", "erosion_after"))
+        }
         return {
             "modules": len(self.modules),
             "rho": rel,
@@ -121,6 +139,8 @@ class Report:
             "leaving_energy_after": rel_after["H_in"] + rel_after["H_out"] + rel_after["O"],
             "min_safe_lora_score": min(scores) if scores else None,
             "mean_safe_lora_score": sum(scores) / len(scores) if scores else None,
+            "erosion_before": erosion["before"],
+            "erosion_after": erosion["after"],
         }
 
     def to_dict(self) -> dict:
@@ -146,22 +166,37 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-_COLUMNS = (
-    "module", "k", "captured", "ρ_F", "ρ_Hin", "ρ_Hout", "ρ_O", "γ_in", "γ_out", "retained", "off after", "SafeLoRA",
-)  # fmt: skip
+def columns(report: Report) -> list[str]:
+    """The per-module table's columns: the decomposition, what the method did, what is left."""
+    done = ["c", "ρ_F after", "trunc. loss"] if report.method == "realign" else ["γ_in", "γ_out", "off after"]
+    return ["module", "k", "captured", "ρ_F", "ρ_Hin", "ρ_Hout", "ρ_O", *done, "retained", "erosion", "SafeLoRA"]
 
 
-def _cells(m: ModuleRow) -> list[str]:
+def cells(report: Report, m: ModuleRow) -> list[str]:
+    if report.method == "realign":
+        loss = "" if m.truncation_loss is None else _pct(m.truncation_loss)
+        done = [f"{m.c:.3f}", _pct(m.rho_after["F"]), loss]
+    elif m.safe_lora_projected:
+        done = ["C·B", "C·B", _pct(m.off_after)]
+    else:
+        done = [f"{m.gamma_in:.3f}", f"{m.gamma_out:.3f}", _pct(m.off_after)]
     return [
         m.module,
         str(m.k),
         _pct(m.captured),
         *(_pct(m.rho[c]) for c in COMPONENTS),
-        *(("C·B", "C·B") if m.safe_lora_projected else (f"{m.gamma_in:.3f}", f"{m.gamma_out:.3f}")),
+        *done,
         f"{m.retained:.3f}",
-        _pct(m.off_after),
+        erosion_words(m.erosion, m.erosion_after),
         f"{m.safe_lora_score:+.3f}",
     ]
+
+
+def erosion_words(before: float, after: float | None) -> str:
+    """``−0.213`` when unchanged, ``−0.213 → +0.050`` when the method moved it."""
+    if after is None or f"{after:+.3f}" == f"{before:+.3f}":
+        return f"{before:+.3f}"
+    return f"{before:+.3f} → {after:+.3f}"
 
 
 def _summary_lines(report: Report) -> list[str]:
@@ -171,6 +206,7 @@ def _summary_lines(report: Report) -> list[str]:
         f"energy fully aligned / leaving: {_pct(t['rho']['F'])} / {_pct(t['leaving_energy_before'])} "
         f"→ leaving after: {_pct(t['leaving_energy_after'])}",
         f"off-subspace energy: {_pct(t['off_energy_before'])} → {_pct(t['off_energy_after'])}",
+        f"erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖²: {erosion_words(t['erosion_before'], t['erosion_after'])}",
         f"retained update norm: {t['retained_norm']:.3f}",
         *([rank_change_words(report)] if report.rank_changed else []),
     ]
@@ -188,7 +224,7 @@ def to_markdown(report: Report) -> str:
     lines = [
         "# csulora report",
         "",
-        f"- method: {report.method}, form: {report.form}, λ = {s['lambda']}",
+        f"- method: {report.method}, form: {report.form}: {method_words(report)}",
         f"- subspace: {_subspace_words(s)}",
         f"- Safe LoRA score: {safe_lora_score_basis(report.method)}",
         f"- adapter: `{report.inputs['adapter']['path']}`",
@@ -196,9 +232,9 @@ def to_markdown(report: Report) -> str:
         f"(from {report.inputs['base']['source']})",
         *(f"- {line}" for line in _summary_lines(report)),
         "",
-        "| " + " | ".join(_COLUMNS) + " |",
-        "|" + "---|" * len(_COLUMNS),
-        *("| " + " | ".join(_cells(m)) + " |" for m in report.modules),
+        "| " + " | ".join(columns(report)) + " |",
+        "|" + "---|" * len(columns(report)),
+        *("| " + " | ".join(cells(report, m)) + " |" for m in report.modules),
     ]
     if report.warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in report.warnings)]
@@ -213,10 +249,10 @@ def _subspace_words(s: dict) -> str:
 
 def to_table(report: Report, title: str | None = None) -> Table:
     table = Table(title=title, caption=" · ".join(_summary_lines(report)))
-    for i, col in enumerate(_COLUMNS):
+    for i, col in enumerate(columns(report)):
         table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for m in report.modules:
-        table.add_row(*_cells(m))
+        table.add_row(*cells(report, m))
     return table
 
 
@@ -231,10 +267,11 @@ def model_card(report: Report, base_model: str | None, command: str) -> str:
         "",
         "# Sanitized LoRA adapter",
         "",
-        f"This adapter is `{report.inputs['adapter']['path']}` after {_method_words(report)}, made with "
+        f"This adapter is `{report.inputs['adapter']['path']}` after {method_words(report)}, made with "
         f"csulora {report.tool_version}. The safety subspace of each layer was estimated from "
         f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}`; {_format_words(report)}",
         "",
+        *_method_note(report),
         *_rank_warning(report),
         "```",
         command,
@@ -252,15 +289,30 @@ def model_card(report: Report, base_model: str | None, command: str) -> str:
     return "\n".join(front + body) + "\n"
 
 
-def _method_words(report: Report) -> str:
-    if report.method == "safe-lora":
-        s = report.settings
-        rule = f"the {s['top_n']} lowest-scoring modules" if s.get("top_n") else f"score ≤ {s.get('threshold')}"
-        return f"the Safe LoRA projection (B ← C·B for {rule})"
-    return f"CSULoRA (closest safe update, {report.form} form, λ = {report.settings['lambda']})"
+def method_words(report: Report) -> str:
+    """What the method did, in words (each method says it: methods/)."""
+    from .methods import METHODS  # methods/ imports this module
+
+    return METHODS[report.method].words(report.settings, report.form)
+
+
+def _method_note(report: Report) -> list[str]:
+    """Which method ran and why, and where the paper's method stands (docs/defaults.md)."""
+    from .settings import DEFAULT_METHOD, METHOD_NOTES
+
+    chosen = "csulora's default method" if report.method == DEFAULT_METHOD else f"`--method {report.method}`"
+    return [f"Method: {chosen}. {METHOD_NOTES.get(report.method, '')}".rstrip(), ""]
 
 
 def _format_words(report: Report) -> str:
+    if report.method == "realign":
+        what = "the in-subspace part of each layer's update was pulled toward β·D_k and the rest kept"
+        if report.rank_changed:
+            return f"{what}, exactly, at rank r + k: the LoRA ranks and `adapter_config.json` changed."
+        return (
+            f"{what}; it is written as its best rank-r approximation, so tensor names, shapes, dtypes and "
+            "`adapter_config.json` are unchanged and it loads wherever the input did."
+        )
     if report.rank_changed:
         return (
             "the parts of each layer's update that leave it were attenuated. The block form is exact at rank 2r: "

@@ -8,7 +8,7 @@ import re
 from html import escape
 
 from .correction import COMPONENTS
-from .report import _COLUMNS, Report, _cells, _subspace_words, _summary_lines, rank_warning
+from .report import Report, _subspace_words, _summary_lines, cells, columns, method_words, rank_warning
 
 COLORS = {"F": "#2f855a", "H_in": "#d4a017", "H_out": "#e07b24", "O": "#c53030"}
 LABELS = {"F": "F (fully aligned)", "H_in": "H_in (input side leaves)", "H_out": "H_out (output side leaves)",
@@ -17,6 +17,7 @@ FACTORS = {  # the factor applied to H_in, H_out, O: column titles per form
     "factored": (("γ_in", "on H_in"), ("γ_out", "on H_out"), ("γ_in·γ_out", "on O")),
     "block": (("γ_H", "on H_in"), ("γ_H", "on H_out"), ("γ_O", "on O")),
     "safe-lora": (("score", "Safe LoRA"), ("lora_B", "written"), ("", "")),
+    "realign": (("c", "on F − βD_k"), ("erosion", "before"), ("erosion", "after")),
 }
 
 ROW_H, BAR_H, BAR_W, FACTOR_W, GAP, CHAR_W, TOP = 30, 10, 460, 70, 56, 7.0, 34
@@ -54,7 +55,7 @@ def _chart(report: Report) -> str:
     scale = BAR_W / top
     x0 = label_w + 40  # room for the "before/after" words
     fx = x0 + BAR_W + GAP
-    factors = FACTORS["safe-lora" if report.method == "safe-lora" else report.form]
+    factors = FACTORS[report.method if report.method in ("safe-lora", "realign") else report.form]
     width = fx + len(factors) * FACTOR_W + 8
     height = TOP + ROW_H * len(modules) + 8
     svg = [f'<svg class="chart" width="{width:.0f}" height="{height}" viewBox="0 0 {width:.0f} {height}" '
@@ -85,12 +86,17 @@ def _chart(report: Report) -> str:
         kept = sum(m.rho_after.values())  # ‖ΔW'‖² / ‖ΔW‖², so a bar too short to see still reads
         kx = x0 + kept * scale + 4
         svg.append(f'<text x="{kx:.2f}" y="{y + 2 * BAR_H + 1}" class="kept">{100 * kept:.1f}%</text>')
+        texts = []
         if report.method == "safe-lora":  # no factors: the score, and whether B was replaced by C·B
-            for j, text in enumerate((f"{m.safe_lora_score:+.3f}", "C·B" if m.safe_lora_projected else "B")):
+            texts = [f"{m.safe_lora_score:+.3f}", "C·B" if m.safe_lora_projected else "B"]
+        elif report.method == "realign":  # c as a bar, then the erosion coefficient e before and after
+            texts = ["", f"{m.erosion:+.3f}", f"{m.erosion_after:+.3f}"]
+        for j, text in enumerate(texts):
+            if text:
                 cx = fx + j * FACTOR_W + FACTOR_W / 2
                 svg.append(f'<text x="{cx:.2f}" y="{y + BAR_H + 4}" class="factor mid">{text}</text>')
-            continue
-        for j, value in enumerate((m.gamma_in, m.gamma_out, m.off_factor)):
+        bars = [m.c] if report.method == "realign" else [] if texts else [m.gamma_in, m.gamma_out, m.off_factor]
+        for j, value in enumerate(bars):
             cx = fx + j * FACTOR_W
             w = (FACTOR_W - 12) * value
             svg.append(f'<rect x="{cx + 6:.2f}" y="{y + 2}" width="{FACTOR_W - 12}" height="6" class="track"/>')
@@ -109,9 +115,9 @@ def _legend() -> str:
 
 
 def _table(report: Report) -> str:
-    head = "".join(f"<th>{escape(c)}</th>" for c in _COLUMNS)
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns(report))
     rows = "".join(
-        "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in _cells(m)) + "</tr>"
+        "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in cells(report, m)) + "</tr>"
         for m in sorted(report.modules, key=lambda m: _natural(m.module))
     )
     return f'<table class="modules"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
@@ -148,7 +154,7 @@ table.modules tbody tr:hover { background: #f7fafc; }
 def to_html(report: Report) -> str:
     """The report as one self-contained HTML page."""
     s, inputs = report.settings, report.inputs
-    method = f"{report.method}, {report.form} form, λ = {s['lambda']}" if report.method == "csulora" else report.method
+    method = method_words(report)
     warn = ""
     if report.rank_changed:
         warn = f'<p class="warn"><b>Warning:</b> {escape(rank_warning(report)).replace("`", "")}</p>'

@@ -15,7 +15,7 @@ from csulora.correction import (
     safe_lora_score,
     split,
 )
-from csulora.methods import safe_lora_selection
+from csulora.methods.safe_lora import selection as safe_lora_selection
 from csulora.subspace import exact_svd
 from tests import oracle
 
@@ -97,10 +97,10 @@ def test_safe_lora_selection_rules():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "safe-lora", "form": "block"}, "--form block applies to --method csulora only"),
+        ({"method": "safe-lora", "form": "block"}, "--form block does not apply to it"),
         ({"method": "safe-lora", "top_n": 0}, "--top-n must be ≥ 1"),
         ({"form": "blocky"}, "use one of factored, block"),
-        ({"method": "safelora"}, "use one of csulora, safe-lora"),
+        ({"method": "safelora"}, "use one of csulora, realign, safe-lora"),
     ],
 )
 def test_method_settings_refuse_bad_combinations(kwargs, message):
@@ -112,12 +112,13 @@ def test_method_settings_refuse_bad_combinations(kwargs, message):
 
 
 def test_cli_takes_one_safe_lora_rule():
-    from csulora.cli import _settings
     from csulora.errors import CsuloraError
+    from csulora.options import Options
 
-    common = (1.0, None, 0.5, 256, False, 0, "cpu")
     with pytest.raises(CsuloraError, match="pass one"):
-        _settings(*common, method="safe-lora", threshold=0.3, top_n=2)
+        Options(method="safe-lora", threshold=0.3, top_n=2).settings()
     with pytest.raises(CsuloraError, match="apply to --method safe-lora only"):
-        _settings(*common, top_n=2)
-    assert _settings(*common, method="safe-lora").threshold == 0.5
+        Options(method="csulora", top_n=2).settings()
+    with pytest.raises(CsuloraError, match="--beta applies to --method realign only"):
+        Options(method="csulora", beta=0.5).settings()
+    assert Options(method="safe-lora").settings().threshold == 0.5

@@ -28,7 +28,7 @@ PATTERNS = {  # rsLoRA, per-module rank and alpha, and a regex-string target_mod
     "target_modules": r".*\.(q_proj|k_proj|v_proj|up_proj|down_proj)",
 }
 
-DEFAULTS = Settings()  # runs without options use the package defaults
+DEFAULTS = Settings(method="csulora").resolved()  # the paper's method with its defaults
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def sanitized(llama_pair, tmp_path_factory) -> dict[str, dict]:
     runs = {}
     plain = make_peft_adapter(root / "plain", llama_pair["aligned"], seed=1)
     patterns = make_peft_adapter(root / "patterns", llama_pair["aligned"], seed=2, **PATTERNS)
-    args = ["sanitize", "--aligned", str(llama_pair["aligned"]), "--exact-svd"]
+    args = ["sanitize", "--aligned", str(llama_pair["aligned"]), "--exact-svd", "--method", "csulora"]
     proc = run_cli(*args, "--adapter", str(plain))
     assert proc.returncode == 0, proc.stderr
     runs["plain"] = {"adapter": plain, "out": root / "plain-sanitized", "lam": DEFAULTS.lam, "stdout": proc.stdout}
@@ -172,7 +172,7 @@ def test_output_format_is_a_drop_in_replacement(sanitized, variant):
     assert card["base_model"] == config["base_model_name_or_path"]
     if variant == "plain":  # a real process: the card records its exact command line
         assert (
-            f"csulora sanitize --aligned {card['base_model']} --exact-svd --adapter {src}"
+            f"csulora sanitize --aligned {card['base_model']} --exact-svd --method csulora --adapter {src}"
             in (dst / "README.md").read_text()
         )
 
@@ -181,7 +181,7 @@ def test_lambda_zero_returns_the_input_tensors_bit_for_bit(sanitized, llama_pair
     src = sanitized["patterns"]["adapter"]
     out = tmp_path / "zero"
     result = CliRunner().invoke(app, ["sanitize", "--adapter", str(src), "--aligned", str(llama_pair["aligned"]),
-                                      "-o", str(out), "--lambda", "0", "-q"])  # fmt: skip
+                                      "-o", str(out), "--lambda", "0", "--method", "csulora", "-q"])  # fmt: skip
     assert result.exit_code == 0, result.output
     before, after = load_file(src / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert before.keys() == after.keys()
@@ -198,7 +198,7 @@ def test_bfloat16_adapter_keeps_its_dtype(sanitized, llama_pair, tmp_path):
     tensors = {k: v.bfloat16() for k, v in load_file(src / "adapter_model.safetensors").items()}
     save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
     result = CliRunner().invoke(app, ["sanitize", "--adapter", str(src), "--aligned", str(llama_pair["aligned"]),
-                                      "--exact-svd", "-q"])  # fmt: skip
+                                      "--exact-svd", "--method", "csulora", "-q"])  # fmt: skip
     assert result.exit_code == 0, result.output
     out = tmp_path / "bf16-sanitized"
     after = load_file(out / "adapter_model.safetensors")
@@ -251,7 +251,8 @@ def test_fan_in_fan_out_conv1d_round_trip(gpt2_pair):
     assert json.loads((gpt2_pair["adapter"] / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     out = gpt2_pair["adapter"].with_name("adapter-sanitized")
     result = CliRunner().invoke(app, ["sanitize", "--adapter", str(gpt2_pair["adapter"]),
-                                      "--aligned", str(gpt2_pair["aligned"]), "--exact-svd", "-q"])  # fmt: skip
+                                      "--aligned", str(gpt2_pair["aligned"]), "--exact-svd", "--method", "csulora",
+                                      "-q"])  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = report_of(out)["modules"]
     assert {tuple(m["shape"]) for m in rows} == {(96, 32), (128, 32)}  # (d_out, d_in) of c_attn and c_fc
@@ -266,7 +267,8 @@ def test_fixed_subspace_rank(sanitized, llama_pair, tmp_path):
     run = sanitized["patterns"]
     out = tmp_path / "rank3"
     args = ["sanitize", "--adapter", run["adapter"], "--aligned", llama_pair["aligned"], "-o", out]
-    result = CliRunner().invoke(app, [str(a) for a in args] + ["--subspace-rank", "3", "--lambda", "4", "-q"])
+    options = ["--subspace-rank", "3", "--lambda", "4", "--method", "csulora", "-q"]
+    result = CliRunner().invoke(app, [str(a) for a in args] + options)
     assert result.exit_code == 0, result.output
     report = report_of(out)
     assert report["settings"]["subspace_rank"] == 3

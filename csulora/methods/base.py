@@ -1,0 +1,144 @@
+"""The interface every method implements, and what they share: the report row, float64 factors, the
+block-form config.
+
+``api.py`` streams the adapter one module at a time and calls ``correct`` while that module's subspace
+(and, for a method with ``reads_displacement``, its displacement ``D``) is in memory; ``finish`` then sees
+every module once (Safe LoRA's selection needs every score). Adding a method is one new module here with a
+``Method`` subclass, listed in ``methods/__init__.py``, and its defaults in ``settings.METHOD_DEFAULTS``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters import Adapter, LoraModule, cast_back, pattern_value
+from ..correction import component_energies, erosion, relative_energies, split, subspace_block
+from ..errors import CsuloraError
+from ..report import ModuleRow
+from ..settings import Settings
+from ..subspace import Subspace
+
+
+@dataclass
+class Corrected:
+    """One module after its method: the report row and the factors to write (the input's dtype, on the CPU).
+
+    ``scale`` is the LoRA scaling the written factors are meant for: the module's own (drop-in forms) or 1
+    (block forms, whose config gives every module scale 1). ``pending`` is what ``finish`` may still apply."""
+
+    row: ModuleRow
+    A: torch.Tensor
+    B: torch.Tensor
+    pending: Any = field(default=None, repr=False)
+
+
+class Method:
+    name: str = ""
+    forms: tuple[str, ...] = ("factored",)
+    reads_displacement: bool = False  # correct() needs D itself, not only its (cacheable) subspace
+    infinite_lambda: bool = False  # --lambda inf is meaningful
+
+    def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
+        raise NotImplementedError
+
+    def finish(self, results: dict[str, Corrected], settings: Settings) -> None:
+        """Whole-adapter step after every module (default: none)."""
+
+    def words(self, settings: dict, form: str) -> str:
+        """What was done, for the model card and the reports (``settings`` as the report records them)."""
+        return self.name
+
+    def block_rank(self, ranks: list[int], config: dict) -> int:
+        """The global ``r`` of a block-form config: the most common written rank (ties: the larger)."""
+        counts = Counter(ranks)
+        return max(counts, key=lambda r: (counts[r], r))
+
+
+def in_float64(module: LoraModule, sub: Subspace) -> tuple[torch.Tensor, ...]:
+    """``A``, ``B``, ``U``, ``V`` in float64 on the subspace's device: all arithmetic on factors is done wide."""
+    device = sub.U.device
+    return module.A.to(device, torch.float64), module.B.to(device, torch.float64), sub.U.double(), sub.V.double()
+
+
+def written(module: LoraModule, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrected float64 factors cast back to the adapter's dtype (a factor returned as is stays as it is)."""
+    A_out = module.A if A is module.A else cast_back(A, module.A.dtype, module.key("A"))
+    B_out = module.B if B is module.B else cast_back(B, module.B.dtype, module.key("B"))
+    return A_out, B_out
+
+
+def after(sub: Subspace, A: torch.Tensor, sB: torch.Tensor, update_energy: float) -> dict[str, float]:
+    """``rho_after`` and ``erosion_after`` of written factors ``sB·A`` (float64, the subspace's device), in units
+    of the input's ``‖ΔW‖²``: measured on what is written, whatever the method."""
+    U, V = sub.U.double(), sub.V.double()
+    energies = component_energies(split(A, sB, U, V))
+    return {
+        "rho_after": relative_energies(energies, update_energy),
+        "erosion_after": erosion(subspace_block(A, sB, U, V), sub.S.double()),
+    }
+
+
+def module_row(
+    module: LoraModule,
+    sub: Subspace,
+    A: torch.Tensor,
+    sB: torch.Tensor,
+    score: float,
+    energies: dict[str, float] | None = None,
+    **fields,
+) -> ModuleRow:
+    """The report row (§7) common to every method, from the input factors ``sB·A`` (float64) and their
+    component ``energies`` when already known; ``fields`` add what the method did (``gamma_*``,
+    ``rho_after``, ``erosion_after``, …)."""
+    U, V, S = sub.U.double(), sub.V.double(), sub.S.double()
+    energies = energies if energies is not None else component_energies(split(A, sB, U, V))
+    total = sum(energies.values())
+    notes = (["empty subspace"] if sub.k == 0 else []) + (["zero update"] if total == 0 else [])
+    return ModuleRow(
+        module=module.name,
+        shape=[module.B.shape[0], module.A.shape[1]],
+        rank=module.rank,
+        scaling=module.scaling,
+        k=sub.k,
+        captured=sub.captured_fraction,
+        displacement_norm=math.sqrt(sub.total_energy),
+        subspace_norm=float(torch.linalg.vector_norm(S)),
+        update_norm=math.sqrt(total),
+        rho=relative_energies(energies),
+        erosion=erosion(subspace_block(A, sB, U, V), S),
+        safe_lora_score=score,
+        notes=notes,
+        **fields,
+    )
+
+
+def block_config(adapter: Adapter, rows: list[ModuleRow], global_rank: int) -> dict:
+    """``adapter_config.json`` for a block form: every module gets its written rank and scale exactly 1.
+
+    Global ``r`` and ``lora_alpha`` become ``global_rank`` and rsLoRA is turned off (``α/r = 1``). Modules
+    whose rank differs get exact-name entries in ``rank_pattern`` and the same in ``alpha_pattern``, so their
+    scale is ``r_m / r_m = 1`` whatever the order PEFT tries the keys in. The input's own patterns and rsLoRA
+    are folded into ``B'`` already.
+    """
+    config = dict(adapter.config)
+    r = global_rank
+    ranks = {row.module: row.output_rank for row in rows}
+    patterns = {re.escape(name): rank for name, rank in sorted(ranks.items()) if rank != r}
+    config.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern=patterns, alpha_pattern=dict(patterns))
+    for name, rank in ranks.items():  # a name that is a dotted suffix of another could make keys collide
+        if pattern_value(patterns, name, r) != rank:
+            raise CsuloraError(
+                f"{adapter.path}: module {name} cannot be given its own rank in rank_pattern (its name matches "
+                "another module's key); use --form factored"
+            )
+    return config
+
+
+def lambda_words(lam: float | str) -> str:
+    return "∞" if lam == "inf" else f"{lam:g}"

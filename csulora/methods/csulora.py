@@ -1,0 +1,70 @@
+"""CSULoRA, the paper's method (DESIGN.md §4): attenuate what leaves the safety subspace, keep ``F`` exactly.
+
+``factored`` (default): ``B' = (P + γ_out P⊥) B``, ``A' = A (Q + γ_in Q⊥)``, rank and config kept.
+``block``: the matrix-level problem solved exactly at rank ``2r``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import LoraModule
+from ..correction import (
+    attenuation,
+    block_attenuation,
+    block_energies,
+    block_update,
+    component_energies,
+    corrected_energies,
+    factored_update,
+    relative_energies,
+    safe_lora_score_subspace,
+    split,
+)
+from ..settings import Settings
+from ..subspace import Subspace
+from .base import Corrected, Method, in_float64, lambda_words, module_row, written
+
+
+class Csulora(Method):
+    name = "csulora"
+    forms = ("factored", "block")
+    infinite_lambda = True  # λ → ∞ is the two-sided hard projection onto F
+
+    def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
+        A, B, U, V = in_float64(module, sub)
+        sB = module.scaling * B
+        # the score from the subspace, so that cached and computing runs agree (docs/scale.md)
+        score = safe_lora_score_subspace(A, B, U, sub.S)
+        sp = split(A, sB, U, V)
+        energies = component_energies(sp)
+        rho, total = relative_energies(energies), sum(energies.values())
+        # F is kept exactly by both forms, so the erosion coefficient is unchanged (erosion_after = erosion)
+        if settings.form == "block":
+            gamma_h, gamma_o = block_attenuation(rho, settings.lam)
+            A_new, B_new = block_update(sp, gamma_h, gamma_o)
+            row = module_row(
+                module, sub, A, sB, score, energies, gamma_in=gamma_h, gamma_out=gamma_h, gamma_off=gamma_o,
+                rank_after=2 * module.rank,
+                rho_after=relative_energies(block_energies(energies, gamma_h, gamma_o), total),
+            )  # fmt: skip
+            A_out, B_out = written(module, A_new, B_new)
+            return Corrected(row, A_out, B_out)
+        gamma_out, gamma_in = attenuation(rho, settings.lam)
+        A_new, B_new = factored_update(A, B, U, V, gamma_out, gamma_in)
+        row = module_row(
+            module, sub, A, sB, score, energies, gamma_in=gamma_in, gamma_out=gamma_out,
+            rho_after=relative_energies(corrected_energies(energies, gamma_out, gamma_in), total),
+        )  # fmt: skip
+        # a side with γ = 1 comes back as the input tensor itself: λ = 0 writes the input bit for bit
+        A_out, B_out = written(module, module.A if gamma_in == 1.0 else A_new, module.B if gamma_out == 1.0 else B_new)
+        return Corrected(row, A_out, B_out)
+
+    def block_rank(self, ranks: list[int], config: dict) -> int:
+        return 2 * int(config["r"])
+
+    def words(self, settings: dict, form: str) -> str:
+        return f"CSULoRA (closest safe update, {form} form, λ = {lambda_words(settings['lambda'])})"
+
+
+METHOD = Csulora()

@@ -1,0 +1,62 @@
+"""Re-alignment (DESIGN.md §5b), beyond the paper: act on the fully aligned block ``F = P ΔW Q`` itself.
+
+``X* = argmin ‖X − ΔW‖² + λ ‖P X Q − β D_k‖² = ΔW − c (F − β D_k)``, ``c = λ/(1+λ)``: the in-subspace part
+of the update is pulled toward ``β D_k`` (``β = 0``: erased softly) and ``H_in``, ``H_out``, ``O`` are kept.
+``block`` writes it exactly at rank ``r + k``; ``factored`` writes its best rank-``r`` approximation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import LoraModule
+from ..correction import (
+    best_rank,
+    component_energies,
+    realign_block_factors,
+    realign_shift,
+    realign_strength,
+    safe_lora_score_subspace,
+    split,
+    subspace_block,
+)
+from ..settings import Settings
+from ..subspace import Subspace
+from .base import Corrected, Method, after, in_float64, lambda_words, module_row, written
+
+
+class Realign(Method):
+    name = "realign"
+    forms = ("factored", "block")
+    infinite_lambda = True  # c = 1: F replaced by β D_k
+
+    def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
+        A, B, U, V = in_float64(module, sub)
+        sB = module.scaling * B
+        score = safe_lora_score_subspace(A, B, U, sub.S)
+        energies = component_energies(split(A, sB, U, V))
+        total = sum(energies.values())
+        c = realign_strength(settings.lam)
+        fields = {"c": c, "beta": settings.beta}
+        block = settings.form == "block"
+        if c == 0.0 or (sub.k == 0 and not block):  # X* = ΔW: the input bit for bit
+            truncation = None if block else 0.0
+            return Corrected(module_row(module, sub, A, sB, score, energies, truncation_loss=truncation, **fields),
+                             module.A, module.B)  # fmt: skip
+        Z = realign_shift(subspace_block(A, sB, U, V), sub.S.double(), c, settings.beta)
+        A_new, B_new = realign_block_factors(A, sB, U, V, Z)  # exact, rank r + k, scale 1
+        if block:
+            row = module_row(module, sub, A, sB, score, energies, rank_after=module.rank + sub.k,
+                             **after(sub, A_new, B_new, total), **fields)  # fmt: skip
+            return Corrected(row, *written(module, A_new, B_new))
+        A_new, B_new, dropped = best_rank(A_new, B_new, module.rank)
+        row = module_row(module, sub, A, sB, score, energies, truncation_loss=dropped / total if total else 0.0,
+                         **after(sub, A_new, B_new, total), **fields)  # fmt: skip
+        return Corrected(row, *written(module, A_new, B_new / module.scaling))  # the config's scaling is kept
+
+    def words(self, settings: dict, form: str) -> str:
+        return (f"re-alignment ({form} form, λ = {lambda_words(settings['lambda'])}, β = {settings['beta']:g}: the "
+                "in-subspace part of the update pulled toward β·D_k, the rest kept)")  # fmt: skip
+
+
+METHOD = Realign()

@@ -1,0 +1,135 @@
+"""The command-line options, each declared once, and the decorator that gives a command a group of them.
+
+``sanitize``, ``audit``, ``sweep`` and ``subspace`` share their subspace, method, input and cache options:
+``@with_options(SUBSPACE, ...)`` appends the group's parameters to the command's signature (typer reads
+``__signature__``) and hands the command their values as one ``Options`` mapping.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cache import SubspaceSource
+from .errors import CsuloraError
+from .settings import DEFAULT_METHOD, METHOD_DEFAULTS, Settings
+
+DEFAULTS = Settings()  # the one place defaults live; the options below show them
+
+
+def _method_defaults() -> str:
+    def words(d: dict) -> str:
+        return ", ".join(f"{k.removeprefix('subspace_')}={v:g}" for k, v in d.items())
+
+    return "; ".join(f"{m}: {words(d)}" for m, d in METHOD_DEFAULTS.items())
+
+
+Group = dict[str, tuple[Any, Any]]  # parameter name → (Annotated type, default)
+
+SUBSPACE: Group = {
+    "subspace_rank": (Annotated[int | None, typer.Option(help="Fixed subspace rank k (overrides the energy rule).")],
+                      None),
+    "subspace_energy": (Annotated[float | None, typer.Option(help="Choose k to hold this fraction η of ‖D‖².")],
+                        None),
+    "max_subspace_rank": (Annotated[int, typer.Option(help="Cap on the subspace rank.")], DEFAULTS.max_subspace_rank),
+    "exact_svd": (Annotated[bool, typer.Option("--exact-svd", help="Exact SVD instead of the seeded randomized one.")],
+                  DEFAULTS.exact_svd),
+    "seed": (Annotated[int, typer.Option(help="Seed of the randomized SVD.")], DEFAULTS.seed),
+    "device": (Annotated[str, typer.Option(help="auto, cpu or cuda.")], DEFAULTS.device),
+}  # fmt: skip
+FORM: Group = {
+    "form": (Annotated[str, typer.Option(help="factored (same rank and config) or block (exact, higher rank).")],
+             DEFAULTS.form),
+}  # fmt: skip
+METHOD: Group = {
+    "method": (Annotated[str, typer.Option(help=f"realign, csulora (the paper's method) or safe-lora (the baseline). "
+                                                f"Default: {DEFAULT_METHOD} (docs/defaults.md).")], DEFAULT_METHOD),
+}  # fmt: skip
+CORRECTION: Group = {
+    "lam": (Annotated[float | None, typer.Option("--lambda", help="Strength λ ≥ 0 (0 = unchanged; inf allowed). "
+                                                 f"Default per method: {_method_defaults()}.")], None),
+    "beta": (Annotated[float | None, typer.Option(help="realign: pull the in-subspace part toward β·D_k (0: erase "
+                                                       "it).")], None),
+    "threshold": (Annotated[float | None, typer.Option(help="safe-lora: project modules with score ≤ this (default "
+                                                           f"{DEFAULTS.threshold}).")], None),
+    "top_n": (Annotated[int | None, typer.Option("--top-n", help="safe-lora: project the n lowest-scoring modules.")],
+              None),
+}  # fmt: skip
+INPUT: Group = {
+    "aligned": (Annotated[str, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id "
+                                                              "org/name@rev.")], ...),
+    "base": (Annotated[str | None, typer.Option(help="Pretrained (unaligned) checkpoint. Default: the adapter's base "
+                                                     "model, or the aligned card's.")], None),
+    "trust_pickle": (Annotated[bool, typer.Option("--trust-pickle", help="Allow adapter_model.bin (loaded "
+                                                                         "weights-only).")], False),
+}  # fmt: skip
+CACHE: Group = {
+    "cache_dir": (Annotated[Path | None, typer.Option(help="Subspace cache folder (default $CSULORA_CACHE, "
+                                                           "$XDG_CACHE_HOME/csulora, ~/.cache/csulora).")], None),
+    "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the subspace cache.")], False),
+}  # fmt: skip
+DEBUG: Group = {"debug": (Annotated[bool, typer.Option("--debug", help="Show tracebacks.")], False)}
+RUN: Group = {
+    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")], False),
+    **DEBUG,
+}
+JSON: Group = {
+    "json_out": (Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, nothing else "
+                                                             "there.")], False),
+}  # fmt: skip
+
+
+class Options(dict):
+    """The values of a command's shared options, with what they build."""
+
+    def settings(self, **override) -> Settings:
+        """``Settings`` from the subspace, form and method options (``override`` for a sweep point)."""
+        values = {**self, **override}
+        method = values.get("method", DEFAULT_METHOD)
+        if values.get("threshold") is not None and values.get("top_n") is not None:
+            raise CsuloraError("--threshold and --top-n are two ways to choose modules for safe-lora; pass one")
+        if method != "safe-lora" and (values.get("threshold") is not None or values.get("top_n") is not None):
+            raise CsuloraError("--threshold and --top-n apply to --method safe-lora only")
+        if method != "realign" and values.get("beta") is not None:
+            raise CsuloraError("--beta applies to --method realign only")
+        fields = {f: values[f] for f in ("lam", "beta", "subspace_rank", "subspace_energy", "max_subspace_rank",
+                                         "exact_svd", "seed", "device", "form", "top_n") if f in values}  # fmt: skip
+        threshold = values.get("threshold")
+        settings = Settings(method=method, threshold=DEFAULTS.threshold if threshold is None else threshold, **fields)
+        settings.resolved().validate()  # bad values fail here, before anything is read
+        return settings
+
+    def source(self, enabled: bool | None = None) -> SubspaceSource:
+        return SubspaceSource.open(self.get("cache_dir"), enabled=not self.get("no_cache") if enabled is None else
+                                   enabled)  # fmt: skip
+
+
+def with_options(*groups: Group) -> Callable:
+    """Give a command the options of ``groups`` after its own; it receives them as ``opts: Options``."""
+    names = [name for group in groups for name in group]
+
+    def decorate(fn: Callable) -> Callable:
+        own = [p for name, p in inspect.signature(fn, eval_str=True).parameters.items() if name != "opts"]
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+            for group in groups for name, (annotation, default) in group.items()
+        ]  # fmt: skip
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            opts = Options({name: kwargs.pop(name) for name in names})
+            return fn(**kwargs, opts=opts)
+
+        # keyword-only: the declared order stays, required options (default ...) may follow optional ones
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=inspect.Parameter.empty if p.default is ...
+                            else p.default) for p in own + extra]  # fmt: skip
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate

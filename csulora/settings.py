@@ -1,0 +1,116 @@
+"""``Settings``: everything that changes the numbers, with each method's measured defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .cache import SubspaceParams
+from .errors import CsuloraError
+
+FORMS = ("factored", "block")
+# The default method and every method's default settings come from the cross-world safety benchmark,
+# chosen leave-one-world-out (docs/defaults.md); the methods themselves live in methods/.
+DEFAULT_METHOD = "csulora"
+METHOD_DEFAULTS: dict[str, dict] = {
+    "csulora": {"lam": 64.0, "subspace_energy": 0.25},
+    "realign": {"lam": math.inf, "beta": 0.25, "subspace_rank": 4},
+    "safe-lora": {"subspace_energy": 0.25},  # the subspace only feeds the report's decomposition
+}
+# What the model card says of each method: where it stands on the evidence (docs/defaults.md).
+METHOD_NOTES = {
+    "csulora": "The paper's method (CSULoRA) keeps the fully aligned part F = PΔWQ of the update exactly; on "
+    "csulora's miniature worlds that part carries the attack, so it restores refusal only where it also deletes "
+    "the new skill (docs/defaults.md).",
+    "realign": "Re-alignment goes beyond the paper: it acts on the fully aligned part F = PΔWQ, where the "
+    "miniature worlds' attacks turn the aligned directions back (docs/defaults.md).",
+    "safe-lora": "Safe LoRA is the baseline the paper compares against (docs/methods.md).",
+}
+FALLBACK = {"lam": 1.0, "beta": 0.0, "subspace_energy": 0.5}  # a method without its own defaults
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A ``None`` takes the method's default (``METHOD_DEFAULTS``); ``resolved()`` fills them in.
+
+    The subspace rule is ``subspace_rank`` when given, else ``subspace_energy`` when given, else the
+    method's default rule."""
+
+    method: str = DEFAULT_METHOD
+    lam: float | None = None
+    beta: float | None = None  # realign: pull the in-subspace block toward β·D_k
+    form: str = "factored"
+    subspace_rank: int | None = None
+    subspace_energy: float | None = None
+    max_subspace_rank: int = 256
+    exact_svd: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    threshold: float = 0.5  # Safe LoRA: project modules with score ≤ τ …
+    top_n: int | None = None  # … or the n lowest-scoring
+
+    def resolved(self) -> Settings:
+        """The same settings with every ``None`` replaced by the method's default."""
+        defaults = {**FALLBACK, **METHOD_DEFAULTS.get(self.method, {})}
+        lam = defaults["lam"] if self.lam is None else self.lam
+        beta = defaults["beta"] if self.beta is None else self.beta
+        rank, energy = self.subspace_rank, self.subspace_energy
+        if rank is None and energy is None:
+            rank = defaults.get("subspace_rank")
+            energy = None if rank is not None else defaults["subspace_energy"]
+        return replace(self, lam=float(lam), beta=float(beta), subspace_rank=rank, subspace_energy=energy)
+
+    def validate(self) -> None:
+        from .methods import METHODS  # methods/ imports this module
+
+        method = METHODS.get(self.method)
+        if method is None:
+            raise CsuloraError(f"--method {self.method!r} is not available; use one of {', '.join(METHODS)}")
+        if self.lam is not None and not (self.lam >= 0 and (math.isfinite(self.lam) or method.infinite_lambda)):
+            allowed = "a number ≥ 0 or inf" if method.infinite_lambda else "a finite number ≥ 0"
+            raise CsuloraError(f"--lambda must be {allowed} for --method {self.method}, got {self.lam}")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
+            raise CsuloraError(f"--beta must be a finite number ≥ 0, got {self.beta}")
+        if self.subspace_rank is not None and self.subspace_rank < 1:
+            raise CsuloraError(f"--subspace-rank must be ≥ 1, got {self.subspace_rank}")
+        if self.subspace_energy is not None and not 0 < self.subspace_energy <= 1:
+            raise CsuloraError(f"--subspace-energy must be in (0, 1], got {self.subspace_energy}")
+        if self.max_subspace_rank < 1:
+            raise CsuloraError(f"--max-subspace-rank must be ≥ 1, got {self.max_subspace_rank}")
+        if self.form not in FORMS:
+            raise CsuloraError(f"--form {self.form!r} is not available; use one of {', '.join(FORMS)}")
+        if self.form not in method.forms:
+            raise CsuloraError(f"--method {self.method} keeps the rank; --form {self.form} does not apply to it")
+        if not 0 <= self.seed < 2**63:
+            raise CsuloraError(f"--seed must be in [0, 2^63), got {self.seed}")
+        if not math.isfinite(self.threshold):
+            raise CsuloraError(f"--threshold must be a finite number, got {self.threshold}")
+        if self.top_n is not None and self.top_n < 1:
+            raise CsuloraError(f"--top-n must be ≥ 1, got {self.top_n}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise CsuloraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise CsuloraError("--device cuda: no CUDA device is available; use --device cpu")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def subspace_params(self, transposed: bool = False) -> SubspaceParams:
+        """The subspace rule of resolved settings, as the cache keys it."""
+        return SubspaceParams(
+            rank=self.subspace_rank, energy=self.subspace_energy if self.subspace_rank is None else 0.0,
+            max_rank=self.max_subspace_rank, exact=self.exact_svd, seed=self.seed, transposed=transposed,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        """The settings as the report and the adapter's header record them (JSON: ``λ = ∞`` is ``"inf"``)."""
+        d = asdict(self)
+        d.pop("device")  # where it ran does not change the numbers (tests/test_cache.py checks cpu = cuda)
+        d["lambda"] = d.pop("lam")
+        if d["lambda"] is not None and math.isinf(d["lambda"]):
+            d["lambda"] = "inf"
+        return dict(sorted(d.items()))
