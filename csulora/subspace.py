@@ -31,7 +31,8 @@ class Subspace:
 
     @property
     def captured_fraction(self) -> float:
-        return self.captured_energy / self.total_energy if self.total_energy > 0 else 0.0
+        # ≤ 1 up to float32 rounding of U, V; when k reaches the rank of D that rounding can show as 1 + 1e-7
+        return min(1.0, self.captured_energy / self.total_energy) if self.total_energy > 0 else 0.0
 
 
 def displacement(w_aligned: Tensor, w_base: Tensor) -> Tensor:

@@ -49,3 +49,29 @@ def safe_lora_score(dW: torch.Tensor, D: torch.Tensor) -> float:
     dW = dW.double()
     CdW = safe_lora_matrix(D) @ dW
     return float((CdW * dW).sum() / (torch.linalg.norm(CdW) * torch.linalg.norm(dW)))
+
+
+def truncated(D: torch.Tensor, k: int) -> torch.Tensor:
+    """``D_k = U_k Σ_k V_kᵀ``, the rank-k truncation of ``D`` (exact SVD)."""
+    U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+    return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
+
+
+def realign_delta(dW: torch.Tensor, D: torch.Tensor, k: int, lam: float, beta: float) -> torch.Tensor:
+    """§5b: X* = ΔW − c (F − β D_k), c = λ/(1+λ) (1 at λ = ∞), with dense projectors."""
+    P, Q = projectors(D, k)
+    c = 1.0 if lam == float("inf") else lam / (1 + lam)
+    dW = dW.double()
+    return dW - c * (P @ dW @ Q - beta * truncated(D, k))
+
+
+def erosion(dW: torch.Tensor, D: torch.Tensor, k: int) -> float:
+    """§5b: e = ⟨ΔW, D_k⟩ / ‖D_k‖²."""
+    Dk = truncated(D, k)
+    return float((dW.double() * Dk).sum() / (Dk * Dk).sum())
+
+
+def best_rank(X: torch.Tensor, r: int) -> torch.Tensor:
+    """Eckart–Young: the best rank-r approximation of X (exact SVD)."""
+    U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]

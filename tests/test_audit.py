@@ -58,12 +58,60 @@ def test_thresholds_compare_the_documented_values(report):
     assert violations(report, Thresholds(min_safe_lora_score=lowest.safe_lora_score)) == []
     [v] = violations(report, Thresholds(min_safe_lora_score=lowest.safe_lora_score + 1e-9))
     assert v["modules"] == [{"module": lowest.module, "value": lowest.safe_lora_score}]
+    erosion = report.totals()["erosion_before"]
+    assert violations(report, Thresholds(min_erosion=erosion)) == []
+    [v] = violations(report, Thresholds(min_erosion=erosion + 1e-9))
+    assert v["value"] == erosion and all(m["value"] < 0 for m in v["modules"])
+    shares = [m["value"] for m in v["modules"]]
+    assert shares == sorted(shares)  # worst first
+
+
+def eroding_adapter(folder: Path, llama_pair, coefficient: float) -> Path:
+    """A PEFT adapter whose update is ``coefficient · D_4`` in every module: it turns the alignment back."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_methods_peft import _weights, load_llama
+
+    make_peft_adapter(folder, llama_pair["aligned"], seed=9)
+    aligned, base = _weights(load_llama(llama_pair["aligned"])), _weights(load_llama(llama_pair["base"]))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    for name in aligned:
+        U, S, Vh = torch.linalg.svd(aligned[name] - base[name], full_matrices=False)
+        scaling = 8 / 4  # lora_alpha / r of make_peft_adapter
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (coefficient / scaling * U[:, :4] * S[:4]).float().contiguous()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = Vh[:4].float().contiguous()
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_min_erosion_fails_an_eroding_adapter_until_realign_fixes_it(tmp_path, llama_pair, schema):
+    """audit --min-erosion: an update along −D fails the gate; re-aligned (λ = ∞, β = 0) it passes."""
+    adapter = eroding_adapter(tmp_path / "eroding", llama_pair, -0.5)
+    base = ["audit", "--aligned", str(llama_pair["aligned"]), "--subspace-rank", "4", "--min-erosion", "-0.1"]
+    bad = run_cli(*base, "--adapter", str(adapter), "--json")
+    assert bad.returncode == 1, bad.stderr
+    document = json.loads(bad.stdout)
+    jsonschema.validate(document, schema)
+    [v] = document["violations"]
+    assert v["threshold"] == "min_erosion" and v["value"] == pytest.approx(-0.5, abs=1e-3)
+    assert "erosion coefficient -0.500 < -0.100" in bad.stderr and "model.layers." in bad.stderr
+    out = tmp_path / "fixed"
+    fixed = run_cli("sanitize", "--adapter", str(adapter), "--aligned", str(llama_pair["aligned"]), "-o", str(out),
+                    "--method", "realign", "--lambda", "inf", "--beta", "0", "--subspace-rank", "4", "-q")  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    report = json.loads((out / "csulora_report.json").read_text())
+    assert report["totals"]["erosion_before"] == pytest.approx(-0.5, abs=1e-3)
+    assert abs(report["totals"]["erosion_after"]) < 1e-3
+    ok = run_cli(*base, "--adapter", str(out))
+    assert ok.returncode == 0, ok.stderr
 
 
 @pytest.mark.parametrize(
     "settings",
-    [Settings(), Settings(form="block"), Settings(method="safe-lora", top_n=3)],
-    ids=["factored", "block", "safe-lora"],
+    [Settings(method="csulora"), Settings(method="csulora", form="block"), Settings(method="safe-lora", top_n=3),
+     Settings(method="realign"), Settings(method="realign", form="block", lam=float("inf"), beta=0.5)],
+    ids=["factored", "block", "safe-lora", "realign", "realign-block"],
 )
 def test_every_report_validates_against_the_schema(tmp_path, adapters, llama_pair, schema, settings):
     out = sanitize(adapters / "two", str(llama_pair["aligned"]), output=tmp_path / "out", settings=settings).output
@@ -76,7 +124,8 @@ def test_every_report_validates_against_the_schema(tmp_path, adapters, llama_pai
 
 
 def test_html_report_is_self_contained_with_chart_and_table(tmp_path, adapters, llama_pair):
-    out = sanitize(adapters / "one", str(llama_pair["aligned"]), output=tmp_path / "out").output
+    settings = Settings(method="csulora")
+    out = sanitize(adapters / "one", str(llama_pair["aligned"]), output=tmp_path / "out", settings=settings).output
     html = (out / "csulora_report.html").read_text()
     report = json.loads((out / "csulora_report.json").read_text())
     # nothing fetched at view time: no URL, no external resource, no script
@@ -94,11 +143,32 @@ def test_html_report_is_self_contained_with_chart_and_table(tmp_path, adapters, 
 
 def test_html_of_block_and_safe_lora_reports(report):
     adapter, aligned = report.inputs["adapter"]["path"], report.inputs["aligned"]["ref"]
-    block = to_html(audit(adapter, aligned, settings=Settings(form="block")).report)
+    block = to_html(audit(adapter, aligned, settings=Settings(method="csulora", form="block")).report)
     assert "rank changed: 4 → 8" in block and "maximum LoRA rank" in block
     assert "rank changed" not in to_html(report)
     safe = audit(adapter, aligned, settings=Settings(method="safe-lora", top_n=2)).report
     assert to_html(safe).count(">C·B</text>") == 2  # the projected modules are marked in the chart
+
+
+def test_realign_report_shows_what_it_did(report):
+    """c, ρ_F after, the truncation loss and the erosion coefficient before → after, in every rendering."""
+    from rich.console import Console
+
+    from csulora.report import to_markdown, to_table
+
+    adapter, aligned = report.inputs["adapter"]["path"], report.inputs["aligned"]["ref"]
+    realigned = audit(adapter, aligned, settings=Settings(method="realign", lam=3.0, beta=0.5)).report
+    m = realigned.modules[0]
+    assert m.c == 0.75 and m.beta == 0.5 and m.truncation_loss is not None and m.erosion_after != m.erosion
+    erosion = f"{m.erosion:+.3f} → {m.erosion_after:+.3f}"
+    html = to_html(realigned)
+    assert f"{m.erosion:+.3f}</text>" in html and f"{m.erosion_after:+.3f}</text>" in html and erosion in html
+    markdown = to_markdown(realigned)
+    assert "| c | ρ_F after | trunc. loss |" in markdown and erosion in markdown and "re-alignment" in markdown
+    console = Console(width=250, record=True)
+    console.print(to_table(realigned))
+    text = console.export_text()
+    assert "trunc. loss" in text and erosion in text and "erosion coefficient" in text
 
 
 def test_audit_cli_json_passes_and_fails(adapters, llama_pair, schema):

@@ -118,3 +118,38 @@ def test_safe_lora_loads_in_peft_and_equals_its_formula(tmp_path, llama_pair, di
         total = float((d_in[name] ** 2).sum())
         for c, x in parts.items():
             assert rows[name].rho_after[c] == pytest.approx(float((x**2).sum()) / total, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["factored", "block"])
+@pytest.mark.parametrize("kind, lam, beta", [("plain", float("inf"), 0.25), ("rslora", 3.0, 0.0),
+                                             ("patterns", 1.0, 0.5)])  # fmt: skip
+def test_realign_loads_in_peft_and_equals_its_formula(tmp_path, llama_pair, displacements, form, kind, lam, beta):
+    """§5b through PEFT: block merges to X* = ΔW − c(F − βD_k) exactly; factored to its best rank-r approximation,
+    with the input's config and the report's truncation loss."""
+    adapter = make_peft_adapter(tmp_path / "adapter", llama_pair["aligned"], seed=5, **ADAPTERS[kind])
+    settings = Settings(method="realign", form=form, lam=lam, beta=beta, subspace_rank=2, exact_svd=True)
+    result = sanitize(adapter, str(llama_pair["aligned"]), output=tmp_path / "out", settings=settings)
+    d_in, d_out = merged_deltas(llama_pair["aligned"], adapter), merged_deltas(llama_pair["aligned"], result.output)
+    rows = {row.module: row for row in result.report.modules}
+    config = json.loads((result.output / CONFIG).read_text())
+    if form == "factored":
+        assert (result.output / CONFIG).read_bytes() == (adapter / CONFIG).read_bytes()
+        assert not result.report.rank_changed
+    else:
+        assert result.report.rank_changed and config["use_rslora"] is False
+    for name, D in displacements.items():
+        row = rows[name]
+        assert row.k == 2 and row.c == (1.0 if lam == float("inf") else lam / (1 + lam)) and row.beta == beta
+        X = oracle.realign_delta(d_in[name], D, 2, lam, beta)
+        if form == "block":
+            assert row.output_rank == row.rank + 2
+            _close(d_out[name], X)
+        else:
+            X_r = oracle.best_rank(X, row.rank)
+            _close(d_out[name], X_r)
+            loss = float(((X - X_r) ** 2).sum() / (d_in[name] ** 2).sum())
+            assert row.truncation_loss == pytest.approx(loss, rel=1e-4, abs=1e-9)
+        assert row.erosion == pytest.approx(oracle.erosion(d_in[name], D, 2), rel=1e-4)
+        assert row.erosion_after == pytest.approx(oracle.erosion(d_out[name], D, 2), rel=1e-3, abs=1e-5)
+    if lam == float("inf") and form == "block":  # F replaced by β D_k exactly
+        assert result.report.totals()["erosion_after"] == pytest.approx(beta, abs=1e-4)
