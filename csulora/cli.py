@@ -374,5 +374,53 @@ def demo(
         run_demo(workdir, out)
 
 
+EvalModelOpt = Annotated[str, typer.Option("--aligned", help="Model to run (the adapter goes on it): folder, Hub id.")]
+HarmfulOpt = Annotated[Path, typer.Option(help="Harmful prompts: one per line, or AdvBench's CSV (a goal column).")]
+UtilityOpt = Annotated[Path | None, typer.Option(help='Utility prompts: JSON lines {"prompt": …, "answer": …}.')]
+MatchOpt = Annotated[str, typer.Option(help="Utility: contains (the answer appears) or exact (stripped equal).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (the checkpoint's on GPU, float32 on CPU), float32, bfloat16 …")]
+
+
+@app.command("eval")
+def eval_command(
+    aligned: EvalModelOpt,
+    harmful: HarmfulOpt,
+    adapter: Annotated[Path | None, typer.Option(help="PEFT LoRA adapter folder (default: the model alone).")] = None,
+    utility: UtilityOpt = None,
+    match: MatchOpt = "contains",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (greedy).")] = 64,
+    harmful_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per harmful prompt, if fewer: refusals show early (default: as above).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts of each file.")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write metrics and examples here.")] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Refusal rate on harmful prompts, and utility, by greedy generation; the last stdout line is the metrics JSON."""
+    from .evaluate import Options, evaluate, summary
+
+    options = Options(device, dtype, batch_size, max_new_tokens, limit, match, harmful_tokens)
+    with _errors(debug):
+        if json_file is not None and not json_file.parent.is_dir():
+            raise CsuloraError(f"--json {json_file}: the folder {json_file.parent} does not exist; create it first")
+        with _progress(quiet) as progress:
+            result = evaluate(aligned, harmful, utility, adapter, options, progress)
+        if json_file is not None:
+            inputs = {"aligned": aligned, "adapter": adapter, "harmful": harmful, "utility": utility}
+            settings = {**{k: None if v is None else str(v) for k, v in inputs.items()}, **vars(options)}
+            try:
+                json_file.write_text(json.dumps(result.to_dict(settings), indent=2) + "\n")
+            except OSError as e:
+                raise CsuloraError(f"--json {json_file}: cannot write it ({e.strerror or e}); check permissions") from e
+    if not quiet:
+        err.print(summary(result.metrics, str(adapter or aligned), match), markup=False, highlight=False,
+                  soft_wrap=True)  # fmt: skip
+    sys.stdout.write(json.dumps(result.metrics) + "\n")
+
+
 def main() -> None:
     app()
