@@ -199,7 +199,7 @@ def sanitize(
     """Rewrite an adapter so that what leaves the safety subspace is attenuated; write it with a report.
 
     Several --adapter, or a folder of adapter folders, make a batch: -o OUT receives OUT/<name>/ each."""
-    command = ["csulora", *sys.argv[1:]]
+    command = card_command(sys.argv[1:])
     screen = err if json_out else out  # with --json, stdout holds the JSON only
     with _errors(debug):
         settings = _settings(
@@ -372,6 +372,29 @@ def demo(
 
     with _errors(debug):
         run_demo(workdir, out)
+
+
+# Options that choose which adapters run, where subspaces come from, or what the terminal shows, but never a
+# byte of an output (cached and computed subspaces give the same bytes): the model card leaves them out, so a
+# sharded array job writes the cards of one plain run (docs/design-notes.md). Value: whether it takes one.
+NON_CONTENT_OPTIONS = {
+    "--shard": True, "--skip-existing": False, "--force": False, "--cache-dir": True, "--no-cache": False,
+    "--quiet": False, "-q": False, "--json": False, "--debug": False,
+}  # fmt: skip
+
+
+def card_command(argv: list[str]) -> list[str]:
+    """``csulora`` and ``argv`` without the non-content options: the command that reproduces the output."""
+    command, skip = ["csulora"], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif arg in NON_CONTENT_OPTIONS:
+            skip = NON_CONTENT_OPTIONS[arg]
+        elif not (name.startswith("--") and NON_CONTENT_OPTIONS.get(name)):  # --shard=1/4, --cache-dir=…
+            command.append(arg)
+    return command
 
 
 EvalModelOpt = Annotated[str, typer.Option("--aligned", help="Model to run (the adapter goes on it): folder, Hub id.")]
