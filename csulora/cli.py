@@ -426,7 +426,8 @@ def eval_command(
     """Refusal rate on harmful prompts, and utility, by greedy generation; the last stdout line is the metrics JSON."""
     from .evaluate import Options, evaluate, summary
 
-    options = Options(device, dtype, batch_size, max_new_tokens, limit, match, harmful_tokens)
+    options = Options(device=device, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+                      match=match, harmful_tokens=harmful_tokens)  # fmt: skip
     with _errors(debug):
         if json_file is not None and not json_file.parent.is_dir():
             raise CsuloraError(f"--json {json_file}: the folder {json_file.parent} does not exist; create it first")

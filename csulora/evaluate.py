@@ -124,9 +124,9 @@ class Options:
                             ("--harmful-tokens", self.harmful_tokens), ("--limit", self.limit)):  # fmt: skip
             if value is not None and value < 1:
                 raise CsuloraError(f"{name} must be ≥ 1, got {value}")
-        device = Settings(device=self.device)  # one device rule for every command
-        device.validate()
-        return device.torch_device()
+        rule = Settings(device=self.device)  # one device rule for every command
+        rule.validate()
+        return rule.torch_device()
 
     def torch_dtype(self, device: torch.device) -> torch.dtype | str:
         # auto: the checkpoint's own dtype on a GPU; float32 on CPU, where half precision is slow
