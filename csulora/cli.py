@@ -127,7 +127,7 @@ def sanitize(
     """Rewrite an adapter so that it is safe to publish; write it with a per-layer report.
 
     Several --adapter, or a folder of adapter folders, make a batch: -o OUT receives OUT/<name>/ each."""
-    command = ["csulora", *sys.argv[1:]]
+    command = card_command(sys.argv[1:])
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     inputs = {"aligned": opts["aligned"], "base": opts["base"], "trust_pickle": opts["trust_pickle"]}
     with _errors(opts["debug"]):
@@ -282,6 +282,80 @@ def demo(
 
     with _errors(opts["debug"]):
         run_demo(workdir, out)
+
+
+# Options that choose which adapters run, where subspaces come from, or what the terminal shows, but never a
+# byte of an output (cached and computed subspaces give the same bytes): the model card leaves them out, so a
+# sharded array job writes the cards of one plain run (docs/design-notes.md). Value: whether it takes one.
+NON_CONTENT_OPTIONS = {
+    "--shard": True, "--skip-existing": False, "--force": False, "--cache-dir": True, "--no-cache": False,
+    "--quiet": False, "-q": False, "--json": False, "--debug": False,
+}  # fmt: skip
+
+
+def card_command(argv: list[str]) -> list[str]:
+    """``csulora`` and ``argv`` without the non-content options: the command that reproduces the output."""
+    command, skip = ["csulora"], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif arg in NON_CONTENT_OPTIONS:
+            skip = NON_CONTENT_OPTIONS[arg]
+        elif not (name.startswith("--") and NON_CONTENT_OPTIONS.get(name)):  # --shard=1/4, --cache-dir=…
+            command.append(arg)
+    return command
+
+
+EvalModelOpt = Annotated[str, typer.Option("--aligned", help="Model to run (the adapter goes on it): folder, Hub id.")]
+HarmfulOpt = Annotated[Path, typer.Option(help="Harmful prompts: one per line, or AdvBench's CSV (a goal column).")]
+UtilityOpt = Annotated[Path | None, typer.Option(help='Utility prompts: JSON lines {"prompt": …, "answer": …}.')]
+MatchOpt = Annotated[str, typer.Option(help="Utility: contains (the answer appears) or exact (stripped equal).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (the checkpoint's on GPU, float32 on CPU), float32, bfloat16 …")]
+
+
+@app.command("eval")
+@with_options(RUN)
+def eval_command(
+    aligned: EvalModelOpt,
+    harmful: HarmfulOpt,
+    adapter: Annotated[Path | None, typer.Option(help="PEFT LoRA adapter folder (default: the model alone).")] = None,
+    utility: UtilityOpt = None,
+    match: MatchOpt = "contains",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (greedy).")] = 64,
+    harmful_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per harmful prompt, if fewer: refusals show early (default: as above).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts of each file.")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write metrics and examples here.")] = None,
+    *,
+    opts: Options,
+) -> None:
+    """Refusal rate on harmful prompts, and utility, by greedy generation; the last stdout line is the metrics JSON."""
+    from .evaluate import EvalOptions, evaluate, summary
+
+    quiet, debug = opts["quiet"], opts["debug"]
+    options = EvalOptions(device=device, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+                      match=match, harmful_tokens=harmful_tokens)  # fmt: skip
+    with _errors(debug):
+        if json_file is not None and not json_file.parent.is_dir():
+            raise CsuloraError(f"--json {json_file}: the folder {json_file.parent} does not exist; create it first")
+        with _progress(quiet) as progress:
+            result = evaluate(aligned, harmful, utility, adapter, options, progress)
+        if json_file is not None:
+            inputs = {"aligned": aligned, "adapter": adapter, "harmful": harmful, "utility": utility}
+            settings = {**{k: None if v is None else str(v) for k, v in inputs.items()}, **vars(options)}
+            try:
+                json_file.write_text(json.dumps(result.to_dict(settings), indent=2) + "\n")
+            except OSError as e:
+                raise CsuloraError(f"--json {json_file}: cannot write it ({e.strerror or e}); check permissions") from e
+    if not quiet:
+        err.print(summary(result.metrics, str(adapter or aligned), match), markup=False, highlight=False,
+                  soft_wrap=True)  # fmt: skip
+    sys.stdout.write(json.dumps(result.metrics) + "\n")
 
 
 def main() -> None:

@@ -53,6 +53,8 @@ def timed(cmd: list[str], env: dict | None = None, stdout=subprocess.DEVNULL) ->
 
 
 def generate(workdir: Path, size: str) -> dict[str, Path]:
+    import torch
+
     from csulora.synthetic import SIZES, write_adapter, write_pair
 
     shape = SIZES[size]
@@ -63,9 +65,10 @@ def generate(workdir: Path, size: str) -> dict[str, Path]:
         return paths
     shutil.rmtree(workdir, ignore_errors=True)
     t = time.perf_counter()
-    write_pair(workdir, shape, shard_bytes=SHARD_BYTES[size])
+    write_pair(workdir, shape, spectrum="fine-tune", dtype=torch.bfloat16, shard_bytes=SHARD_BYTES[size])
     for i in (1, 2):
-        write_adapter(paths[f"adapter{i}"], shape, str(paths["aligned"]), r=16, alpha=32, seed=i)
+        write_adapter(paths[f"adapter{i}"], shape, str(paths["aligned"]), r=16, alpha=32, a_std=None, b_std=0.01,
+                      seed=i)  # fmt: skip
     marker.write_text(json.dumps({"size": size}))
     print(f"generated {size} pair and adapters in {time.perf_counter() - t:.0f} s", flush=True)
     return paths

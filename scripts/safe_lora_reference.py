@@ -4,7 +4,7 @@ else a LOCAL REFERENCE IMPLEMENTATION of DESIGN.md §5 (Hsu et al., NeurIPS 2024
 Reference: per module ``C = D Dᵀ / ‖D‖_F`` with ``D = W_aligned − W_base``; the score is
 ``cos(vec(C B A), vec(B A))`` (``csulora.correction.safe_lora_score``); modules with score ``≤ τ``, or the
 ``n`` lowest-scoring ones, get ``B ← C B = D (Dᵀ B) / ‖D‖_F``. Tensor names, shapes, dtypes and the config
-are unchanged. Used by ``scripts/bench_safety.py`` and ``scripts/eval_llm.py`` only.
+are unchanged. Used by ``scripts/bench_safety.py`` only.
 """
 
 from __future__ import annotations

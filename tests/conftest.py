@@ -1,11 +1,13 @@
-"""Shared fixtures: a tiny random Llama pair saved by transformers (sharded), adapters made by PEFT,
-and a runner for the real ``csulora`` command."""
+"""Shared fixtures and helpers: a tiny random Llama pair saved by transformers (sharded), adapters made by
+PEFT, a runner for the real ``csulora`` command and checks of its output. Synthetic pairs and adapters
+written without transformers come from ``csulora.synthetic``."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -84,9 +86,49 @@ def peft_adapter(tmp_path, llama_pair) -> Path:
     return make_peft_adapter(tmp_path / "adapter", llama_pair["aligned"])
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The real command, in a subprocess, importing this checkout's package."""
+def run_cli(
+    *args: str | Path, cwd: Path | None = None, env: dict | None = None, in_process: bool = False
+) -> subprocess.CompletedProcess:
+    """The real command: in a subprocess importing this checkout's package (its own argv, environment and
+    streams, as a user runs it), or ``in_process`` with typer's runner, fast enough for property tests.
+    Either way a ``CompletedProcess``; an unexpected exception in process ends ``stderr`` as a traceback."""
+    args = [str(a) for a in args]
+    if in_process:
+        return _run_in_process(args, cwd, env)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "csulora", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
     )
+
+
+def _run_in_process(args: list[str], cwd: Path | None, env: dict | None) -> subprocess.CompletedProcess:
+    from typer.testing import CliRunner
+
+    from csulora.cli import app
+
+    before = Path.cwd()
+    os.chdir(cwd or before)
+    try:
+        result = CliRunner().invoke(app, args, env=env)
+    finally:
+        os.chdir(before)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["csulora", *args], result.exit_code, result.stdout, stderr)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2 with exactly one non-empty stderr line starting with ``error:``, naming each needle."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder, relative path → bytes: for byte-for-byte comparisons of outputs."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

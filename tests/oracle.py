@@ -3,7 +3,12 @@ float64, exact SVD. Fine for the tiny matrices of the tests; the product never d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
+
+PREFIX = "base_model.model."
 
 
 def projectors(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,3 +80,26 @@ def best_rank(X: torch.Tensor, r: int) -> torch.Tensor:
     """Eckart–Young: the best rank-r approximation of X (exact SVD)."""
     U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
     return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def expected_delta(A, B, scaling: float, D: torch.Tensor, k: int, lam: float) -> torch.Tensor:
+    """The oracle ``ΔW'`` (§4) from dense projectors of the exact rank-``k`` subspace."""
+    P, Q = projectors(D, k)
+    return factored_delta(scaling * B.double() @ A.double(), P, Q, lam)
+
+
+def load_factors(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A, B)}`` as float64, from an adapter folder's safetensors file."""
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    names = sorted({k[len(PREFIX) : -len(".lora_A.weight")] for k in tensors})
+    return {
+        n: (tensors[f"{PREFIX}{n}.lora_A.weight"].double(), tensors[f"{PREFIX}{n}.lora_B.weight"].double())
+        for n in names
+    }
+
+
+def displacement(pair: dict[str, Path], name: str) -> torch.Tensor:
+    """``D = W_a − W_b`` of a single-file pair exactly as the product computes it (float32)."""
+    a = load_file(str(pair["aligned"] / "model.safetensors"))[f"{name}.weight"]
+    b = load_file(str(pair["base"] / "model.safetensors"))[f"{name}.weight"]
+    return a.float() - b.float()

@@ -79,7 +79,8 @@ def eroding_adapter(folder: Path, llama_pair, coefficient: float) -> Path:
     for name in aligned:
         U, S, Vh = torch.linalg.svd(aligned[name] - base[name], full_matrices=False)
         scaling = 8 / 4  # lora_alpha / r of make_peft_adapter
-        tensors[f"base_model.model.{name}.lora_B.weight"] = (coefficient / scaling * U[:, :4] * S[:4]).float().contiguous()
+        B = coefficient / scaling * U[:, :4] * S[:4]
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.float().contiguous()
         tensors[f"base_model.model.{name}.lora_A.weight"] = Vh[:4].float().contiguous()
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     return folder

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import csulora.cache as cache_mod
@@ -26,12 +27,14 @@ MODULES = len(TINY.linear())
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    return write_pair(tmp_path_factory.mktemp("pair"), TINY, shard_bytes=40_000)
+    return write_pair(tmp_path_factory.mktemp("pair"), TINY, spectrum="fine-tune", dtype=torch.bfloat16,
+                      shard_bytes=40_000)  # fmt: skip
 
 
 def _adapters(root, pair, n, corrupt=()):
     for i in range(n):
-        folder = write_adapter(root / f"adapter-{i:02d}", TINY, str(pair["aligned"]), r=4, alpha=8, seed=i)
+        folder = write_adapter(root / f"adapter-{i:02d}", TINY, str(pair["aligned"]), r=4, alpha=8, a_std=None,
+                               b_std=0.01, seed=i)  # fmt: skip
         if i in corrupt:
             weights = folder / "adapter_model.safetensors"
             weights.write_bytes(weights.read_bytes()[:200])  # truncated

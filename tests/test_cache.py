@@ -28,8 +28,9 @@ MODULES = len(TINY.linear())  # 14
 
 @pytest.fixture
 def pair(tmp_path):
-    paths = write_pair(tmp_path / "pair", TINY, shard_bytes=40_000)
-    paths["adapter"] = write_adapter(tmp_path / "adapter", TINY, str(paths["aligned"]), r=4, alpha=8)
+    paths = write_pair(tmp_path / "pair", TINY, spectrum="fine-tune", dtype=torch.bfloat16, shard_bytes=40_000)
+    paths["adapter"] = write_adapter(tmp_path / "adapter", TINY, str(paths["aligned"]), r=4, alpha=8, a_std=None,
+                                     b_std=0.01)  # fmt: skip
     return paths
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import torch
 from huggingface_hub import errors
 
 from csulora.api import audit
@@ -59,7 +60,7 @@ class FakeHub:
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    pair = write_pair(tmp_path / "remote", TINY, shard_bytes=20_000)
+    pair = write_pair(tmp_path / "remote", TINY, spectrum="fine-tune", dtype=torch.bfloat16, shard_bytes=20_000)
     fake = FakeHub({"org/base": pair["base"], "org/aligned": pair["aligned"]}, tmp_path / "hf-cache")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
@@ -69,7 +70,8 @@ def hub(tmp_path, monkeypatch):
 
 def test_only_shards_with_targeted_tensors_are_fetched(hub, tmp_path):
     fake, pair = hub
-    adapter = write_adapter(tmp_path / "adapter", TINY, "org/aligned", r=4, alpha=8, targets=("self_attn.q_proj",))
+    adapter = write_adapter(tmp_path / "adapter", TINY, "org/aligned", r=4, alpha=8, a_std=None, b_std=0.01,
+                            targets=("self_attn.q_proj",))  # fmt: skip
     source = SubspaceSource.open(tmp_path / "cache")
     result = audit(adapter, "org/aligned", base="org/base", subspaces=source)
     assert len(result.report.modules) == TINY.layers

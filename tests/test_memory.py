@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from csulora.synthetic import Shape, write_adapter, write_pair
 from tests.conftest import REPO
 
@@ -23,8 +25,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def _peak_rss_kb(tmp_path, layers: int) -> tuple[int, int]:
     shape = Shape(hidden=512, intermediate=1536, layers=layers, heads=8, kv_heads=2, vocab=1000)
     root = tmp_path / f"l{layers}"
-    pair = write_pair(root, shape, shard_bytes=8 << 20)
-    adapter = write_adapter(root / "adapter", shape, str(pair["aligned"]), r=8, alpha=16)
+    pair = write_pair(root, shape, spectrum="fine-tune", dtype=torch.bfloat16, shard_bytes=8 << 20)
+    adapter = write_adapter(root / "adapter", shape, str(pair["aligned"]), r=8, alpha=16, a_std=None,
+                            b_std=0.01)  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(adapter), str(pair["aligned"]), str(root / "out")],
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

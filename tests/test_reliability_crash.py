@@ -20,10 +20,10 @@ import pytest
 from csulora import outputs, sanitize
 from csulora.api import Settings
 from csulora.errors import CsuloraError, OutputExists
-from tests import synth
-from tests.conftest import REPO
+from csulora.synthetic import module_names, write_adapter, write_pair
+from tests.conftest import REPO, folder_bytes
 
-SHAPES = {n: (48, 32) for n in synth.module_names(2)}
+SHAPES = {n: (48, 32) for n in module_names(2)}
 OLD_LAMBDA, NEW_LAMBDA = 0.5, 2.0
 
 WRAPPER = r"""
@@ -70,12 +70,12 @@ step("done")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    pair = synth.write_pair(root / "pair", SHAPES)
-    adapter = synth.write_adapter(root / "adapter", SHAPES, ranks=8)
+    pair = write_pair(root / "pair", SHAPES)
+    adapter = write_adapter(root / "adapter", SHAPES, r=8)
     refs = {}
     for lam in (OLD_LAMBDA, NEW_LAMBDA):
         run_api(adapter, pair, root / f"ref-{lam}", lam)
-        refs[lam] = synth.folder_bytes(root / f"ref-{lam}")
+        refs[lam] = folder_bytes(root / f"ref-{lam}")
     assert refs[OLD_LAMBDA]["adapter_model.safetensors"] != refs[NEW_LAMBDA]["adapter_model.safetensors"]
     return {"pair": pair, "adapter": adapter, "old": refs[OLD_LAMBDA], "new": refs[NEW_LAMBDA]}
 
@@ -108,7 +108,7 @@ def state(out: Path, world) -> str:
     """'absent', 'old' or 'new'; anything else (a partial or mixed folder) fails the test."""
     if not out.exists():
         return "absent"
-    files = synth.folder_bytes(out)
+    files = folder_bytes(out)
     for name in ("old", "new"):
         if files == world[name]:
             return name

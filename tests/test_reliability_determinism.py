@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from csulora import sanitize
 from csulora.api import Settings
-from tests import synth
+from csulora.synthetic import module_names, write_adapter, write_pair
 from tests.conftest import OUTPUT_FILES as FILES
-from tests.conftest import REPO
+from tests.conftest import REPO, folder_bytes
 
 RUN = """
 import sys, torch
@@ -36,9 +36,9 @@ def run_with_threads(threads: int, *args) -> subprocess.CompletedProcess:
 def test_same_bytes_across_processes_and_thread_counts(tmp_path):
     """Default (randomized, seeded) SVD on 256 × 384 layers, where MKL's LAPACK and ATen's reductions
     would round differently with 1 and 2 threads if the math were not pinned (determinism.py)."""
-    shapes = {n: (256, 384) for n in synth.module_names(2)}
-    pair = synth.write_pair(tmp_path / "pair", shapes)
-    adapter = synth.write_adapter(tmp_path / "adapter", shapes, ranks=16)
+    shapes = {n: (256, 384) for n in module_names(2)}
+    pair = write_pair(tmp_path / "pair", shapes)
+    adapter = write_adapter(tmp_path / "adapter", shapes, r=16)
     out = tmp_path / "out"
     args = ["sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", pair["base"], "-o", out,
             "-q", "--force", "--subspace-energy", "0.9"]  # fmt: skip
@@ -46,7 +46,7 @@ def test_same_bytes_across_processes_and_thread_counts(tmp_path):
     for threads in (1, 2):
         result = run_with_threads(threads, *args)
         assert result.returncode == 0, result.stderr
-        seen.append(synth.folder_bytes(out))
+        seen.append(folder_bytes(out))
     assert sorted(seen[0]) == FILES, "the output folder holds exactly these files (no timings)"
     assert seen[0] == seen[1]
     report = json.loads(seen[0]["csulora_report.json"])
@@ -58,15 +58,15 @@ def test_same_bytes_in_process_on_a_peft_adapter(peft_adapter, llama_pair, tmp_p
         sanitize(peft_adapter, str(llama_pair["aligned"]), str(llama_pair["base"]), tmp_path / "outs" / out,
                  settings=Settings(subspace_energy=0.6))  # fmt: skip
         os.replace(tmp_path / "outs" / out, tmp_path / out)  # same -o path, so the card's command line matches
-    a, b = synth.folder_bytes(tmp_path / "a"), synth.folder_bytes(tmp_path / "b")
+    a, b = folder_bytes(tmp_path / "a"), folder_bytes(tmp_path / "b")
     assert a == b and sorted(a) == FILES
 
 
 def test_safetensors_header_is_canonical(tmp_path):
     """Tensors in name order with contiguous offsets; metadata keys sorted; no timing in the metadata."""
-    shapes = {n: (24, 16) for n in synth.module_names(2)}
-    pair = synth.write_pair(tmp_path / "pair", shapes)
-    adapter = synth.write_adapter(tmp_path / "adapter", shapes)
+    shapes = {n: (24, 16) for n in module_names(2)}
+    pair = write_pair(tmp_path / "pair", shapes)
+    adapter = write_adapter(tmp_path / "adapter", shapes)
     sanitize(adapter, str(pair["aligned"]), str(pair["base"]), tmp_path / "out")
     data = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", data[:8])

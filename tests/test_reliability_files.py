@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from csulora.errors import CsuloraError
+from csulora.synthetic import write_adapter, write_pair
 from csulora.tensorfile import read_header
-from tests import synth
+from tests.conftest import assert_one_line_error, run_cli
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -26,17 +27,18 @@ A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:
-    return synth.write_pair(tmp_path_factory.mktemp("pair"), SHAPES)
+    return write_pair(tmp_path_factory.mktemp("pair"), SHAPES)
 
 
 @pytest.fixture
 def adapter(tmp_path) -> Path:
-    return synth.write_adapter(tmp_path / "adapter", SHAPES)
+    return write_adapter(tmp_path / "adapter", SHAPES)
 
 
 def sanitize(adapter: Path, pair, out: Path, *extra: str):
-    return synth.cli(
-        "sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", pair["base"], "-o", out, "-q", *extra
+    return run_cli(
+        "sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", pair["base"], "-o", out, "-q", *extra,
+        in_process=True,
     )
 
 
@@ -133,7 +135,7 @@ def test_lying_adapter_header_exits_2_with_one_line(lie, adapter, pair, tmp_path
     damage(weights, lie)
     before = weights.read_bytes()
     result = sanitize(adapter, pair, tmp_path / "out")
-    synth.assert_one_line_error(result, str(weights), LIES[lie][1])
+    assert_one_line_error(result, str(weights), LIES[lie][1])
     assert not (tmp_path / "out").exists() and weights.read_bytes() == before
 
 
@@ -151,9 +153,9 @@ def test_lying_checkpoint_header_exits_2(lie, adapter, pair, tmp_path):
         join_file(base / "model.safetensors", fixed(header), payload)
     else:
         damage(base / "model.safetensors", lie)
-    result = synth.cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", base,
-                       "-o", tmp_path / "out", "-q")  # fmt: skip
-    synth.assert_one_line_error(result, str(base / "model.safetensors"), words)
+    result = run_cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", base,
+                     "-o", tmp_path / "out", "-q", in_process=True)  # fmt: skip
+    assert_one_line_error(result, str(base / "model.safetensors"), words)
     assert not (tmp_path / "out").exists()
 
 
@@ -193,7 +195,7 @@ class Payload:
 
 
 def _pickled_adapter(tmp_path: Path, how: str) -> tuple[Path, Path]:
-    folder = synth.write_adapter(tmp_path / "pickled", SHAPES)
+    folder = write_adapter(tmp_path / "pickled", SHAPES)
     marker = tmp_path / "PWNED"
     Payload.marker = str(marker)
     state = dict(load_file(folder / "adapter_model.safetensors"))
@@ -210,9 +212,9 @@ def _pickled_adapter(tmp_path: Path, how: str) -> tuple[Path, Path]:
 def test_malicious_pickle_never_runs_even_when_trusted(how, pair, tmp_path):
     folder, marker = _pickled_adapter(tmp_path, how)
     refused = sanitize(folder, pair, tmp_path / "out")
-    synth.assert_one_line_error(refused, "adapter_model.bin", "--trust-pickle")
+    assert_one_line_error(refused, "adapter_model.bin", "--trust-pickle")
     trusted = sanitize(folder, pair, tmp_path / "out", "--trust-pickle")
-    synth.assert_one_line_error(trusted, "adapter_model.bin", "weights-only")
+    assert_one_line_error(trusted, "adapter_model.bin", "weights-only")
     assert not marker.exists(), "the pickle's __reduce__ ran"
     assert not (tmp_path / "out").exists()
     # the payload is live: plain pickle.load would have run it
@@ -224,7 +226,7 @@ def test_malicious_pickle_never_runs_even_when_trusted(how, pair, tmp_path):
 def test_trusted_pickle_with_shared_storage_matches_safetensors(pair, tmp_path):
     """A legit .bin whose tensors are views of one storage (torch.save keeps views): loaded weights-only,
     copied, sanitized exactly like the safetensors original."""
-    ref = synth.write_adapter(tmp_path / "ref", SHAPES)
+    ref = write_adapter(tmp_path / "ref", SHAPES)
     state = load_file(ref / "adapter_model.safetensors")
     flat = torch.cat([t.reshape(-1) for t in state.values()])
     views, at = {}, 0
@@ -235,9 +237,9 @@ def test_trusted_pickle_with_shared_storage_matches_safetensors(pair, tmp_path):
     binned.mkdir()
     (binned / "adapter_config.json").write_bytes((ref / "adapter_config.json").read_bytes())
     torch.save(views, binned / "adapter_model.bin")
-    assert sanitize(ref, pair, tmp_path / "out_ref").exit_code == 0
+    assert sanitize(ref, pair, tmp_path / "out_ref").returncode == 0
     result = sanitize(binned, pair, tmp_path / "out_bin", "--trust-pickle")
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     a, b = (
         load_file(tmp_path / "out_ref" / "adapter_model.safetensors"),
         load_file(tmp_path / "out_bin" / "adapter_model.safetensors"),
@@ -250,9 +252,9 @@ def test_pickled_checkpoint_is_refused(adapter, pair, tmp_path):
     ckpt = tmp_path / "pt-checkpoint"
     ckpt.mkdir()
     torch.save(load_file(pair["base"] / "model.safetensors"), ckpt / "pytorch_model.bin")
-    result = synth.cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", ckpt,
-                       "-o", tmp_path / "out", "-q", "--trust-pickle")  # fmt: skip
-    synth.assert_one_line_error(result, str(ckpt), "safetensors", "convert .bin")
+    result = run_cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", ckpt,
+                     "-o", tmp_path / "out", "-q", "--trust-pickle", in_process=True)  # fmt: skip
+    assert_one_line_error(result, str(ckpt), "safetensors", "convert .bin")
 
 
 @pytest.mark.parametrize("shard", ["../../x.safetensors", "/etc/passwd", "sub/model.safetensors", "..", "."])
@@ -264,16 +266,16 @@ def test_index_shard_names_cannot_leave_the_folder(shard, adapter, pair, tmp_pat
     (ckpt / "model.safetensors").write_bytes((pair["base"] / "model.safetensors").read_bytes())
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (tmp_path / "x.safetensors").write_bytes((pair["base"] / "model.safetensors").read_bytes())  # the bait
-    result = synth.cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", ckpt,
-                       "-o", tmp_path / "out", "-q")  # fmt: skip
-    synth.assert_one_line_error(result, "model.safetensors.index.json", "outside the folder")
+    result = run_cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", ckpt,
+                     "-o", tmp_path / "out", "-q", in_process=True)  # fmt: skip
+    assert_one_line_error(result, "model.safetensors.index.json", "outside the folder")
 
 
 @pytest.mark.parametrize("module", ["../../evil", "/abs/evil", "a/../../../b"])
 def test_tensor_names_with_paths_write_nothing_outside(module, pair, tmp_path):
     """Tensor and module names are never used as file paths: a traversal name is just an unknown module."""
     folder = tmp_path / "deep" / "adapter"
-    synth.write_adapter(folder, SHAPES)
+    write_adapter(folder, SHAPES)
     from safetensors.torch import save_file
 
     state = load_file(folder / "adapter_model.safetensors")
@@ -281,7 +283,7 @@ def test_tensor_names_with_paths_write_nothing_outside(module, pair, tmp_path):
               str(folder / "adapter_model.safetensors"))  # fmt: skip
     before = sorted(p for p in tmp_path.rglob("*"))
     result = sanitize(folder, pair, tmp_path / "deep" / "out")
-    synth.assert_one_line_error(result, f"{module}.weight")
+    assert_one_line_error(result, f"{module}.weight")
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
@@ -290,9 +292,9 @@ def test_symlinked_inputs_are_resolved_and_reported(adapter, pair, tmp_path):
     links.mkdir()
     for name, target in (("adapter", adapter), ("aligned", pair["aligned"]), ("base", pair["base"])):
         (links / name).symlink_to(target, target_is_directory=True)
-    result = synth.cli("sanitize", "--adapter", links / "adapter", "--aligned", links / "aligned",
-                       "--base", links / "base", "-o", tmp_path / "out", "-q")  # fmt: skip
-    assert result.exit_code == 0, result.stderr
+    result = run_cli("sanitize", "--adapter", links / "adapter", "--aligned", links / "aligned",
+                     "--base", links / "base", "-o", tmp_path / "out", "-q", in_process=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
     inputs = json.loads((tmp_path / "out" / "csulora_report.json").read_text())["inputs"]
     assert inputs["adapter"]["path"] == str(links / "adapter")
     assert inputs["adapter"]["resolved_path"] == str(adapter.resolve())
@@ -305,14 +307,14 @@ def test_output_through_a_symlink_is_refused(adapter, pair, tmp_path):
     elsewhere.mkdir()
     (tmp_path / "out").symlink_to(elsewhere, target_is_directory=True)
     result = sanitize(adapter, pair, tmp_path / "out", "--force")
-    synth.assert_one_line_error(result, "not a folder")
+    assert_one_line_error(result, "not a folder")
     assert list(elsewhere.iterdir()) == []
 
 
 def test_messages_with_brackets_are_printed_verbatim(pair, tmp_path):
     """A path like ``ad[/red]`` is text, not rich markup: the line is printed as is (it used to crash)."""
     folder = tmp_path / "ad[/red][bold]"
-    synth.write_adapter(folder, SHAPES)
+    write_adapter(folder, SHAPES)
     (folder / "adapter_model.safetensors").write_bytes(b"\0" * 4)
-    line = synth.assert_one_line_error(sanitize(folder, pair, tmp_path / "out"), "ad[/red][bold]")
+    line = assert_one_line_error(sanitize(folder, pair, tmp_path / "out"), "ad[/red][bold]")
     assert "shorter than 8 bytes" in line

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from csulora.adapters import pattern_value
-from tests import synth
+from csulora.synthetic import write_adapter, write_pair
+from tests import oracle
+from tests.conftest import assert_one_line_error, run_cli
 
 FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,7 +54,7 @@ def adapters(draw):
     names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=4, unique=True))
     shapes = {n: (draw(st.integers(2, 12)), draw(st.integers(2, 12))) for n in names}
     r = draw(st.integers(1, 6))
-    # sorted: PEFT saves configs with sorted keys (and so does synth), and the first matching key wins
+    # sorted: PEFT saves configs with sorted keys (and so does csulora.synthetic), and the first matching key wins
     rank_pattern = dict(
         sorted(draw(st.dictionaries(st.sampled_from(sorted(PATTERN_KEYS)), st.integers(1, 6), max_size=3)).items())
     )
@@ -80,9 +82,9 @@ def adapters(draw):
 
 
 def run(root: Path, adapter: Path, pair, k: int = 3, lam: float = 1.0, *extra: str):
-    return synth.cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", pair["base"],
-                     "-o", root / "out", "-q", "--exact-svd", "--subspace-rank", str(k), "--lambda", str(lam),
-                     *extra)  # fmt: skip
+    return run_cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", pair["base"],
+                   "-o", root / "out", "-q", "--exact-svd", "--subspace-rank", str(k), "--lambda", str(lam),
+                   *extra, in_process=True)  # fmt: skip
 
 
 def check_success(root: Path, adapter: Path, pair, lam: float, scalings: dict[str, float], k: int, dtype) -> None:
@@ -92,14 +94,14 @@ def check_success(root: Path, adapter: Path, pair, lam: float, scalings: dict[st
     before, after = load_file(adapter / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert {k_: (v.shape, v.dtype) for k_, v in before.items()} == {k_: (v.shape, v.dtype) for k_, v in after.items()}
     report = json.loads((out / "csulora_report.json").read_text(), parse_constant=lambda c: 1 / 0)
-    f_before, f_after = synth.load_factors(adapter), synth.load_factors(out)
+    f_before, f_after = oracle.load_factors(adapter), oracle.load_factors(out)
     for row in report["modules"]:
         name = row["module"]
-        D = synth.displacement(pair, name)
+        D = oracle.displacement(pair, name)
         assert row["k"] == min(k, *D.shape)
         assert math.isclose(row["scaling"], scalings[name], rel_tol=1e-12)
         (A, B), (A2, B2) = f_before[name], f_after[name]
-        expected = synth.expected_delta(A, B, scalings[name], D, row["k"], lam)
+        expected = oracle.expected_delta(A, B, scalings[name], D, row["k"], lam)
         got = scalings[name] * B2 @ A2
         scale = max(float(expected.norm()), float((scalings[name] * B @ A).norm()) * 1e-6, 1e-300)
         assert float((got - expected).norm()) / scale < TOL[dtype], name
@@ -110,12 +112,12 @@ def check_success(root: Path, adapter: Path, pair, lam: float, scalings: dict[st
 def test_random_configs_shapes_dtypes_match_the_oracle(case):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        pair = synth.write_pair(root / "pair", case["shapes"], seed=case["seed"])
+        pair = write_pair(root / "pair", case["shapes"], seed=case["seed"])
         dtype = DTYPES[case["dtype"]]
-        adapter = synth.write_adapter(root / "adapter", case["shapes"], ranks=case["ranks"], dtype=dtype,
-                                      seed=case["seed"], **case["config"])  # fmt: skip
+        adapter = write_adapter(root / "adapter", case["shapes"], r=case["ranks"], dtype=dtype,
+                                seed=case["seed"], config=case["config"])  # fmt: skip
         result = run(root, adapter, pair, case["k"], case["lam"])
-        assert result.exit_code == 0, (result.stderr, result.exception)
+        assert result.returncode == 0, result.stderr
         cfg = case["config"]
         scalings = {}
         for name, r in case["ranks"].items():
@@ -182,9 +184,9 @@ def config_edits(draw):
 
 
 def check_outcome(result) -> str:
-    assert result.exit_code in (0, 2), (result.exit_code, result.stderr, result.exception)
-    if result.exit_code == 2:
-        line = synth.assert_one_line_error(result)
+    assert result.returncode in (0, 2), (result.returncode, result.stderr)
+    if result.returncode == 2:
+        line = assert_one_line_error(result)
         event(f"exit 2: {_kind(line)}")
         return "refused"
     event("exit 0, checked against the oracle")
@@ -202,9 +204,9 @@ def _kind(line: str) -> str:
 def test_damaged_adapter_files_succeed_exactly_or_exit_2(d):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        pair = synth.write_pair(root / "pair", SHAPES)
+        pair = write_pair(root / "pair", SHAPES)
         dtype = DTYPES[d["dtype"]]
-        adapter = synth.write_adapter(root / "adapter", SHAPES, dtype=dtype)
+        adapter = write_adapter(root / "adapter", SHAPES, dtype=dtype)
         weights = adapter / "adapter_model.safetensors"
         weights.write_bytes(apply(weights.read_bytes(), d))
         result = run(root, adapter, pair)
@@ -221,8 +223,8 @@ def test_arbitrary_config_values_succeed_exactly_or_exit_2(edit):
     field, value = edit
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        pair = synth.write_pair(root / "pair", SHAPES)
-        adapter = synth.write_adapter(root / "adapter", SHAPES)
+        pair = write_pair(root / "pair", SHAPES)
+        adapter = write_adapter(root / "adapter", SHAPES)
         config = json.loads((adapter / "adapter_config.json").read_text())
         config[field] = value
         (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -240,7 +242,7 @@ def test_arbitrary_config_values_succeed_exactly_or_exit_2(edit):
 
 def test_fuzz_found_cases_stay_fixed(tmp_path):
     """Inputs the fuzzers found that used to end in "internal error" or a NaN adapter."""
-    pair = synth.write_pair(tmp_path / "pair", SHAPES)
+    pair = write_pair(tmp_path / "pair", SHAPES)
     cases = {
         "lora_alpha NaN": ("lora_alpha", float("nan"), "lora_alpha"),
         "lora_alpha Infinity": ("lora_alpha", float("inf"), "lora_alpha"),
@@ -250,8 +252,8 @@ def test_fuzz_found_cases_stay_fixed(tmp_path):
         "use_rslora as text": ("use_rslora", "false", "use_rslora"),
     }
     for i, (field, value, words) in enumerate(cases.values()):
-        adapter = synth.write_adapter(tmp_path / f"a{i}", SHAPES)
+        adapter = write_adapter(tmp_path / f"a{i}", SHAPES)
         config = json.loads((adapter / "adapter_config.json").read_text())
         config[field] = value
         (adapter / "adapter_config.json").write_text(json.dumps(config))
-        synth.assert_one_line_error(run(tmp_path / f"run{i}", adapter, pair), "adapter_config.json", words)
+        assert_one_line_error(run(tmp_path / f"run{i}", adapter, pair), "adapter_config.json", words)

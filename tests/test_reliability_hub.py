@@ -10,8 +10,8 @@ from huggingface_hub.utils import hf_raise_for_status
 
 from csulora.checkpoints import _hub_errors, parse_ref
 from csulora.errors import CsuloraError
-from tests import synth
-from tests.conftest import run_cli
+from csulora.synthetic import write_adapter, write_pair
+from tests.conftest import assert_one_line_error, run_cli
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (24, 16)}
 
@@ -49,12 +49,12 @@ def test_hub_failure_is_one_line(case, monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
-    pair = synth.write_pair(tmp_path / "pair", SHAPES)
-    adapter = synth.write_adapter(tmp_path / "adapter", SHAPES)
+    pair = write_pair(tmp_path / "pair", SHAPES)
+    adapter = write_adapter(tmp_path / "adapter", SHAPES)
     aligned = "org/model@v9" if case == "missing revision" else "org/model"
-    result = synth.cli("sanitize", "--adapter", adapter, "--aligned", aligned, "--base", pair["base"],
-                       "-o", tmp_path / "out", "-q")  # fmt: skip
-    synth.assert_one_line_error(result, aligned, *words)
+    result = run_cli("sanitize", "--adapter", adapter, "--aligned", aligned, "--base", pair["base"],
+                     "-o", tmp_path / "out", "-q", in_process=True)  # fmt: skip
+    assert_one_line_error(result, aligned, *words)
     assert not (tmp_path / "out").exists()
 
 
@@ -69,8 +69,8 @@ def test_hub_errors_maps_each_class():
 
 def test_offline_without_cache_is_one_line(tmp_path):
     """Real huggingface_hub in offline mode with an empty cache: nothing to download from, nothing cached."""
-    pair = synth.write_pair(tmp_path / "pair", SHAPES)
-    adapter = synth.write_adapter(tmp_path / "adapter", SHAPES)
+    pair = write_pair(tmp_path / "pair", SHAPES)
+    adapter = write_adapter(tmp_path / "adapter", SHAPES)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": ""}
     result = run_cli("sanitize", "--adapter", str(adapter), "--aligned", "org/not-cached", "--base",
                      str(pair["base"]), "-o", str(tmp_path / "out"), "-q", env=env)  # fmt: skip

@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from csulora import sanitize
 from csulora.api import Settings
-from tests import synth
+from csulora.synthetic import write_adapter, write_pair
+from tests import oracle
+from tests.conftest import assert_one_line_error, run_cli
 
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 SHAPES = {Q: (24, 16), V: (8, 16)}
@@ -31,12 +33,12 @@ def strict_json(path: Path) -> dict:
 def check_against_oracle(adapter: Path, out: Path, pair, lam: float, dtype=torch.float32, scaling: float = 2.0):
     """Each module's written ``ΔW'`` equals DESIGN.md §4 on the exact subspace of the reported rank."""
     report = strict_json(out / "csulora_report.json")
-    before, after = synth.load_factors(adapter), synth.load_factors(out)
+    before, after = oracle.load_factors(adapter), oracle.load_factors(out)
     for row in report["modules"]:
         name = row["module"]
         A, B = before[name]
         A2, B2 = after[name]
-        expected = synth.expected_delta(A, B, scaling, synth.displacement(pair, name), row["k"], lam)
+        expected = oracle.expected_delta(A, B, scaling, oracle.displacement(pair, name), row["k"], lam)
         got = scaling * B2 @ A2
         err = float((got - expected).norm() / max(float(expected.norm()), 1e-30))
         assert err < TOL[dtype], (name, err)
@@ -45,7 +47,7 @@ def check_against_oracle(adapter: Path, out: Path, pair, lam: float, dtype=torch
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    return synth.write_pair(tmp_path_factory.mktemp("pair"), SHAPES)
+    return write_pair(tmp_path_factory.mktemp("pair"), SHAPES)
 
 
 def run(adapter: Path, pair, out: Path, **settings) -> None:
@@ -54,7 +56,7 @@ def run(adapter: Path, pair, out: Path, **settings) -> None:
 
 
 def test_zero_adapter_is_returned_unchanged(pair, tmp_path):
-    adapter = synth.write_adapter(tmp_path / "a", SHAPES, scale_b=0.0)
+    adapter = write_adapter(tmp_path / "a", SHAPES, b_std=0.0)
     run(adapter, pair, tmp_path / "out")
     report = strict_json(tmp_path / "out" / "csulora_report.json")
     assert all(r["update_norm"] == 0 and "zero update" in r["notes"] for r in report["modules"])
@@ -69,7 +71,7 @@ def test_zero_displacement_in_one_layer_is_attenuated_and_reported(pair, tmp_pat
     aligned = load_file(pair["aligned"] / "model.safetensors")
     aligned[f"{V}.weight"] = load_file(pair["base"] / "model.safetensors")[f"{V}.weight"]
     save_file(aligned, str(half / "model.safetensors"))
-    adapter = synth.write_adapter(tmp_path / "a", SHAPES)
+    adapter = write_adapter(tmp_path / "a", SHAPES)
     half_pair = {"base": pair["base"], "aligned": half}
     run(adapter, half_pair, tmp_path / "out")
     report = check_against_oracle(adapter, tmp_path / "out", half_pair, 1.0)
@@ -82,13 +84,13 @@ def test_zero_displacement_in_one_layer_is_attenuated_and_reported(pair, tmp_pat
 
 
 def test_rank_one_adapter(pair, tmp_path):
-    adapter = synth.write_adapter(tmp_path / "a", SHAPES, ranks=1, lora_alpha=2)
+    adapter = write_adapter(tmp_path / "a", SHAPES, r=1, alpha=2)
     run(adapter, pair, tmp_path / "out")
     check_against_oracle(adapter, tmp_path / "out", pair, 1.0, scaling=2.0)
 
 
 def test_adapter_rank_above_subspace_rank(pair, tmp_path):
-    adapter = synth.write_adapter(tmp_path / "a", SHAPES, ranks=8, lora_alpha=16)
+    adapter = write_adapter(tmp_path / "a", SHAPES, r=8, alpha=16)
     run(adapter, pair, tmp_path / "out", subspace_rank=1, lam=5.0)
     report = check_against_oracle(adapter, tmp_path / "out", pair, 5.0)
     assert {r["k"] for r in report["modules"]} == {1}
@@ -96,7 +98,7 @@ def test_adapter_rank_above_subspace_rank(pair, tmp_path):
 
 def test_subspace_rank_above_the_layer_dimensions(pair, tmp_path):
     """k is capped by min(d_out, d_in): for v_proj (8 × 16) the output side is the whole space, P = I."""
-    adapter = synth.write_adapter(tmp_path / "a", SHAPES, ranks=4)
+    adapter = write_adapter(tmp_path / "a", SHAPES, r=4)
     run(adapter, pair, tmp_path / "out", subspace_rank=100)
     report = check_against_oracle(adapter, tmp_path / "out", pair, 1.0)
     rows = {r["module"]: r for r in report["modules"]}
@@ -108,7 +110,7 @@ def test_subspace_rank_above_the_layer_dimensions(pair, tmp_path):
 def test_half_precision_large_values_are_computed_wide(dtype, pair, tmp_path):
     """Values near fp16's range (3e4): energies (squares ~1e9, sums beyond fp16) come out right because the
     math runs in float64; the factors are cast back and match the oracle to the dtype's precision."""
-    adapter = synth.write_adapter(tmp_path / "a", SHAPES, dtype=dtype, scale_b=1e4)
+    adapter = write_adapter(tmp_path / "a", SHAPES, dtype=dtype, b_std=1e4)
     assert float(load_file(adapter / "adapter_model.safetensors")[f"base_model.model.{Q}.lora_B.weight"]
                  .float().abs().max()) > 2e4  # fmt: skip
     run(adapter, pair, tmp_path / "out")
@@ -132,22 +134,23 @@ def test_fp16_values_that_no_longer_fit_exit_2(tmp_path):
     for kind, W in (("base", base), ("aligned", base + torch.outer(u, v))):
         pair[kind].mkdir()
         save_file({f"{Q}.weight": W}, str(pair[kind] / "model.safetensors"))
-    adapter = synth.write_adapter(tmp_path / "a", {Q: (4, d_in)}, ranks=1, lora_alpha=1, dtype=torch.float16)
+    adapter = write_adapter(tmp_path / "a", {Q: (4, d_in)}, r=1, alpha=1, dtype=torch.float16)
     tensors = load_file(adapter / "adapter_model.safetensors")
     tensors[f"base_model.model.{Q}.lora_B.weight"] = torch.full((4, 1), 6e4, dtype=torch.float16)
     save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
     args = ["--aligned", pair["aligned"], "--base", pair["base"], "-o", tmp_path / "out", "-q", "--exact-svd"]
-    result = synth.cli("sanitize", "--adapter", adapter, *args, "--subspace-rank", "1", "--lambda", "1e6")
-    synth.assert_one_line_error(result, f"{Q}.lora_B.weight", "does not fit float16", "float32")
+    result = run_cli("sanitize", "--adapter", adapter, *args, "--subspace-rank", "1", "--lambda", "1e6",
+                     in_process=True)  # fmt: skip
+    assert_one_line_error(result, f"{Q}.lora_B.weight", "does not fit float16", "float32")
     assert not (tmp_path / "out").exists()
     # the same adapter with a milder λ fits and is written
-    ok = synth.cli("sanitize", "--adapter", adapter, *args, "--subspace-rank", "1", "--lambda", "0.01")
-    assert ok.exit_code == 0, ok.stderr
+    ok = run_cli("sanitize", "--adapter", adapter, *args, "--subspace-rank", "1", "--lambda", "0.01", in_process=True)
+    assert ok.returncode == 0, ok.stderr
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "out" / "adapter_model.safetensors").values())
 
 
 def test_lambda_zero_is_bit_identical(pair, tmp_path):
-    adapter = synth.write_adapter(tmp_path / "a", SHAPES, dtype=torch.bfloat16)
+    adapter = write_adapter(tmp_path / "a", SHAPES, dtype=torch.bfloat16)
     run(adapter, pair, tmp_path / "out", lam=0.0)
     a, b = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
