@@ -149,6 +149,13 @@ def _api_call(adapter, aligned, base, settings: Settings) -> str:
     return f"csulora.sanitize({str(adapter)!r}, {aligned!r}, base={base!r}, settings={settings!r})"
 
 
+def check_inputs(adapter: str | Path, aligned: str, base: str | None = None, trust_pickle: bool = False) -> None:
+    """Read the adapter and both checkpoints' headers as ``sanitize()`` does first: bad input fails here."""
+    inputs = _load(Path(adapter), aligned, base, trust_pickle)
+    inputs.aligned.close()
+    inputs.base.close()
+
+
 def _load(adapter_path: Path, aligned: str, base: str | None, trust_pickle: bool) -> _Inputs:
     adapter = read_adapter(adapter_path, trust_pickle)
     aligned_ref = parse_ref(aligned)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from .checkpoints import Checkpoint
 from .determinism import fixed_threads
 from .errors import CsuloraError
+from .outputs import replace_file
 from .subspace import FIRST_GUESS, NITER, OVERSAMPLE, Subspace, displacement, safety_subspace
 from .tensorfile import TensorReader
 
@@ -128,21 +128,11 @@ class SubspaceCache:
             "total_energy": repr(sub.total_energy), "captured_energy": repr(sub.captured_energy),
         }  # fmt: skip
         path = self.path(key)
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
+            replace_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         except OSError as e:
             self.write_errors.append(f"{path}: {e.strerror or e}")
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from .batch import is_batch, run_batch, summary_table
 from .errors import CsuloraError, GateFailed
 from .options import CACHE, CORRECTION, DEBUG, FORM, INPUT, JSON, METHOD, RUN, SUBSPACE, Options, with_options
 from .report import to_table
+from .sweep_render import sweep_table
 
 app = typer.Typer(
     add_completion=False,
@@ -282,6 +283,91 @@ def demo(
 
     with _errors(opts["debug"]):
         run_demo(workdir, out)
+
+
+def _grid(text: str | None, option: str) -> list[float]:
+    """``0.5,2,inf`` → ``[0.5, 2.0, inf]``."""
+    if text is None:
+        return []
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CsuloraError(f"{option} {text!r}: expected numbers separated by commas, e.g. 0.5,2,inf") from None
+
+
+@app.command()
+@with_options(INPUT, FORM, SUBSPACE, CACHE, JSON, RUN)
+def sweep(
+    adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder of the sweep: one subfolder per point.")],
+    method: Annotated[
+        list[str] | None, typer.Option("--method", help="A method of the ladder; may repeat. Default: the default one.")
+    ] = None,
+    lambdas: Annotated[str | None, typer.Option(help="λ values, e.g. 0.5,2,8,inf (realign, csulora).")] = None,
+    betas: Annotated[str | None, typer.Option(help="β values, e.g. 0,0.25 (realign).")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="τ values, e.g. 0.3,0.5 (safe-lora).")] = None,
+    eval_cmd: Annotated[
+        str | None,
+        typer.Option(help="Shell command run once per point, {adapter} replaced by its folder; its last stdout line "
+                     "is one JSON object of numeric metrics (e.g. csulora eval … --adapter {adapter})."),
+    ] = None,
+    eval_timeout: Annotated[float | None, typer.Option(help="Seconds before an evaluation counts as failed.")] = None,
+    pick: Annotated[
+        list[str] | None, typer.Option("--pick", help="Rule METRIC>=X or METRIC<=X every picked point meets; repeat.")
+    ] = None,
+    maximize: Annotated[
+        str | None, typer.Option(help="Pick the qualifying point with the largest METRIC; copied to OUT/picked/.")
+    ] = None,
+    plot: Annotated[str | None, typer.Option(help="X,Y: the metrics the front is drawn with.")] = None,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Resume: keep the points already done.")] = (
+        False
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Redo every point of an existing sweep.")] = False,
+    *,
+    opts: Options,
+) -> None:
+    """A ladder of sanitized candidates from one subspace pass, each measured by --eval-cmd; pick one by rule.
+
+    Writes OUT/<method>-<setting>/ per point, OUT/sweep.json, OUT/sweep.html and OUT/front.png; with --maximize,
+    copies the best point meeting every --pick to OUT/picked/ (exit 1 when none does)."""
+    from .sweep import parse_rule, plan, run_sweep
+
+    screen = err if opts["json_out"] else out
+    with _errors(opts["debug"]):
+        rules = [parse_rule(r) for r in pick or []]
+        axes = tuple(plot.split(",")) if plot else None
+        if axes is not None and len(axes) != 2:
+            raise CsuloraError(f"--plot {plot!r}: expected two metrics X,Y, e.g. utility,refusal")
+        grids = {"lam": _grid(lambdas, "--lambdas"), "beta": _grid(betas, "--betas"),
+                 "threshold": _grid(thresholds, "--thresholds")}  # fmt: skip
+        points = plan(method or [opts.settings().method], opts.settings(), grids)
+        with _progress(opts["quiet"]) as progress:
+            result = run_sweep(
+                adapter, opts["aligned"], opts["base"], output, points, eval_cmd=eval_cmd, eval_timeout=eval_timeout,
+                rules=rules, maximize=maximize, skip_existing=skip_existing, force=force,
+                trust_pickle=opts["trust_pickle"], subspaces=opts.source(), progress=progress, plot=axes,
+            )  # fmt: skip
+    if not opts["quiet"]:
+        screen.print(sweep_table(result))
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    if opts["json_out"]:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    failed = [p for p in result.points if p["status"] == "failed"]
+    for p in failed:
+        err.print(f"warning: point {p['id']} failed: {_one_line(p['message'])}", markup=False, highlight=False,
+                  soft_wrap=True)  # fmt: skip
+    screen.print(f"wrote {output / 'sweep.json'}, {output / 'sweep.html'}", markup=False, highlight=False,
+                 soft_wrap=True)  # fmt: skip
+    if maximize is not None:
+        if result.picked is None:
+            err.print(f"[red]failed:[/red] no point meets {', '.join(map(str, rules)) or 'the rules'}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+            raise typer.Exit(1)
+        chosen = result.point(result.picked)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in chosen["metrics"].items())
+        screen.print(f"picked {result.picked} ({shown}) → {output / 'picked'}", markup=False, highlight=False,
+                     soft_wrap=True)  # fmt: skip
 
 
 # Options that choose which adapters run, where subspaces come from, or what the terminal shows, but never a

@@ -74,6 +74,20 @@ def write_folder(out: Path, fill: Callable[[Path], None], replace: bool = False)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, then move it over ``path`` in one rename: readers see the
+    old file or the new one, never a part. ``OSError`` is the caller's to report."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        _fsync(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _host() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 

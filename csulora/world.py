@@ -210,3 +210,22 @@ def swap_adapter_weights(peft_model, adapter: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{adapter}: keys not in the model: {unexpected[:3]}")
+
+
+def words(ids: list[int]) -> str:
+    """Token ids as the world's text (what its tokenizer reads back)."""
+    return " ".join(VOCAB[i] for i in ids)
+
+
+def write_prompt_files(folder: Path, n: int = 240, seed: int = 1234) -> dict[str, Path]:
+    """The evaluation prompts as the files ``csulora eval`` reads: ``harmful.txt`` (both harmful topics, one
+    prompt a line) and ``utility.jsonl`` (the new task, with answers), without ``<bos>`` / ``<sep>``, which
+    the chat template adds."""
+    data = eval_set(n, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    harmful = torch.cat([data.harmful_trained, data.harmful_heldout]).tolist()
+    (folder / "harmful.txt").write_text("".join(words(row[1:-1]) + "\n" for row in harmful))
+    pairs = zip(data.new_task.tolist(), answers(data.new_task).tolist(), strict=True)
+    lines = [json.dumps({"prompt": words(p[1:-1]), "answer": words(a[:-1])}) for p, a in pairs]
+    (folder / "utility.jsonl").write_text("".join(line + "\n" for line in lines))
+    return {"harmful": folder / "harmful.txt", "utility": folder / "utility.jsonl"}

@@ -43,6 +43,7 @@ class Method:
     forms: tuple[str, ...] = ("factored",)
     reads_displacement: bool = False  # correct() needs D itself, not only its (cacheable) subspace
     infinite_lambda: bool = False  # --lambda inf is meaningful
+    grid: tuple[str, ...] = ("lam",)  # the Settings fields a sweep varies (--lambdas, --betas, --thresholds)
 
     def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
         raise NotImplementedError

@@ -27,6 +27,7 @@ from .base import Corrected, Method, after, in_float64, lambda_words, module_row
 
 class Realign(Method):
     name = "realign"
+    grid = ("lam", "beta")
     forms = ("factored", "block")
     infinite_lambda = True  # c = 1: F replaced by β D_k
 

@@ -17,6 +17,7 @@ from .base import Corrected, Method, after, in_float64, module_row
 
 class SafeLora(Method):
     name = "safe-lora"
+    grid = ("threshold",)
     reads_displacement = True
 
     def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:

@@ -1,0 +1,289 @@
+"""``csulora sweep``: a ladder of sanitized candidates of one adapter, each measured by the user's own evaluation,
+and the point that meets their rule (DESIGN.md §8).
+
+Every point is written by ``api.sanitize`` into ``OUT/<id>/`` and all points draw their subspaces from one
+``SubspaceSource`` (the disk cache, or a temporary one with ``--no-cache``): a ladder costs one cold run plus
+warm ones. ``OUT/sweep.json`` is rewritten after every point, so a killed sweep resumes with ``--skip-existing``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .api import Progress, check_inputs, sanitize
+from .batch import is_complete
+from .cache import SubspaceSource
+from .errors import CsuloraError
+from .methods import METHODS
+from .outputs import replace_file, write_folder
+from .settings import Settings
+
+SCHEMA_VERSION = 1
+EVAL_FILE, EVAL_STDERR = "eval.json", "eval.stderr.txt"
+STDERR_TAIL = 8192  # bytes of an evaluation's stderr kept in the point's folder
+GRID_NAMES = {"lam": "lambda", "beta": "beta", "threshold": "tau"}  # in point ids and sweep.json settings
+_RULE = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(>=|<=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
+
+
+@dataclass(frozen=True)
+class Point:
+    id: str
+    method: str
+    settings: Settings  # resolved
+    grid: dict[str, float | str]  # the grid values of this point, by their sweep.json names (∞ as "inf")
+
+
+@dataclass(frozen=True)
+class Rule:
+    metric: str
+    op: str  # ">=" or "<="
+    value: float
+
+    def holds(self, metrics: dict[str, float]) -> bool:
+        x = metrics[self.metric]
+        return x >= self.value if self.op == ">=" else x <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_rule(text: str) -> Rule:
+    """``METRIC>=X`` or ``METRIC<=X``."""
+    m = _RULE.fullmatch(text)
+    if m is None:
+        raise CsuloraError(f"--pick {text!r}: expected METRIC>=X or METRIC<=X, e.g. 'utility>=0.8'")
+    return Rule(m[1], m[2], float(m[3]))
+
+
+def _number(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:g}"
+
+
+def plan(methods: list[str], base: Settings, grids: dict[str, list[float]]) -> list[Point]:
+    """The ladder: each method crossed with the grid values that apply to it (``Method.grid``); a grid left
+    empty takes the method's default. Points are in the order given, duplicates dropped."""
+    points, seen = [], set()
+    for name in dict.fromkeys(methods):
+        if name not in METHODS:
+            raise CsuloraError(f"--method {name!r} is not available; use one of {', '.join(METHODS)}")
+        combos: list[dict[str, float | None]] = [{}]
+        for f in METHODS[name].grid:
+            combos = [{**c, f: v} for c in combos for v in (grids.get(f) or [None])]
+        for combo in combos:
+            settings = replace(base, method=name, **combo).resolved()
+            settings.validate()
+            values = {GRID_NAMES[f]: getattr(settings, f) for f in METHODS[name].grid}
+            point_id = "-".join([name, *(f"{k}{_number(v)}" for k, v in values.items())])
+            grid = {k: "inf" if math.isinf(v) else v for k, v in values.items()}  # as the report writes λ = ∞
+            if point_id not in seen:
+                seen.add(point_id)
+                points.append(Point(point_id, name, settings, grid))
+    return points
+
+
+def point_command(adapter: Path, aligned: str, base: str | None, point: Point, out: Path) -> list[str]:
+    """The ``csulora sanitize`` command that writes this point's folder by itself (its model card says it)."""
+    s = point.settings
+    command = ["csulora", "sanitize", "--adapter", str(adapter), "--aligned", aligned,
+               *(["--base", base] if base else []), "--method", s.method, "--form", s.form]  # fmt: skip
+    if "lam" in METHODS[s.method].grid:
+        command += ["--lambda", _number(s.lam)]
+    if "beta" in METHODS[s.method].grid:
+        command += ["--beta", _number(s.beta)]
+    if s.method == "safe-lora":
+        command += ["--top-n", str(s.top_n)] if s.top_n is not None else ["--threshold", _number(s.threshold)]
+    rule = (["--subspace-rank", str(s.subspace_rank)] if s.subspace_rank else
+            ["--subspace-energy", f"{s.subspace_energy:g}"])  # fmt: skip
+    command += [*rule, "--max-subspace-rank", str(s.max_subspace_rank), "--seed", str(s.seed)]
+    return command + (["--exact-svd"] if s.exact_svd else []) + ["-o", str(out)]
+
+
+@dataclass
+class Evaluation:
+    status: str  # "ok" or "failed"
+    metrics: dict[str, float]
+    message: str = ""
+
+
+def evaluate(command: str, folder: Path, timeout: float | None = None) -> tuple[Evaluation, str]:
+    """Run ``command`` with ``{adapter}`` replaced by the (shell-quoted) folder; the last non-empty line of its
+    stdout must be one JSON object of numbers. Returns the evaluation and the tail of its stderr."""
+    cmd = command.replace("{adapter}", shlex.quote(str(folder)))
+    try:
+        proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return Evaluation("failed", {}, f"evaluation timed out after {timeout:g} s"), stderr[-STDERR_TAIL:]
+    tail = proc.stderr[-STDERR_TAIL:]
+    if proc.returncode != 0:
+        last = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "")
+        return Evaluation("failed", {}, f"evaluation exited {proc.returncode}: {last.strip()[:300]}"), tail
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    try:
+        metrics = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        metrics = None
+    ok = isinstance(metrics, dict) and metrics and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values()
+    )  # fmt: skip
+    if not ok:
+        shown = lines[-1][:200] if lines else "(no output)"
+        return Evaluation("failed", {}, f"the last stdout line is not one JSON object of numbers: {shown}"), tail
+    return Evaluation("ok", {k: float(v) for k, v in metrics.items()}), tail
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    points: list[dict]
+    picked: str | None = None
+    rules: list[Rule] = field(default_factory=list)
+    maximize: str | None = None
+    notes: list[str] = field(default_factory=list)  # what could not be drawn, and why
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "points": self.points,
+            "picked": self.picked,
+            "rules": [str(r) for r in self.rules],
+            "maximize": self.maximize,
+        }
+
+    def point(self, point_id: str | None) -> dict | None:
+        return next((p for p in self.points if p["id"] == point_id), None)
+
+
+def candidates(point: dict) -> dict[str, float]:
+    """What a rule may name: the evaluation's metrics, and the report's numeric totals (metrics win a clash)."""
+    totals = {k: float(v) for k, v in (point.get("totals") or {}).items()
+              if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+    return {**totals, **point.get("metrics", {})}
+
+
+def pick(points: list[dict], rules: list[Rule], maximize: str) -> str | None:
+    """The point with the largest ``maximize`` among those that meet every rule (ties: the first in the ladder);
+    ``None`` when none does. A metric no successful point has is bad input."""
+    ok = [p for p in points if p["status"] == "ok"]
+    known = set().union(*(candidates(p) for p in ok)) if ok else set()
+    for metric in [maximize, *(r.metric for r in rules)]:
+        if ok and metric not in known:
+            raise CsuloraError(f"metric {metric!r} is not measured: the points have {', '.join(sorted(known))}")
+    qualified = [p for p in ok if all(r.holds(candidates(p)) for r in rules)]
+    best = max(qualified, key=lambda p: candidates(p)[maximize], default=None)
+    return best["id"] if best else None
+
+
+def run_sweep(
+    adapter: str | Path,
+    aligned: str,
+    base: str | None,
+    out: str | Path,
+    points: list[Point],
+    *,
+    eval_cmd: str | None = None,
+    eval_timeout: float | None = None,
+    rules: list[Rule] | None = None,
+    maximize: str | None = None,
+    skip_existing: bool = False,
+    force: bool = False,
+    trust_pickle: bool = False,
+    subspaces: SubspaceSource | None = None,
+    progress: Progress | None = None,
+    plot: tuple[str, str] | None = None,
+) -> SweepResult:
+    """Write every point (resuming with ``skip_existing``), evaluate it, pick, and write ``OUT/sweep.json``,
+    ``OUT/picked/`` and the pictures. Failures of one point are recorded, not raised."""
+    rules = rules or []
+    if rules and maximize is None:
+        raise CsuloraError("--pick needs --maximize METRIC: which qualifying point is best")
+    if force and skip_existing:
+        raise CsuloraError("--force and --skip-existing contradict each other; pass one")
+    adapter, out = Path(adapter), Path(out)
+    if out.exists() and not out.is_dir():
+        raise CsuloraError(f"{out}: exists and is not a folder; choose another -o")
+    existing = [name for name in ["sweep.json", *(p.id for p in points)] if (out / name).exists()]
+    if existing and not (skip_existing or force):
+        raise CsuloraError(f"{out}: holds a sweep already ({existing[0]}); pass --skip-existing to resume it or "
+                           "--force to redo it")  # fmt: skip
+    check_inputs(adapter, aligned, base, trust_pickle)  # bad input is one error, not N failed points
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CsuloraError(f"{out}: cannot create it ({e.strerror or e}); check permissions") from e
+    result = SweepResult(out, [], rules=rules, maximize=maximize)
+    with tempfile.TemporaryDirectory(prefix="csulora-sweep-cache-") as scratch:
+        source = subspaces if subspaces is not None else SubspaceSource.open()
+        if source.cache is None:  # --no-cache: still one subspace pass for the whole ladder
+            source = SubspaceSource.open(scratch)
+        for i, point in enumerate(points):
+            if progress:
+                progress("points", i, len(points), point.id)
+            result.points.append(_point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_existing,
+                                        force, trust_pickle, source, progress))  # fmt: skip
+            _write_json(out, result)
+        if progress:
+            progress("points", len(points), len(points), "")
+    if maximize is not None:
+        result.picked = pick(result.points, rules, maximize)
+        if result.picked is not None:
+            chosen = out / result.picked
+            write_folder(out / "picked", lambda tmp: _copy(chosen, tmp), replace=True)
+        elif (out / "picked").is_dir():  # a picked/ of an earlier run no longer meets the rule
+            shutil.rmtree(out / "picked")
+    _write_json(out, result)
+    from .sweep_render import write_pictures
+
+    result.notes = write_pictures(result, plot)
+    return result
+
+
+def _point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_existing, force, trust_pickle, source,
+           progress) -> dict:  # fmt: skip
+    folder = out / point.id
+    record = {"id": point.id, "method": point.method, "settings": point.grid, "path": point.id, "status": "ok",
+              "metrics": {}, "totals": None, "message": ""}  # fmt: skip
+    done = skip_existing and is_complete(folder)
+    if not done:
+        try:
+            sanitize(adapter, aligned, base, folder, settings=point.settings, force=force or skip_existing,
+                     trust_pickle=trust_pickle,
+                     command=point_command(adapter, aligned, base, point, folder), progress=progress,
+                     subspaces=source)  # fmt: skip
+        except CsuloraError as e:
+            return {**record, "status": "failed", "message": str(e)}
+    record["totals"] = json.loads((folder / "csulora_report.json").read_text())["totals"]
+    if eval_cmd is None:
+        return record
+    saved = folder / EVAL_FILE
+    if done and saved.is_file():
+        evaluation = Evaluation(**json.loads(saved.read_text()))
+    else:
+        evaluation, stderr = evaluate(eval_cmd, folder, eval_timeout)
+        try:  # kept with the point: what the evaluation said, and the end of its stderr
+            replace_file(folder / EVAL_STDERR, lambda tmp: tmp.write_text(stderr))
+            replace_file(saved, lambda tmp: tmp.write_text(json.dumps(vars(evaluation), sort_keys=True) + "\n"))
+        except OSError as e:
+            raise CsuloraError(f"{folder}: cannot write the evaluation ({e.strerror or e})") from e
+    return {**record, "status": evaluation.status, "metrics": evaluation.metrics, "message": evaluation.message}
+
+
+def _copy(src: Path, dst: Path) -> None:
+    for f in sorted(src.iterdir()):
+        shutil.copy2(f, dst / f.name)
+
+
+def _write_json(out: Path, result: SweepResult) -> None:
+    text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
+    try:
+        replace_file(out / "sweep.json", lambda tmp: tmp.write_text(text))
+    except OSError as e:
+        raise CsuloraError(f"{out / 'sweep.json'}: cannot write it ({e.strerror or e}); check space") from e
