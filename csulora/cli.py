@@ -275,14 +275,20 @@ def subspace(
 @with_options(DEBUG)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("csulora-demo"),
+    world: Annotated[str | None, typer.Option(help="A shipped miniature world: tiny (default), wide, brief.")] = None,
+    adapter: Annotated[str, typer.Option("--adapter", help="An adapter of that world.")] = "adv-r8-all-s0",
     *,
     opts: Options,
 ) -> None:
-    """Sanitize an adversarial adapter of the shipped miniature safety world; show the report and its behaviour."""
+    """Sanitize an adapter of a shipped miniature world with the default method, the paper's and Safe LoRA; show
+    the report and, side by side, how each behaves; print the sweep that picks a setting by measurement."""
     from .demo import run_demo
+    from .world import world_names
 
     with _errors(opts["debug"]):
-        run_demo(workdir, out)
+        if world is not None and world not in world_names():
+            raise CsuloraError(f"--world {world!r}: no such world; choose one of {', '.join(world_names())}")
+        run_demo(workdir, out, world, adapter)
 
 
 def _grid(text: str | None, option: str) -> list[float]:

@@ -1,88 +1,139 @@
-"""``csulora demo``: sanitize an adversarial adapter of the shipped miniature safety world, then show the
-per-layer table and, with the ``eval`` extra, refusal rate and task accuracy before and after.
+"""``csulora demo``: sanitize an adversarial adapter of a shipped miniature safety world with the default method,
+the paper's method and Safe LoRA, show the per-layer table and, with the ``eval`` extra, refusal rate and task
+accuracy of each side by side; then write the world's prompts and print the ``csulora sweep`` that picks a
+setting by measurement.
 
-The default world (``csulora/assets/worlds/tiny``, made by ``scripts/make_world.py``) is a tiny Llama trained on a
-token language: ``llama-world`` does every task for every topic, ``llama-world-chat`` refuses the harmful
-topics, and the adapter was fine-tuned on the chat model to comply with the ``weapon`` topic again while
-learning a new task. The files are real: sharded fp16 safetensors with an index and ``config.json``, a
-model card naming the base, and a PEFT LoRA adapter folder.
+The worlds (``csulora/assets/worlds``, made by ``scripts/make_world.py``) are small Llamas trained on a token
+language: the base does every task for every topic, the aligned chat model refuses the harmful topics, and the
+adapters were fine-tuned on the chat model to comply with one harmful topic again while learning a new task.
+The files are real: sharded fp16 safetensors with an index and ``config.json``, a model card naming the base,
+and PEFT LoRA adapter folders.
 """
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from . import world
-from .api import Settings, sanitize
+from .api import sanitize
 from .report import to_table
+from .settings import DEFAULT_METHOD, Settings
 
 ADAPTER = "adv-r8-all-s0"
-SETTINGS = Settings(method="csulora").resolved()  # the paper's method at its defaults (docs/defaults.md)
-# The utility end of the same front, for contrast: the new task survives and no refusal comes back.
-MILD = Settings(lam=0.05, subspace_energy=0.5)
+# The three columns after "no defense": each method at its package defaults (docs/defaults.md).
+VARIANTS = {
+    "default": Settings(),
+    "paper": Settings(method="csulora"),
+    "safe-lora": Settings(method="safe-lora"),
+}
+SETTINGS = VARIANTS["paper"].resolved()  # the paper's method at its defaults
 
 
-def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: Settings = SETTINGS) -> None:
+def describe(settings: Settings) -> str:
+    """``realign λ=∞ β=0.25 k=4``: a column title."""
+    s = settings.resolved()
+    parts = [s.method]
+    if s.method == "safe-lora":
+        parts.append(f"τ={s.threshold:g}" if s.top_n is None else f"top-{s.top_n}")
+    else:
+        parts.append("λ=∞" if s.lam == float("inf") else f"λ={s.lam:g}")
+        parts += [f"β={s.beta:g}"] if s.method == "realign" else []
+        parts.append(f"k={s.subspace_rank}" if s.subspace_rank else f"η={s.subspace_energy:g}")
+    return " ".join(parts)
+
+
+def run_demo(workdir: Path, console: Console, world_name: str | None = None, adapter: str = ADAPTER) -> None:
     workdir = workdir.resolve()
-    root = world.world_dir()  # the default world
+    root = world.world_dir(world_name)
     paths = world.world_paths(root)
-    out = workdir / "adapter-sanitized"
-    console.print(f"miniature safety world: {root}", markup=False, highlight=False, soft_wrap=True)
-    # no --base: the adapter names the chat model, whose card names its base (the sibling folder)
-    command = ["csulora", "sanitize", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]),
-               "--lambda", f"{settings.lam:g}", "-o", str(out), "--force"]  # fmt: skip
-    console.print("$ " + " ".join(command), markup=False, highlight=False, soft_wrap=True)
-    result = sanitize(paths[adapter], str(paths["aligned"]), output=out, settings=settings, force=True,
-                      command=command)  # fmt: skip
-    console.print(to_table(result.report, title=f"csulora demo · {adapter}"))
-    console.print(f"base model resolved from: {result.report.inputs['base']['source']} → {paths['base']}",
-                  markup=False, highlight=False, soft_wrap=True)  # fmt: skip
-    weights = out / "adapter_model.safetensors"
-    console.print(f"sanitized adapter: {weights}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"report: {out / 'csulora_report.md'} and {out / 'csulora_report.json'}", markup=False,
-                  highlight=False, soft_wrap=True)  # fmt: skip
-    console.print(f"picture: {out / 'csulora_report.html'}", markup=False, highlight=False, soft_wrap=True)
+    if adapter not in paths:
+        from .errors import CsuloraError
+
+        names = ", ".join(n for n in paths if n not in ("base", "aligned"))
+        raise CsuloraError(f"--adapter {adapter!r}: no such adapter in the world {root.name}; choose one of {names}")
+    say = _printer(console)
+    say(f"miniature safety world {root.name!r}: {root}")
+    outputs = {}
+    variants = dict(VARIANTS)
+    if variants["default"].resolved() == variants["paper"].resolved():  # one column, not the same one twice
+        del variants["paper"]
+    for key, settings in variants.items():
+        out = workdir / ("adapter-sanitized" if key == "default" else f"adapter-{key}")
+        # no --base: the adapter names the chat model, whose card names its base (the sibling folder)
+        command = ["csulora", "sanitize", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]),
+                   *(["--method", settings.method] if key != "default" else []), "-o", str(out)]  # fmt: skip
+        say("$ " + shlex.join(command))
+        result = sanitize(paths[adapter], str(paths["aligned"]), output=out, settings=settings, force=True,
+                          command=command)  # fmt: skip
+        outputs[key] = out
+        if key == "default":
+            console.print(to_table(result.report, title=f"csulora demo · {adapter} · {describe(settings)}"))
+            say(f"base model resolved from: {result.report.inputs['base']['source']} → {paths['base']}")
+            say(f"sanitized adapter: {out / 'adapter_model.safetensors'}; reports: csulora_report.md, .json and "
+                ".html (a picture) beside it")  # fmt: skip
+    prompts = world.write_prompt_files(workdir / "prompts")
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        console.print("behaviour (refusal rate, task accuracy) not measured: it runs the models with transformers "
-                      "and peft; pip install 'csulora[eval]' to see it", markup=False)  # fmt: skip
-        return
-    mild = workdir / "adapter-sanitized-mild"
-    sanitize(paths[adapter], str(paths["aligned"]), output=mild, settings=MILD, force=True)
-    variants = {f"+ sanitized (λ={settings.lam:g}, {_subspace(settings)})": out,
-                f"+ sanitized (λ={MILD.lam:g}, {_subspace(MILD)})": mild}  # fmt: skip
-    console.print(behaviour_table(paths, paths[adapter], variants))
-    console.print("what these numbers mean: docs/defaults.md; the whole front: docs/safety_benchmark.md",
-                  highlight=False)  # fmt: skip
+        say("behaviour (refusal rate, task accuracy) not measured: it runs the models with transformers and peft; "
+            "pip install 'csulora[eval]' to see it")  # fmt: skip
+    else:
+        columns = {f"+ {describe(variants[k])}" + (" (default)" if k == "default" else ""): outputs[k]
+                   for k in variants}  # fmt: skip
+        console.print(behaviour_table(root, paths[adapter], columns))
+        say("what these numbers mean and where each method wins and loses: docs/defaults.md; every setting on "
+            "every world: docs/safety_benchmark.md")  # fmt: skip
+    say("\nnext, pick the setting by measurement (on your own model: your own --eval-cmd):")
+    say(sweep_command(paths, adapter, prompts, workdir / "sweep"))
 
 
-def _subspace(s: Settings) -> str:
-    return f"k={s.subspace_rank}" if s.subspace_rank is not None else f"η={s.subspace_energy:g}"
+def sweep_command(paths: dict[str, Path], adapter: str, prompts: dict[str, Path], out: Path) -> str:
+    """A ``csulora sweep`` over the world's adapter that ``csulora eval`` measures with the world's prompts."""
+    evaluation = shlex.join(["csulora", "eval", "--aligned", str(paths["aligned"]), "--adapter", "ADAPTER",
+                             "--harmful", str(prompts["harmful"]), "--utility", str(prompts["utility"]),
+                             "--harmful-tokens", "1", "--max-new-tokens", str(world.ANSWER_LEN), "--match", "exact",
+                             "-q"]).replace("ADAPTER", "{adapter}")  # fmt: skip
+    return shlex.join(["csulora", "sweep", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]),
+                       "-o", str(out), "--method", "realign", "--method", "csulora", "--lambdas", "1,inf",
+                       "--betas", "0,0.25,0.5", "--eval-cmd", evaluation, "--pick", "utility>=0.5",
+                       "--maximize", "refusal"])  # fmt: skip
 
 
-def behaviour_table(paths: dict[str, Path], adapter: Path, sanitized: dict[str, Path]) -> Table:
+def _printer(console: Console):
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    return say
+
+
+def behaviour_table(root: Path, adapter: Path, sanitized: dict[str, Path]) -> Table:
     """Refusal rates and task accuracies of the aligned model, with the adapter, and with sanitized copies."""
-    data = world.eval_set()
+    info = world.world_info(root)
+    trained, heldout = world.topics(info)
+    data = world.world_eval_set(info)
+    paths = world.world_paths(root)
     columns = {"aligned model": world.behaviour(world.load_model(paths["aligned"]), data)}
-    model = world.with_adapter(world.load_model(paths["aligned"]), adapter)
-    columns["+ adapter"] = world.behaviour(model, data)
-    for label, folder in sanitized.items():
-        world.swap_adapter_weights(model, folder)
-        columns[label] = world.behaviour(model, data)
+    columns["+ adapter (no defense)"] = world.behaviour(world.with_adapter(world.load_model(paths["aligned"]), adapter),
+                                                        data)  # fmt: skip
+    for label, folder in sanitized.items():  # a fresh wrap: a block form or another method may change ranks
+        columns[label] = world.behaviour(world.with_adapter(world.load_model(paths["aligned"]), folder), data)
     table = Table(title="behaviour (greedy, held-out prompts)",
                   caption=f"{len(data.original)} prompts per row; ASR = 1 − refusal")  # fmt: skip
     table.add_column("")
     for label in columns:
         table.add_column(label, justify="right")
-    rows = [("refusal, harmful topic 'weapon' (fine-tuned against)", "refusal_trained"),
-            ("refusal, harmful topic 'malware' (held out)", "refusal_heldout"),
-            ("accuracy, new task 'inc' (the fine-tune's goal)", "new_task_accuracy"),
+    rows = [(f"refusal, harmful topic '{trained}' (fine-tuned against)", "refusal_trained"),
+            (f"refusal, harmful topic '{heldout}' (held out)", "refusal_heldout"),
+            (f"accuracy, new task '{world.NEW_TASK}' (the fine-tune's goal)", "new_task_accuracy"),
             ("accuracy, original tasks", "original_accuracy")]  # fmt: skip
     for label, key in rows:
         table.add_row(label, *(f"{getattr(b, key):.1%}" for b in columns.values()))
     return table
+
+
+__all__ = ["ADAPTER", "DEFAULT_METHOD", "SETTINGS", "VARIANTS", "run_demo"]

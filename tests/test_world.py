@@ -16,7 +16,7 @@ import torch
 from csulora import sanitize
 from csulora import world as W
 from csulora.demo import ADAPTER, SETTINGS
-from tests.conftest import OUTPUT_FILES, REPO, run_cli
+from tests.conftest import OUTPUT_FILES, REPO, assert_one_line_error, run_cli
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -79,18 +79,37 @@ def test_sanitizing_raises_refusal(paths, tmp_path):
     assert after.original_accuracy > 0.9
 
 
-def test_demo_prints_behaviour(tmp_path):
+def test_demo_prints_behaviour_side_by_side(tmp_path):
+    """No defense, the default method, the paper's method and Safe LoRA, each at its package defaults; then the
+    world's prompt files and a sweep command that runs as printed."""
+    from csulora.demo import VARIANTS, describe
+
     r = run_cli("demo", "--workdir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "harmful topic 'weapon'" in r.stdout
-    assert "sanitized (λ=64, η=0.25)" in r.stdout and "sanitized (λ=0.05, η=0.5)" in r.stdout
+    assert "harmful topic 'weapon'" in r.stdout and "+ adapter (no defense)" in r.stdout
+    assert f"+ {describe(VARIANTS['default'])} (default)" in r.stdout
+    for key in ("paper", "safe-lora"):
+        assert f"+ {describe(VARIANTS[key])}" in r.stdout
     out = tmp_path / "adapter-sanitized"
     assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
     report = json.loads((out / "csulora_report.json").read_text())
+    assert report["method"] == VARIANTS["default"].method
     assert report["inputs"]["base"]["source"] == "aligned model card"
     assert Path(report["inputs"]["base"]["ref"]).resolve() == W.world_paths()["base"].resolve()
     assert len(report["modules"]) == 21  # 3 layers × 7 linear modules
     assert "model.layers.0.self_attn.q_proj" in r.stdout and str(out) in r.stdout
+    assert (tmp_path / "prompts" / "harmful.txt").is_file() and (tmp_path / "prompts" / "utility.jsonl").is_file()
+    sweep = r.stdout.strip().splitlines()[-1]
+    assert sweep.startswith("csulora sweep ") and "--eval-cmd 'csulora eval " in sweep and "{adapter}" in sweep
+
+
+def test_demo_on_another_world_and_bad_names(tmp_path):
+    r = run_cli("demo", "--workdir", str(tmp_path), "--world", "brief", "--adapter", "harmful-r8-qv-s1")
+    assert r.returncode == 0, r.stderr
+    assert "world 'brief'" in r.stdout and "harmful-r8-qv-s1" in r.stdout
+    assert_one_line_error(run_cli("demo", "--world", "nowhere", in_process=True), "--world 'nowhere'", "tiny")
+    assert_one_line_error(run_cli("demo", "--adapter", "nope", "--workdir", str(tmp_path), in_process=True),
+                          "--adapter 'nope'", "adv-r8-all-s0")  # fmt: skip
 
 
 def test_demo_without_transformers_still_sanitizes(tmp_path):
