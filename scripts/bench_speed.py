@@ -8,6 +8,10 @@ its own process under ``/usr/bin/time -v`` (wall time, peak RSS):
   (d) read: ``cat`` of the shards holding the targeted tensors, both checkpoints (the I/O floor);
   (a) cold: ``csulora sanitize`` of adapter 1 with an empty subspace cache;
   (b) warm: ``csulora sanitize`` of adapter 2 with the cache (a) left;
+  (e) ladder: ``csulora sweep`` of adapter 1 over N λ values (default 8) of the default method, cold cache, one
+      process: the subspaces are computed once for the ladder;
+  (f) the same N settings as N separate ``csulora sanitize`` processes without a cache (what a ladder costs
+      without sweep): summed wall time, largest peak RSS;
   (c) reference: a faithful CPU re-implementation of the Safe LoRA procedure (IBM's code): base and aligned
       loaded whole in float32, the user's PEFT model (aligned weights + LoRA, float32) and its deep copy in
       memory, dense ``C = V Vᵀ / ‖V‖_F`` per module, the score from dense products, ``B ← C B`` under τ.
@@ -38,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHARD_BYTES = {"tiny": 40_000, "1b": 1 << 30, "7b": 2 << 30}
+LADDER = ["0.5", "1", "2", "4", "8", "16", "64", "inf"]  # λ values of the ladder (e), (f)
 
 
 def timed(cmd: list[str], env: dict | None = None, stdout=subprocess.DEVNULL) -> dict:
@@ -142,12 +147,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the pair is generated (kept for reruns)")
     parser.add_argument("--write", type=Path, default=None, help="insert the table into this Markdown file")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--ladder", type=int, default=8, help="points of the ladder (e), (f); 0 skips them")
     parser.add_argument("--note", default="", help="a line printed under the table (e.g. 'machine shared')")
     parser.add_argument("--reference-run", nargs=4, help=argparse.SUPPRESS)  # adapter aligned base out
     args = parser.parse_args()
     if args.reference_run:
         reference(*map(Path, args.reference_run))
         return
+    from csulora.demo import describe
+    from csulora.settings import Settings
     from csulora.synthetic import SIZES
 
     workdir = args.workdir or Path(f"/tmp/csulora-bench-{args.size}")
@@ -168,6 +176,18 @@ def main() -> None:
     rows["a"] = timed([*csulora, "--adapter", str(paths["adapter1"]), "-o", str(workdir / "out-cold")], env)
     print("(b) sanitize, warm cache", flush=True)
     rows["b"] = timed([*csulora, "--adapter", str(paths["adapter2"]), "-o", str(workdir / "out-warm")], env)
+    if args.ladder:
+        lams = ",".join(LADDER[: args.ladder])
+        print(f"(e) sweep of {args.ladder} points, cold cache", flush=True)
+        sweep = [sys.executable, "-m", "csulora", "sweep", "--adapter", str(paths["adapter1"]), "--aligned",
+                 str(paths["aligned"]), "--base", str(paths["base"]), "--cache-dir", str(workdir / "cache-sweep"),
+                 "-o", str(workdir / "out-sweep"), "--lambdas", lams, "--force", "--quiet"]  # fmt: skip
+        shutil.rmtree(workdir / "cache-sweep", ignore_errors=True)
+        rows["e"] = timed(sweep, env)
+        print(f"(f) {args.ladder} separate sanitize runs, no cache", flush=True)
+        runs = [timed([*csulora, "--no-cache", "--adapter", str(paths["adapter1"]), "--lambda", lam, "-o",
+                       str(workdir / f"out-ladder-{i}")], env) for i, lam in enumerate(lams.split(","))]  # fmt: skip
+        rows["f"] = {"wall_s": sum(r["wall_s"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs)}
     report = json.loads((workdir / "out-cold" / "csulora_report.json").read_text())
     ks = sorted(m["k"] for m in report["modules"])
     need_gb = 4 * pair_gb  # four float32 copies of a bf16 model (base, aligned, PEFT model, deep copy)
@@ -186,22 +206,28 @@ def main() -> None:
 
     shape = SIZES[args.size]
     names = {"a": "(a) csulora sanitize, cold cache", "b": "(b) csulora sanitize, warm cache (2nd adapter)",
-             "c": "(c) Safe LoRA reference procedure", "d": "(d) read targeted shards (`cat`)"}  # fmt: skip
+             "c": "(c) Safe LoRA reference procedure", "d": "(d) read targeted shards (`cat`)",
+             "e": f"(e) csulora sweep, {args.ladder} points (λ ladder), cold cache, one process",
+             "f": f"(f) {args.ladder} separate csulora sanitize runs (same λ), no cache: sum"}  # fmt: skip
     lines = [
         f"### {args.size}: hidden {shape.hidden}, intermediate {shape.intermediate}, {shape.layers} layers "
         f"(pair {pair_gb:.2f} GB bf16 on disk, {len(shards)} shards read, r=16 all-linear, "
-        f"{len(report['modules'])} modules, subspace k min/median/max {ks[0]}/{ks[len(ks) // 2]}/{ks[-1]})",
+        f"{len(report['modules'])} modules, {describe(Settings())}, subspace k min/median/max "
+        f"{ks[0]}/{ks[len(ks) // 2]}/{ks[-1]})",
         "",
         f"Machine: {machine()}. Load average at start: {load:.1f}. {args.note}".rstrip(),
         "",
         "| run | wall (s) | peak RSS (MB) |",
         "|---|---:|---:|",
         *(f"| {names[k]} | {rows[k]['wall_s']:.2f} | {rows[k]['rss_mb']:.0f} |" if rows[k]
-          else f"| {names[k]} | – | – |" for k in "abcd"),  # fmt: skip
+          else f"| {names[k]} | – | – |" for k in "abcdef" if k in rows),  # fmt: skip
         "",
         f"Ratios: a/c time {ratio('a', 'c', 'wall_s')}, memory {ratio('a', 'c', 'rss_mb')}; "
         f"b/c time {ratio('b', 'c', 'wall_s')}, memory {ratio('b', 'c', 'rss_mb')}; "
-        f"a/d time {ratio('a', 'd', 'wall_s')}.",
+        f"a/d time {ratio('a', 'd', 'wall_s')}"
+        + (f"; ladder e/f time {ratio('e', 'f', 'wall_s')}, e against a + {args.ladder - 1}·b: "
+           f"{rows['e']['wall_s']:.1f} s vs {rows['a']['wall_s'] + (args.ladder - 1) * rows['b']['wall_s']:.1f} s"
+           if "e" in rows else "") + ".",
     ]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
