@@ -4,6 +4,7 @@ lines, the picked point ringed, and a table of every point."""
 
 from __future__ import annotations
 
+import math
 from html import escape
 
 from .errors import CsuloraError
@@ -11,7 +12,7 @@ from .report_html import CSS
 from .sweep import SweepResult, candidates
 
 PALETTE = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#4a5568")
-W, H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 420, 64, 24, 24, 52
+W, H, PAD_L, PAD_R, PAD_T, PAD_B, INSET = 640, 420, 64, 24, 24, 52, 10
 TOTALS = ("retained_norm", "leaving_energy_after", "erosion_after")  # report totals worth a column
 
 
@@ -66,28 +67,23 @@ def _svg(result: SweepResult, chosen: tuple[str, str]) -> str:
     if not xs or not ys:
         return "<p>No successful point has both metrics.</p>"
 
-    def span(values):
-        lo, hi = min(values), max(values)
-        pad = (hi - lo) * 0.06 or max(abs(lo) * 0.1, 0.05)
-        return lo - pad, hi + pad
+    (x0, x1, x_step), (y0, y1, y_step) = nice_span(xs), nice_span(ys)
 
-    (x0, x1), (y0, y1) = span(xs), span(ys)
-
-    def px(v):
-        return PAD_L + (v - x0) / (x1 - x0) * (W - PAD_L - PAD_R)
+    def px(v):  # INSET keeps a point on a bound clear of the frame
+        return PAD_L + INSET + (v - x0) / (x1 - x0) * (W - PAD_L - PAD_R - 2 * INSET)
 
     def py(v):
-        return H - PAD_B - (v - y0) / (y1 - y0) * (H - PAD_T - PAD_B)
+        return H - PAD_B - INSET - (v - y0) / (y1 - y0) * (H - PAD_T - PAD_B - 2 * INSET)
 
     svg = [f'<svg class="front" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" '
            f'aria-label="{escape(y_name)} against {escape(x_name)}">',
            f'<rect x="{PAD_L}" y="{PAD_T}" width="{W - PAD_L - PAD_R}" height="{H - PAD_T - PAD_B}" class="plot"/>']
-    for i in range(6):
-        tx, ty = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+    for tx in ticks(x0, x1, x_step):
         svg.append(f'<line x1="{px(tx):.1f}" y1="{PAD_T}" x2="{px(tx):.1f}" y2="{H - PAD_B}" class="grid"/>'
-                   f'<text x="{px(tx):.1f}" y="{H - PAD_B + 16}" class="tick">{tx:.3g}</text>')
+                   f'<text x="{px(tx):.1f}" y="{H - PAD_B + 16}" class="tick">{tx:.4g}</text>')
+    for ty in ticks(y0, y1, y_step):
         svg.append(f'<line x1="{PAD_L}" y1="{py(ty):.1f}" x2="{W - PAD_R}" y2="{py(ty):.1f}" class="grid"/>'
-                   f'<text x="{PAD_L - 6}" y="{py(ty) + 4:.1f}" class="tick end">{ty:.3g}</text>')
+                   f'<text x="{PAD_L - 6}" y="{py(ty) + 4:.1f}" class="tick end">{ty:.4g}</text>')
     svg.append(f'<text x="{(W + PAD_L - PAD_R) / 2:.0f}" y="{H - 12}" class="axis mid">{escape(x_name)}</text>')
     svg.append(f'<text x="16" y="{(H - PAD_B + PAD_T) / 2:.0f}" class="axis mid" '
                f'transform="rotate(-90 16 {(H - PAD_B + PAD_T) / 2:.0f})">{escape(y_name)}</text>')
@@ -103,14 +99,34 @@ def _svg(result: SweepResult, chosen: tuple[str, str]) -> str:
         for x, y, p in pts:
             svg.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{color}" class="pt"><title>'
                        f'{escape(p["id"])}: {escape(x_name)} {x:.4g}, {escape(y_name)} {y:.4g}</title></circle>')
-            if p["id"] == result.picked:
+            if p["id"] == result.picked:  # the label goes inwards, never off the picture
+                left = px(x) > (W + PAD_L - PAD_R) / 2
+                tx, anchor = (px(x) - 13, "end") if left else (px(x) + 13, "start")
                 svg.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="10" class="picked"/>'
-                           f'<text x="{px(x) + 13:.1f}" y="{py(y) - 8:.1f}" class="pick">picked: '
+                           f'<text x="{tx:.1f}" y="{py(y) + 4:.1f}" class="pick" text-anchor="{anchor}">picked: '
                            f'{escape(p["id"])}</text>')
     svg.append("</svg>")
     legend = "".join(f'<span class="key"><span class="swatch" style="background:{PALETTE[j % len(PALETTE)]}">'
                      f"</span>{escape(m)}</span>" for j, m in enumerate(series))  # fmt: skip
     return "\n".join(svg) + f'<p class="legend">{legend}</p>'
+
+
+def nice_span(values: list[float]) -> tuple[float, float, float]:
+    """Axis bounds on a round step (1, 2 or 5 × 10ⁿ, about five ticks) that hold every value."""
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5 * (abs(lo) or 1), hi + 0.5 * (abs(hi) or 1)
+    raw = (hi - lo) / 5
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return math.floor(lo / step) * step, math.ceil(hi / step) * step, step
+
+
+def ticks(lo: float, hi: float, step: float) -> list[float]:
+    return [round(lo + i * step, 12) for i in range(int(round((hi - lo) / step)) + 1)]
+
+
+def _settings_words(settings: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
 
 
 def _table(result: SweepResult) -> str:
@@ -120,7 +136,7 @@ def _table(result: SweepResult) -> str:
     for p in result.points:
         totals = p.get("totals") or {}
         cells = [p["id"] + (" ★" if p["id"] == result.picked else ""), p["method"],
-                 ", ".join(f"{k}={v}" for k, v in p["settings"].items()), p["status"],
+                 _settings_words(p["settings"]), p["status"],
                  *(f"{p['metrics'][m]:.4g}" if m in p["metrics"] else "" for m in metrics),
                  *(f"{totals[t]:.4g}" if t in totals else "" for t in TOTALS)]  # fmt: skip
         title = f' title="{escape(p["message"])}"' if p.get("message") else ""
