@@ -34,9 +34,10 @@ def case(seed: int, d_out: int = 12, d_in: int = 9, r: int = 3, k: int = 2, disp
     A = torch.randn(r, d_in, generator=g, dtype=F64)
     B = torch.randn(d_out, r, generator=g, dtype=F64)
     D = torch.randn(d_out, disp_rank, generator=g, dtype=F64) @ torch.randn(disp_rank, d_in, generator=g, dtype=F64)
-    U, _, Vh = torch.linalg.svd(D, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
     P, Q = oracle.projectors(D, k)
-    return {"A": A, "B": B, "D": D, "U": U[:, :k], "V": Vh[:k].T, "P": P, "Q": Q, "s": 0.5 + seed % 3}
+    return {"A": A, "B": B, "D": D, "U": U[:, :k], "S": S[:k], "V": Vh[:k].T, "P": P, "Q": Q, "k": k,
+            "s": 0.5 + seed % 3}  # fmt: skip
 
 
 def sanitized(A, B, s, U, V, lam):

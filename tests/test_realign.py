@@ -23,6 +23,7 @@ from csulora.correction import (
 from csulora.methods import METHODS
 from csulora.subspace import safety_subspace
 from tests import oracle
+from tests.test_correction import case  # random factors and a displacement with its exact subspace
 
 F64 = torch.float64
 EXAMPLES = settings(max_examples=25, deadline=None, derandomize=True)
@@ -35,16 +36,6 @@ shapes = st.tuples(
     st.sampled_from([0.0, 0.3, 1.0, 7.0, math.inf]),  # λ
     st.sampled_from([0.0, 0.25, 1.0]),  # β
 )
-
-
-def case(seed: int, d_out: int, d_in: int, r: int, k: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(r, d_in, generator=g, dtype=F64)
-    B = torch.randn(d_out, r, generator=g, dtype=F64)
-    D = torch.randn(d_out, 5, generator=g, dtype=F64) @ torch.randn(5, d_in, generator=g, dtype=F64)
-    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-    k = min(k, min(d_out, d_in))
-    return {"A": A, "B": B, "D": D, "U": U[:, :k], "S": S[:k], "V": Vh[:k].T, "k": k, "s": 0.5 + seed % 3}
 
 
 def realigned(c: dict, lam: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
