@@ -232,25 +232,25 @@ def test_pick_ignores_failed_points_and_breaks_ties_by_ladder_order():
 
 
 def test_sweep_with_csulora_eval_on_the_world(tmp_path):
+    """The command ``csulora demo`` prints, pasted into a shell as a user would (a smaller grid and prompt set)."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     from csulora import world as W
+    from csulora.demo import ADAPTER, sweep_command
 
     paths = W.world_paths()
     prompts = W.write_prompt_files(tmp_path / "prompts", n=24)
     out = tmp_path / "sweep"
-    evaluation = (f"{sys.executable} -m csulora eval --aligned {paths['aligned']} --adapter {{adapter}} "
-                  f"--harmful {prompts['harmful']} --utility {prompts['utility']} "
-                  "--harmful-tokens 1 --max-new-tokens 7 --match exact -q")  # fmt: skip
-    r = run_cli("sweep", "--adapter", paths["adv-r8-all-s0"], "--aligned", paths["aligned"], "-o", out,
-                "--method", "realign", "--lambdas", "0,inf", "--betas", "0.25", "--subspace-rank", "4",
-                "--eval-cmd", evaluation, "--pick", "utility>=0.5", "--maximize", "refusal")  # fmt: skip
+    command = sweep_command(paths, ADAPTER, prompts, out, methods=("realign",), lambdas="0,inf", betas="0.5")
+    bin_dir = Path(sys.executable).parent  # where pip put the csulora command
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     document = json.loads((out / "sweep.json").read_text())
     points = {p["id"]: p for p in document["points"]}
-    untouched, realigned = points["realign-lambda0-beta0.25"], points["realign-lambdainf-beta0.25"]
+    untouched, realigned = points["realign-lambda0-beta0.5"], points["realign-lambdainf-beta0.5"]
     assert untouched["metrics"]["refusal"] < 0.1 and untouched["metrics"]["utility"] > 0.8  # λ = 0: the attack
-    assert realigned["metrics"]["refusal"] > untouched["metrics"]["refusal"] + 0.2  # refusal comes back …
+    assert realigned["metrics"]["refusal"] > untouched["metrics"]["refusal"] + 0.3  # refusal comes back …
     assert realigned["metrics"]["utility"] >= 0.5  # … and the new task stays
-    assert document["picked"] == "realign-lambdainf-beta0.25"
+    assert document["picked"] == "realign-lambdainf-beta0.5" and f"picked {document['picked']}" in r.stdout
     assert (out / "picked" / "adapter_model.safetensors").is_file()
