@@ -253,11 +253,9 @@ def _run(
                 results[module.name] = method.correct(module, sub, settings, D)
                 del D
             if sub.total_energy == 0:
-                warnings.append(
-                    f"{module.name}: base and aligned weights are equal; empty subspace, so the whole update "
-                    "counts as off-subspace"
-                    + (" and is attenuated" if settings.method == "csulora" else "")
-                )
+                what = ("the whole update counts as off-subspace and is attenuated" if settings.method == "csulora"
+                        else "the module is left unchanged")  # fmt: skip
+                warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, so {what}")
             del sub
     finally:
         inputs.aligned.close()

@@ -21,8 +21,8 @@ def axes(result: SweepResult, plot: tuple[str, str] | None = None) -> tuple[str,
     rule's metric, or the next measured one, or the retained norm. ``None`` when nothing was measured."""
     ok = [p for p in result.points if p["status"] == "ok"]
     measured = list(dict.fromkeys(k for p in ok for k in p["metrics"]))
-    if plot is not None:
-        known = set().union(*(candidates(p) for p in ok)) if ok else set()
+    if plot is not None and ok:
+        known = set().union(*(candidates(p) for p in ok))
         for metric in plot:
             if metric not in known:
                 raise CsuloraError(f"--plot {metric!r} is not measured: the points have {', '.join(sorted(known))}")

@@ -425,7 +425,7 @@ def test_layer_without_displacement_warns_and_is_attenuated(tmp_path, adapter, l
     edit_tensors(shard_of(base, Q0), lambda t: t.__setitem__(Q0, aligned_q0))
     out = tmp_path / "out"
     result = invoke("sanitize", "--adapter", adapter, "--aligned", llama_pair["aligned"], "--base", base, "-o", out,
-                    "--lambda", "1")
+                    "--method", "csulora", "--lambda", "1")
     assert result.exit_code == 0, result.output
     assert "warning: model.layers.0.self_attn.q_proj: base and aligned weights are equal" in result.stderr
     report = json.loads((out / "csulora_report.json").read_text())

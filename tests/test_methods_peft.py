@@ -61,7 +61,7 @@ ADAPTERS = {
 @pytest.mark.parametrize("kind, lam", [("plain", 1.0), ("rslora", 4.0), ("patterns", 2.0)])
 def test_block_form_loads_in_peft_and_equals_the_block_formula(tmp_path, llama_pair, displacements, kind, lam):
     adapter = make_peft_adapter(tmp_path / "adapter", llama_pair["aligned"], seed=3, **ADAPTERS[kind])
-    settings = Settings(form="block", lam=lam, exact_svd=True)
+    settings = Settings(method="csulora", form="block", lam=lam, exact_svd=True)
     result = sanitize(adapter, str(llama_pair["aligned"]), output=tmp_path / "out", settings=settings)
     config = json.loads((result.output / CONFIG).read_text())
     assert config["use_rslora"] is False and config["r"] == config["lora_alpha"]
@@ -81,7 +81,8 @@ def test_block_form_loads_in_peft_and_equals_the_block_formula(tmp_path, llama_p
 
 def test_block_config_of_a_plain_adapter_needs_no_patterns(tmp_path, llama_pair):
     adapter = make_peft_adapter(tmp_path / "adapter", llama_pair["aligned"])
-    out = sanitize(adapter, str(llama_pair["aligned"]), output=tmp_path / "out", settings=Settings(form="block")).output
+    settings = Settings(method="csulora", form="block")
+    out = sanitize(adapter, str(llama_pair["aligned"]), output=tmp_path / "out", settings=settings).output
     config, original = json.loads((out / CONFIG).read_text()), json.loads((adapter / CONFIG).read_text())
     assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (8, 8, {}, {})
     assert {k: v for k, v in config.items() if k not in ("r", "lora_alpha")} == {

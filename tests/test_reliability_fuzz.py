@@ -84,6 +84,7 @@ def adapters(draw):
 def run(root: Path, adapter: Path, pair, k: int = 3, lam: float = 1.0, *extra: str):
     return run_cli("sanitize", "--adapter", adapter, "--aligned", pair["aligned"], "--base", pair["base"],
                    "-o", root / "out", "-q", "--exact-svd", "--subspace-rank", str(k), "--lambda", str(lam),
+                   "--method", "csulora",
                    *extra, in_process=True)  # fmt: skip
 
 

@@ -51,8 +51,8 @@ def pair(tmp_path_factory):
 
 
 def run(adapter: Path, pair, out: Path, **settings) -> None:
-    sanitize(adapter, str(pair["aligned"]), str(pair["base"]), out,
-             settings=Settings(exact_svd=True, **{"subspace_rank": 3, "lam": 1.0, **settings}))  # fmt: skip
+    settings = {"method": "csulora", "subspace_rank": 3, "lam": 1.0, **settings}  # the paper's closed form
+    sanitize(adapter, str(pair["aligned"]), str(pair["base"]), out, settings=Settings(exact_svd=True, **settings))
 
 
 def test_zero_adapter_is_returned_unchanged(pair, tmp_path):
@@ -138,7 +138,8 @@ def test_fp16_values_that_no_longer_fit_exit_2(tmp_path):
     tensors = load_file(adapter / "adapter_model.safetensors")
     tensors[f"base_model.model.{Q}.lora_B.weight"] = torch.full((4, 1), 6e4, dtype=torch.float16)
     save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    args = ["--aligned", pair["aligned"], "--base", pair["base"], "-o", tmp_path / "out", "-q", "--exact-svd"]
+    args = ["--aligned", pair["aligned"], "--base", pair["base"], "-o", tmp_path / "out", "-q", "--exact-svd",
+            "--method", "csulora"]
     result = run_cli("sanitize", "--adapter", adapter, *args, "--subspace-rank", "1", "--lambda", "1e6",
                      in_process=True)  # fmt: skip
     assert_one_line_error(result, f"{Q}.lora_B.weight", "does not fit float16", "float32")
