@@ -1,7 +1,7 @@
 """``csulora demo``: sanitize an adversarial adapter of the shipped miniature safety world, then show the
 per-layer table and, with the ``eval`` extra, refusal rate and task accuracy before and after.
 
-The world (``csulora/assets/world``, made by ``scripts/make_world.py``) is a tiny Llama trained on a
+The default world (``csulora/assets/worlds/tiny``, made by ``scripts/make_world.py``) is a tiny Llama trained on a
 token language: ``llama-world`` does every task for every topic, ``llama-world-chat`` refuses the harmful
 topics, and the adapter was fine-tuned on the chat model to comply with the ``weapon`` topic again while
 learning a new task. The files are real: sharded fp16 safetensors with an index and ``config.json``, a
@@ -27,9 +27,10 @@ MILD = Settings(lam=0.05, subspace_energy=0.5)
 
 def run_demo(workdir: Path, console: Console, adapter: str = ADAPTER, settings: Settings = SETTINGS) -> None:
     workdir = workdir.resolve()
-    paths = world.world_paths()
+    root = world.world_dir()  # the default world
+    paths = world.world_paths(root)
     out = workdir / "adapter-sanitized"
-    console.print(f"miniature safety world: {world.WORLD_DIR}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"miniature safety world: {root}", markup=False, highlight=False, soft_wrap=True)
     # no --base: the adapter names the chat model, whose card names its base (the sibling folder)
     command = ["csulora", "sanitize", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]),
                "--lambda", f"{settings.lam:g}", "-o", str(out), "--force"]  # fmt: skip

@@ -1,5 +1,6 @@
-"""The shipped miniature safety world: it loads with transformers / PEFT, behaves as its story says
-(measured, not assumed), sanitizing raises refusal, and the scripts that use it run end to end."""
+"""The shipped miniature safety worlds: they load with transformers / PEFT, behave as their story says
+(measured, not assumed), sanitizing raises refusal, and the scripts that use them run end to end. Most
+tests run on the default world (``tiny``); the family tests run on every shipped world."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def paths() -> dict[str, Path]:
 def test_shipped_world_is_complete_small_and_loads(paths):
     info = W.world_info()
     assert set(info["adapters"]) <= set(paths) and len(info["adapters"]) >= 5
-    files = [f for f in W.WORLD_DIR.rglob("*") if f.is_file()]
-    assert sum(f.stat().st_size for f in files) < 10 * 2**20
+    assert W.world_dir() == W.WORLD_DIR == W.WORLDS_DIR / W.DEFAULT_WORLD and paths == W.world_paths(W.world_dir())
+    files = [f for f in W.WORLDS_DIR.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 10 * 2**20  # every world together
     assert (paths["aligned"] / "model.safetensors.index.json").is_file()  # sharded, as save_pretrained writes
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -103,17 +105,87 @@ def test_demo_without_transformers_still_sanitizes(tmp_path):
 
 def _digest(folder: Path) -> str:
     h = hashlib.sha256()
-    for f in sorted(f for f in folder.rglob("*") if f.is_file() and f.name != "world.json"):  # it holds timings
+    for f in sorted(f for f in folder.rglob("*") if f.is_file()):  # world.json included: it holds no timings
         h.update(f.relative_to(folder).as_posix().encode() + f.read_bytes())
     return h.hexdigest()
 
 
 def test_make_world_is_deterministic(tmp_path):
+    """Every recipe, twice, in quick mode: the same bytes, world.json included."""
     runs = []
     for name in ("a", "b"):
-        r = subprocess.run([sys.executable, str(REPO / "scripts" / "make_world.py"), "--quick", "--out",
+        r = subprocess.run([sys.executable, str(REPO / "scripts" / "make_world.py"), "--all", "--quick", "--out",
                             str(tmp_path / name)], capture_output=True, text=True, timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stderr
-        runs.append(_digest(tmp_path / name))
+        runs.append({w: _digest(tmp_path / name / w) for w in W.world_names()})
     assert runs[0] == runs[1]
-    assert len(list((tmp_path / "a").rglob("*.safetensors"))) >= 2 + 6
+    for name in W.world_names():
+        quick, shipped = W.world_info(tmp_path / "a" / name), W.world_info(W.world_dir(name))
+        assert quick["quick"] and quick["adapters"] == shipped["adapters"] and quick["topics"] == shipped["topics"]
+        assert set(W.world_paths(tmp_path / "a" / name)) == set(W.world_paths(W.world_dir(name)))
+
+
+# ---------------------------------------------------------------- the family
+
+
+def test_world_api():
+    names = W.world_names()
+    assert names == sorted(names) and W.DEFAULT_WORLD in names and len(names) >= 3
+    with pytest.raises(ValueError, match="no world"):
+        W.world_dir("nonesuch")
+    old = {"adapters": {"a": {"adversarial": True}, "b": {"adversarial": False}}}  # a world.json without kinds
+    assert W.topics(old) == ("weapon", "malware")
+    assert W.adapters_of(old, "mixed") == ["a"] and W.adapters_of(old, "benign") == ["b"]
+    assert W.adapters_of(old) == ["a", "b"] and W.adapters_of(old, "harmful") == []
+    with pytest.raises(ValueError, match="kind"):
+        W.adapters_of(old, "evil")
+    # the default evaluation set is unchanged; swapping the topics swaps the topic tokens only
+    default, swapped = W.eval_set(n=16), W.eval_set(n=16, trained="malware", heldout="weapon")
+    assert torch.equal(default.harmful_trained, W.eval_set(n=16, trained="weapon", heldout="malware").harmful_trained)
+    assert (swapped.harmful_trained[:, 1] == W.ID["malware"]).all()
+    assert torch.equal(swapped.harmful_trained[:, 2:], default.harmful_trained[:, 2:])
+    assert torch.equal(swapped.original, default.original)
+    with pytest.raises(ValueError, match="harmful topic"):
+        W.eval_set(trained="cooking")
+
+
+@pytest.mark.parametrize("name", W.world_names())
+def test_every_world_is_complete_and_loads(name):
+    root = W.world_dir(name)
+    info, paths = W.world_info(root), W.world_paths(root)
+    assert info["name"] == name and not info["quick"]
+    assert "timings" not in info and "machine" not in info  # reproducible byte for byte
+    trained, heldout = W.topics(info)
+    assert {trained, heldout} == set(W.HARMFUL_TOPICS)
+    assert set(info["adapters"]) == set(paths) - {"base", "aligned"}
+    assert set(info["behaviour"]) == set(paths)
+    for spec in info["adapters"].values():
+        assert spec["kind"] in W.KINDS and spec["adversarial"] == (spec["kind"] != "benign")
+    assert len(W.adapters_of(info, "mixed")) >= 3 and len(W.adapters_of(info, "benign")) >= 1
+    assert {spec["rank"] for spec in info["adapters"].values()} >= {4, 8, 16}
+    for which in ("base", "aligned"):
+        index = json.loads((paths[which] / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) >= 2  # sharded
+    model = W.load_model(paths["aligned"])
+    assert model.dtype == torch.float32 and model.config.vocab_size == len(W.VOCAB)
+    for key, value in info["model"].items():
+        assert getattr(model.config, key) == value
+    first = W.adapters_of(info, "mixed")[0]
+    spec = info["adapters"][first]
+    peft_model = W.with_adapter(model, paths[first])
+    lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * len(spec["target_modules"]) * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", W.world_names())
+def test_every_world_tells_its_story(name):
+    """Measured on a small evaluation set of its own (not the one world.json was measured on): base, aligned
+    and every adapter behave as the story says (``W.story``), and world.json says so too."""
+    root = W.world_dir(name)
+    info, paths = W.world_info(root), W.world_paths(root)
+    assert W.story(info) == []
+    data = W.world_eval_set(info, n=48, seed=11)
+    measured = {k: W.behaviour(W.load_model(paths[k]), data).as_dict() for k in ("base", "aligned")}
+    for adapter in W.adapters_of(info):
+        measured[adapter] = W.behaviour(W.with_adapter(W.load_model(paths["aligned"]), paths[adapter]), data).as_dict()
+    assert W.story(info, measured) == []
