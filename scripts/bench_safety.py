@@ -879,8 +879,9 @@ def _git(*args: str) -> str:
 
 
 def _code() -> str:
-    """The checkout the numbers come from (``+dirty`` with uncommitted changes)."""
-    return (_git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if _git("status", "--porcelain") else "")
+    """The checkout the numbers come from (``+dirty`` with uncommitted changes to the package or the scripts)."""
+    dirty = _git("status", "--porcelain", "--", "csulora", "scripts")
+    return (_git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else "")
 
 
 def _machine(threads: int, jobs: int) -> str:
