@@ -56,7 +56,8 @@ CORRECTION: Group = {
     "beta": (Annotated[float | None, typer.Option(help="realign: pull the in-subspace part toward β·D_k (0: erase "
                                                        "it).")], None),
     "threshold": (Annotated[float | None, typer.Option(help="safe-lora: project modules with score ≤ this (default "
-                                                           f"{DEFAULTS.threshold}).")], None),
+                                                           f"{Settings(method='safe-lora').resolved().threshold:g}; "
+                                                           "the paper's 0.5).")], None),
     "top_n": (Annotated[int | None, typer.Option("--top-n", help="safe-lora: project the n lowest-scoring modules.")],
               None),
 }  # fmt: skip
@@ -99,8 +100,7 @@ class Options(dict):
             raise CsuloraError("--beta applies to --method realign only")
         fields = {f: values[f] for f in ("lam", "beta", "subspace_rank", "subspace_energy", "max_subspace_rank",
                                          "exact_svd", "seed", "device", "form", "top_n") if f in values}  # fmt: skip
-        threshold = values.get("threshold")
-        settings = Settings(method=method, threshold=DEFAULTS.threshold if threshold is None else threshold, **fields)
+        settings = Settings(method=method, threshold=values.get("threshold"), **fields)
         settings.resolved().validate()  # bad values fail here, before anything is read
         return settings
 

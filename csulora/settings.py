@@ -11,13 +11,15 @@ from .cache import SubspaceParams
 from .errors import CsuloraError
 
 FORMS = ("factored", "block")
-# The default method and every method's default settings come from the cross-world safety benchmark,
-# chosen leave-one-world-out (docs/defaults.md); the methods themselves live in methods/.
-DEFAULT_METHOD = "csulora"
+# The default method and every method's default settings come from the safety benchmark across the shipped
+# worlds (scripts/bench_safety.py, docs/defaults.md). No setting met the issue's rule on every world; these are
+# the drop-in settings whose worst world is best (realign, safe-lora), and the paper's method at the safety end
+# of its smooth range. The methods themselves live in methods/.
+DEFAULT_METHOD = "realign"
 METHOD_DEFAULTS: dict[str, dict] = {
+    "realign": {"lam": 4.0, "beta": 0.25, "subspace_rank": 8},
     "csulora": {"lam": 64.0, "subspace_energy": 0.25},
-    "realign": {"lam": math.inf, "beta": 0.25, "subspace_rank": 4},
-    "safe-lora": {"subspace_energy": 0.25},  # the subspace only feeds the report's decomposition
+    "safe-lora": {"threshold": 0.9, "subspace_energy": 0.25},  # the subspace only feeds the report's columns
 }
 # What the model card says of each method: where it stands on the evidence (docs/defaults.md).
 METHOD_NOTES = {
@@ -28,7 +30,7 @@ METHOD_NOTES = {
     "miniature worlds' attacks turn the aligned directions back (docs/defaults.md).",
     "safe-lora": "Safe LoRA is the baseline the paper compares against (docs/methods.md).",
 }
-FALLBACK = {"lam": 1.0, "beta": 0.0, "subspace_energy": 0.5}  # a method without its own defaults
+FALLBACK = {"lam": 1.0, "beta": 0.0, "threshold": 0.5, "subspace_energy": 0.5}  # a method without its own defaults
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Settings:
     exact_svd: bool = False
     seed: int = 0
     device: str = "cpu"
-    threshold: float = 0.5  # Safe LoRA: project modules with score ≤ τ …
+    threshold: float | None = None  # Safe LoRA: project modules with score ≤ τ …
     top_n: int | None = None  # … or the n lowest-scoring
 
     def resolved(self) -> Settings:
@@ -56,11 +58,13 @@ class Settings:
         defaults = {**FALLBACK, **METHOD_DEFAULTS.get(self.method, {})}
         lam = defaults["lam"] if self.lam is None else self.lam
         beta = defaults["beta"] if self.beta is None else self.beta
+        threshold = defaults["threshold"] if self.threshold is None else self.threshold
         rank, energy = self.subspace_rank, self.subspace_energy
         if rank is None and energy is None:
             rank = defaults.get("subspace_rank")
             energy = None if rank is not None else defaults["subspace_energy"]
-        return replace(self, lam=float(lam), beta=float(beta), subspace_rank=rank, subspace_energy=energy)
+        return replace(self, lam=float(lam), beta=float(beta), threshold=float(threshold), subspace_rank=rank,
+                       subspace_energy=energy)  # fmt: skip
 
     def validate(self) -> None:
         from .methods import METHODS  # methods/ imports this module
@@ -85,7 +89,7 @@ class Settings:
             raise CsuloraError(f"--method {self.method} keeps the rank; --form {self.form} does not apply to it")
         if not 0 <= self.seed < 2**63:
             raise CsuloraError(f"--seed must be in [0, 2^63), got {self.seed}")
-        if not math.isfinite(self.threshold):
+        if self.threshold is not None and not math.isfinite(self.threshold):
             raise CsuloraError(f"--threshold must be a finite number, got {self.threshold}")
         if self.top_n is not None and self.top_n < 1:
             raise CsuloraError(f"--top-n must be ≥ 1, got {self.top_n}")

@@ -280,17 +280,18 @@ def analyse(result: dict) -> dict:
 
     common = [sid for sid in settings if all(sid in per_world[w]["single"] for w in worlds)]
 
-    def rank_key(sid: str, ws: list[str], crit: str):
+    def rank_key(sid: str, ws: list[str], crit: str, agg=statistics.fmean):
+        """``agg``: how a setting's scores on the worlds ``ws`` combine (their mean; ``min``: its worst world)."""
         other = "heldout" if crit == "both" else "both"
         mixed = [per_world[w]["means"]["mixed"][sid] for w in ws]
         # scores compared to 2 decimals: a smaller difference is a prompt or two of one adapter, not a preference
-        return (round(statistics.fmean(per_world[w]["single"][sid][crit] for w in ws), 2),
-                round(statistics.fmean(per_world[w]["single"][sid][other] for w in ws), 2),
+        return (round(agg([per_world[w]["single"][sid][crit] for w in ws]), 2),
+                round(agg([per_world[w]["single"][sid][other] for w in ws]), 2),
                 statistics.fmean(both(m) for m in mixed), statistics.fmean(m["new_task_accuracy"] for m in mixed),
                 -order[sid])  # fmt: skip
 
-    def best(sids: list[str], ws: list[str], crit: str) -> str:
-        return max(sids, key=lambda sid: rank_key(sid, ws, crit))
+    def best(sids: list[str], ws: list[str], crit: str, agg=statistics.fmean) -> str:
+        return max(sids, key=lambda sid: rank_key(sid, ws, crit, agg))
 
     def passes(sid: str) -> bool:
         return all(per_world[w]["rule"][sid]["passes"] for w in worlds)
@@ -321,6 +322,21 @@ def analyse(result: dict) -> dict:
                 "best_passing": next((sid for sid in ranked if passes(sid)), None),
                 "top": ranked[:5],
             }
+    # The robust choice, for when the rule approves nothing: per method, the drop-in (factored) setting whose
+    # worst world is best, chosen and judged leave-one-world-out the same way.
+    robust: dict[str, dict] = {}
+    for m in METHODS:
+        sids = [sid for sid in common if settings[sid]["method"] == m and settings[sid]["form"] != "block"]
+        if not sids:
+            continue
+        folds = []
+        for held in worlds if len(worlds) > 1 else []:
+            chosen = best(sids, [w for w in worlds if w != held], "both", min)
+            folds.append({"heldout_world": held, "setting": chosen, "score": per_world[held]["single"][chosen]["both"]})
+        final = best(sids, worlds, "both", min)
+        robust[m] = {"folds": folds, "score": statistics.fmean(f["score"] for f in folds) if folds else None,
+                     "final": final, "worst": min(per_world[w]["single"][final]["both"] for w in worlds),
+                     "mean": statistics.fmean(per_world[w]["single"][final]["both"] for w in worlds)}  # fmt: skip
     primary = lowo["both"]
     if not primary:
         decision = None
@@ -330,9 +346,17 @@ def analyse(result: dict) -> dict:
         method = by_lowo[0]
         chosen = primary[method]["final"]
         fallback = next(((m, primary[m]["best_passing"]) for m in by_lowo if primary[m]["best_passing"]), None)
+        by_robust = sorted(robust, key=lambda m: (round(robust[m]["score"] or 0, 2), round(robust[m]["worst"], 2),
+                                                  round(robust[m]["mean"], 2)), reverse=True)  # fmt: skip
+        if passes(chosen):
+            picked, basis = (method, chosen), "lowo"
+        elif fallback:
+            picked, basis = fallback, "passing"
+        else:
+            picked, basis = (by_robust[0], robust[by_robust[0]]["final"]), "robust"
         decision = {
             "methods_by_lowo": by_lowo, "method": method, "setting": chosen, "passes": passes(chosen),
-            "picked": (method, chosen) if passes(chosen) else fallback,
+            "picked": picked, "basis": basis, "methods_by_robust": by_robust,
             "check": {w: per_world[w]["rule"][chosen] for w in worlds},
         }  # fmt: skip
     closest = {}
@@ -352,16 +376,17 @@ def analyse(result: dict) -> dict:
                 if all(r["refusal_gain"] >= RULE_REFUSAL - EPS for r in rules[sid])]  # fmt: skip
         closest[m] = {"per_world": per, "every_world_gain": max(gain, default=(None, None)),
                       "every_world_kept": max(kept, default=(None, None))}  # fmt: skip
-    return {"worlds": per_world, "lowo": lowo, "decision": decision, "closest": closest}
+    return {"worlds": per_world, "lowo": lowo, "robust": robust, "decision": decision, "closest": closest}
 
 
 def method_defaults(result: dict, analysis: dict) -> tuple[str, list[str]]:
     """The ``METHOD_DEFAULTS`` block the benchmark recommends (one setting per method: its best mean score over
-    all worlds among the settings that pass the rule, else its best), and notes on it."""
+    all worlds among the settings that pass the rule, else its robust choice: the factored setting whose worst
+    world is best), and notes on it."""
     settings = {s["id"]: s for s in result["settings"]}
     lines, notes = ["METHOD_DEFAULTS: dict[str, dict] = {"], []
     for m, entry in analysis["lowo"]["both"].items():
-        sid = entry["best_passing"] or entry["final"]
+        sid = entry["best_passing"] or analysis["robust"].get(m, {}).get("final") or entry["final"]
         s = settings[sid]
         d: dict = {}
         if m == "safe-lora":
@@ -376,12 +401,14 @@ def method_defaults(result: dict, analysis: dict) -> tuple[str, list[str]]:
                 d["form"] = s["form"]
         body = ", ".join(f'"{k}": {v if v == "math.inf" else json.dumps(v)}' for k, v in d.items())
         comment = f"    # {label(s)}" + ("" if entry["best_passing"] else ": no setting of this method passes the rule")
-        if not entry["best_passing"] and round(entry["final_score"], 2) == 0:
-            comment += "; all score 0 (tie-break: most refusal)"
+        if not entry["best_passing"]:
+            worst = analysis["robust"].get(m, {}).get("worst", 0.0)
+            comment += (f"; its worst world scores {worst:.3f}" if round(worst, 2) else
+                        "; all score 0 on some world (tie-break: most refusal)")  # fmt: skip
         lines += [comment, f'    "{m}": {{{body}}},']
-        unread = [k for k in d if k in ("form", "threshold", "top_n")]
+        unread = [k for k in d if k in ("form", "top_n")]
         if unread:
-            notes.append(f"{m}: Settings.resolved() reads lam, beta, subspace_rank and subspace_energy from "
+            notes.append(f"{m}: Settings.resolved() reads lam, beta, threshold, subspace_rank and subspace_energy from "
                          f"METHOD_DEFAULTS; {', '.join(unread)} would need it to read them too")  # fmt: skip
     lines.append("}")
     return "\n".join(lines), notes
@@ -561,13 +588,14 @@ def _decision_section(result: dict, analysis: dict) -> list[str]:
           RULE_HEAD, "|---|---|---|---|---|---|---|"]  # fmt: skip
     L += _rule_rows(result, analysis, d["setting"])
     if not d["passes"]:
-        if d["picked"]:
+        if d["basis"] == "passing":
             m, sid = d["picked"]
             L += ["", f"The best setting that passes (methods in LOWO order, each method's settings by their score "
                   f"over all worlds): `{m}` **{label(settings[sid])}**.", "",
                   RULE_HEAD, "|---|---|---|---|---|---|---|", *_rule_rows(result, analysis, sid)]  # fmt: skip
         else:
             L += ["", "**No setting of any method passes the rule on every world**, so the rule approves no default."]
+            L += _robust_section(result, analysis)
     L += ["", "How close each method comes: the most mean refusal a setting restores over no defense while keeping ≥ "
           f"{RULE_NEW_TASK:g} of the new task (on each world alone, and on every world at once), and the most new task "
           f"a setting keeps while restoring ≥ {RULE_REFUSAL} on every world.", "",
@@ -585,14 +613,38 @@ def _decision_section(result: dict, analysis: dict) -> list[str]:
         passing = all(analysis["worlds"][w]["rule"][e["final"]]["passes"] for w in worlds)
         L.append(f"| {m} | {label(settings[e['final']])} | {'yes' if passing else 'no'} | "
                  f"{label(settings[e['best_passing']]) if e['best_passing'] else 'none'} |")  # fmt: skip
-    if d["picked"]:
+    if d["basis"] != "robust":
         intro = f"Recommended `METHOD_DEFAULTS` (for `csulora/settings.py`; default method `{d['picked'][0]}`):"
     else:
-        intro = ("`METHOD_DEFAULTS` as the benchmark would choose them (each method's best setting over all worlds; "
-                 "none is approved by the rule, and the LOWO order of methods is a tie broken by the score over all "
-                 f"worlds, which puts `{d['method']}` first):")  # fmt: skip
+        intro = ("`METHOD_DEFAULTS` from the robust choice (each method's drop-in setting whose worst world is best; "
+                 f"none passes the rule), default method `{d['picked'][0]}`:")  # fmt: skip
     L += ["", intro, "", "```python", block, "```"]
     L += ["", *[f"- {n}" for n in notes]] if notes else []
+    return L
+
+
+def _robust_section(result: dict, analysis: dict) -> list[str]:
+    """The fallback when the rule approves nothing: each method's drop-in setting with the best worst world."""
+    settings = {s["id"]: s for s in result["settings"]}
+    worlds, d, rb = list(result["worlds"]), analysis["decision"], analysis["robust"]
+    L = ["", "### Fallback: the most robust drop-in setting", "",
+         "Every method's LOWO score is the same when all are 0, so the mean over worlds cannot say which setting "
+         "carries over to a world it was not chosen on. The fallback asks instead for the setting whose *worst* "
+         "world is best (scores to 2 decimals; ties: the other topic's worst score, mean refusal, new task), among "
+         "the factored settings only: the default must stay a drop-in replacement (same tensor names, shapes and "
+         "config, loadable by serving engines). It is judged leave-one-world-out the same way.", "",
+         "| method | " + " | ".join(f"chosen without `{w}` → score on `{w}`" for w in worlds)
+         + " | LOWO | chosen on all worlds | its worst world | its mean |",
+         "|---|" + "---|" * (len(worlds) + 4)]  # fmt: skip
+    for m in d["methods_by_robust"]:
+        e = rb[m]
+        cells = [f"{label(settings[f['setting']])} → {_f(f['score'])}" for f in e["folds"]]
+        L.append(f"| {m} | " + " | ".join(cells) + f" | **{_f(e['score'])}** | {label(settings[e['final']])} | "
+                 f"{_f(e['worst'])} | {_f(e['mean'])} |")  # fmt: skip
+    m, sid = d["picked"]
+    L += ["", f"Default: `{m}` **{label(settings[sid])}** — the method with the best robust LOWO score (ties: its "
+          "worst world, then its mean), at its setting chosen on all worlds. It does **not** meet the rule:", "",
+          RULE_HEAD, "|---|---|---|---|---|---|---|", *_rule_rows(result, analysis, sid)]  # fmt: skip
     return L
 
 

@@ -114,6 +114,7 @@ def test_method_settings_refuse_bad_combinations(kwargs, message):
 def test_cli_takes_one_safe_lora_rule():
     from csulora.errors import CsuloraError
     from csulora.options import Options
+    from csulora.settings import METHOD_DEFAULTS
 
     with pytest.raises(CsuloraError, match="pass one"):
         Options(method="safe-lora", threshold=0.3, top_n=2).settings()
@@ -121,4 +122,5 @@ def test_cli_takes_one_safe_lora_rule():
         Options(method="csulora", top_n=2).settings()
     with pytest.raises(CsuloraError, match="--beta applies to --method realign only"):
         Options(method="csulora", beta=0.5).settings()
-    assert Options(method="safe-lora").settings().threshold == 0.5
+    assert Options(method="safe-lora").settings().resolved().threshold == METHOD_DEFAULTS["safe-lora"]["threshold"]
+    assert Options(method="safe-lora", threshold=0.5).settings().resolved().threshold == 0.5  # the paper's τ
