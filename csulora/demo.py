@@ -103,8 +103,8 @@ def sweep_command(paths: dict[str, Path], adapter: str, prompts: dict[str, Path]
                              "-q"]).replace("ADAPTER", "{adapter}")  # fmt: skip
     return shlex.join(["csulora", "sweep", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]),
                        "-o", str(out), *(a for m in methods for a in ("--method", m)), "--lambdas", lambdas,
-                       "--betas", betas, "--subspace-rank", str(subspace_rank), "--eval-cmd", evaluation, "--pick", "utility>=0.5",
-                       "--maximize", "refusal"])  # fmt: skip
+                       "--betas", betas, "--subspace-rank", str(subspace_rank), "--eval-cmd", evaluation,
+                       "--pick", "utility>=0.5", "--maximize", "refusal"])  # fmt: skip
 
 
 def _printer(console: Console):

@@ -23,12 +23,16 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 # What the model card says of each method: where it stands on the evidence (docs/defaults.md).
 METHOD_NOTES = {
+    "realign": "Re-alignment goes beyond the paper: it pulls the part of the update inside each layer's safety "
+    "subspace (where the harmful fine-tunes of csulora's miniature worlds turn the aligned directions back) toward "
+    "the aligned displacement and keeps the rest. It is the default because it was the only method that restored "
+    "refusal while keeping part of the new skill on every miniature world, but no setting did that well on every "
+    "world: measure this adapter's behaviour before publishing it (`csulora sweep`, docs/defaults.md).",
     "csulora": "The paper's method (CSULoRA) keeps the fully aligned part F = PΔWQ of the update exactly; on "
-    "csulora's miniature worlds that part carries the attack, so it restores refusal only where it also deletes "
+    "csulora's miniature worlds that part carries the attack, so it restored refusal only where it also deleted "
     "the new skill (docs/defaults.md).",
-    "realign": "Re-alignment goes beyond the paper: it acts on the fully aligned part F = PΔWQ, where the "
-    "miniature worlds' attacks turn the aligned directions back (docs/defaults.md).",
-    "safe-lora": "Safe LoRA is the baseline the paper compares against (docs/methods.md).",
+    "safe-lora": "Safe LoRA is the baseline the paper compares against; on csulora's miniature worlds it restored "
+    "the most refusal and deleted the new skill (docs/defaults.md).",
 }
 FALLBACK = {"lam": 1.0, "beta": 0.0, "threshold": 0.5, "subspace_energy": 0.5}  # a method without its own defaults
 

@@ -260,13 +260,14 @@ def _point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_exis
                      subspaces=source)  # fmt: skip
         except CsuloraError as e:
             return {**record, "status": "failed", "message": str(e)}
+        except Exception as e:  # an unexpected failure of one point must not lose the others (as in a batch)
+            return {**record, "status": "failed", "message": f"internal error: {type(e).__name__}: {e}"}
     record["totals"] = json.loads((folder / "csulora_report.json").read_text())["totals"]
     if eval_cmd is None:
         return record
     saved = folder / EVAL_FILE
-    if done and saved.is_file():
-        evaluation = Evaluation(**json.loads(saved.read_text()))
-    else:
+    evaluation = _saved_evaluation(saved) if done else None  # a resumed sweep keeps what succeeded, retries failures
+    if evaluation is None:
         evaluation, stderr = evaluate(eval_cmd, folder, eval_timeout)
         try:  # kept with the point: what the evaluation said, and the end of its stderr
             replace_file(folder / EVAL_STDERR, lambda tmp: tmp.write_text(stderr))
@@ -274,6 +275,15 @@ def _point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_exis
         except OSError as e:
             raise CsuloraError(f"{folder}: cannot write the evaluation ({e.strerror or e})") from e
     return {**record, "status": evaluation.status, "metrics": evaluation.metrics, "message": evaluation.message}
+
+
+def _saved_evaluation(path: Path) -> Evaluation | None:
+    """The successful evaluation a finished point kept, or ``None`` (absent, failed or unreadable: evaluate again)."""
+    try:
+        evaluation = Evaluation(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return evaluation if evaluation.status == "ok" else None
 
 
 def _copy(src: Path, dst: Path) -> None:

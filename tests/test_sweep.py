@@ -216,6 +216,19 @@ def test_killed_sweep_resumes_with_skip_existing(tmp_path, pair, adapter, fake_e
     assert log.read_text().split() == ["csulora-lambda0.1", "csulora-lambda1", "csulora-lambda8"]
 
 
+def test_resume_evaluates_failed_points_again(tmp_path, pair, adapter, fake_eval):
+    """A failed evaluation is not a result to keep: --skip-existing runs it again (the others stay)."""
+    cmd, log = fake_eval
+    out = tmp_path / "sweep"
+    args = sweep_args(adapter, pair, out, "--method", "csulora", "--lambdas", "0.5,8", "--eval-cmd", cmd, "-q")
+    first = run_cli(*args, in_process=True)
+    assert first.returncode == 0, first.stderr
+    assert [p["status"] for p in json.loads((out / "sweep.json").read_text())["points"]] == ["failed", "ok"]
+    again = run_cli(*args, "--skip-existing", in_process=True)
+    assert again.returncode == 0, again.stderr
+    assert log.read_text().split() == ["csulora-lambda0.5", "csulora-lambda8", "csulora-lambda0.5"]
+
+
 def test_pick_ignores_failed_points_and_breaks_ties_by_ladder_order():
     points = [
         {"id": "a", "status": "ok", "metrics": {"u": 0.5, "r": 0.9}, "totals": {}},
