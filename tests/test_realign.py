@@ -23,16 +23,12 @@ from csulora.correction import (
 from csulora.methods import METHODS
 from csulora.subspace import safety_subspace
 from tests import oracle
-from tests.test_correction import case  # random factors and a displacement with its exact subspace
+from tests.test_correction import case, shapes  # random factors and a displacement with its exact subspace
 
 F64 = torch.float64
 EXAMPLES = settings(max_examples=25, deadline=None, derandomize=True)
-shapes = st.tuples(
-    st.integers(0, 10_000),  # seed
-    st.integers(4, 14),  # d_out
-    st.integers(4, 14),  # d_in
-    st.integers(1, 4),  # r
-    st.integers(1, 3),  # k
+settings_of_realign = st.tuples(
+    shapes,  # seed, d_out, d_in, r, k
     st.sampled_from([0.0, 0.3, 1.0, 7.0, math.inf]),  # λ
     st.sampled_from([0.0, 0.25, 1.0]),  # β
 )
@@ -46,9 +42,9 @@ def realigned(c: dict, lam: float, beta: float) -> tuple[torch.Tensor, torch.Ten
 
 
 @EXAMPLES
-@given(shapes)
-def test_block_form_equals_the_dense_closed_form(dims):
-    seed, d_out, d_in, r, k, lam, beta = dims
+@given(settings_of_realign)
+def test_block_form_equals_the_dense_closed_form(drawn):
+    (seed, d_out, d_in, r, k), lam, beta = drawn
     c = case(seed, d_out, d_in, r, k)
     A_new, B_new = realigned(c, lam, beta)
     assert A_new.shape == (r + c["k"], d_in) and B_new.shape == (d_out, r + c["k"])
@@ -91,9 +87,9 @@ def test_limits_lambda_zero_and_infinity():
 
 
 @EXAMPLES
-@given(shapes)
-def test_factored_form_is_the_best_rank_r_approximation(dims):
-    seed, d_out, d_in, r, k, lam, beta = dims
+@given(settings_of_realign)
+def test_factored_form_is_the_best_rank_r_approximation(drawn):
+    (seed, d_out, d_in, r, k), lam, beta = drawn
     c = case(seed, d_out, d_in, r, k)
     A_new, B_new = realigned(c, lam, beta)
     A_r, B_r, dropped = best_rank(A_new, B_new, r)
@@ -117,7 +113,7 @@ def test_best_rank_pads_when_the_product_has_fewer_singular_values():
 @EXAMPLES
 @given(shapes)
 def test_erosion_coefficient_is_the_projection_on_d_k(dims):
-    seed, d_out, d_in, r, k, _, _ = dims
+    seed, d_out, d_in, r, k = dims
     c = case(seed, d_out, d_in, r, k)
     M = subspace_block(c["A"], c["s"] * c["B"], c["U"], c["V"])
     assert erosion(M, c["S"]) == pytest.approx(oracle.erosion(c["s"] * c["B"] @ c["A"], c["D"], c["k"]), rel=1e-9)
