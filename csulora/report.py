@@ -282,6 +282,8 @@ def model_card(report: Report, base_model: str | None, command: str) -> str:
         f"| energy leaving the safety subspace | {_pct(t['leaving_energy_before'])} | "
         f"{_pct(t['leaving_energy_after'])} |",
         f"| off-subspace energy (both sides) | {_pct(t['off_energy_before'])} | {_pct(t['off_energy_after'])} |",
+        f"| erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖² (negative: turns alignment back) | {t['erosion_before']:+.3f} | "
+        f"{t['erosion_after']:+.3f} |",
         f"| update norm | 1.000 | {t['retained_norm']:.3f} |",
         "",
         "Per-module details: `csulora_report.md`, `csulora_report.json` and `csulora_report.html` (a picture).",
@@ -306,11 +308,10 @@ def _method_note(report: Report) -> list[str]:
 
 def _format_words(report: Report) -> str:
     if report.method == "realign":
-        what = "the in-subspace part of each layer's update was pulled toward β·D_k and the rest kept"
         if report.rank_changed:
-            return f"{what}, exactly, at rank r + k: the LoRA ranks and `adapter_config.json` changed."
+            return "it is written exactly, at rank r + k: the LoRA ranks and `adapter_config.json` changed."
         return (
-            f"{what}; it is written as its best rank-r approximation, so tensor names, shapes, dtypes and "
+            "it is written as its best rank-r approximation, so tensor names, shapes, dtypes and "
             "`adapter_config.json` are unchanged and it loads wherever the input did."
         )
     if report.rank_changed:
