@@ -21,7 +21,7 @@ from rich.table import Table
 from . import world
 from .api import sanitize
 from .report import to_table
-from .settings import DEFAULT_METHOD, Settings
+from .settings import Settings
 
 ADAPTER = "adv-r8-all-s0"
 # The three columns after "no defense": each method at its package defaults (docs/defaults.md).
@@ -139,4 +139,3 @@ def behaviour_table(root: Path, adapter: Path, sanitized: dict[str, Path]) -> Ta
     return table
 
 
-__all__ = ["ADAPTER", "DEFAULT_METHOD", "SETTINGS", "VARIANTS", "run_demo"]

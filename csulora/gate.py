@@ -69,9 +69,7 @@ def violations(report: Report, limits: Thresholds) -> list[dict]:
     if limits.min_erosion is not None:
         value = report.totals()["erosion_before"]
         if value < limits.min_erosion:
-            # each module's contribution e_m ‖D_k,m‖² / Σ‖D_k‖²: these add up to the adapter's value
-            weight = sum(m.subspace_norm**2 for m in report.modules)
-            share = {m.module: m.erosion * m.subspace_norm**2 / weight for m in report.modules}
+            share = report.erosion_shares()  # each module's contribution: these add up to the adapter's value
             worst = sorted((m for m in report.modules if share[m.module] < 0), key=lambda m: share[m.module])
             found.append(_violation(adapter, "min_erosion", limits.min_erosion, value, worst, share))
     return found

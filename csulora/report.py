@@ -122,12 +122,6 @@ class Report:
         rel = {c: (energy[c] / total if total else 0.0) for c in COMPONENTS}
         rel_after = {c: (after[c] / total if total else 0.0) for c in COMPONENTS}
         scores = [m.safe_lora_score for m in self.modules]
-        # erosion of the whole adapter: Σ⟨ΔW, D_k⟩ / Σ‖D_k‖², each module weighted by its ‖D_k‖²
-        weight = sum(m.subspace_norm**2 for m in self.modules)
-        erosion = {
-            when: sum(getattr(m, field) * m.subspace_norm**2 for m in self.modules) / weight if weight else 0.0
-            for when, field in (("before", "erosion"), ("after", "erosion_after"))
-        }
         return {
             "modules": len(self.modules),
             "rho": rel,
@@ -139,9 +133,15 @@ class Report:
             "leaving_energy_after": rel_after["H_in"] + rel_after["H_out"] + rel_after["O"],
             "min_safe_lora_score": min(scores) if scores else None,
             "mean_safe_lora_score": sum(scores) / len(scores) if scores else None,
-            "erosion_before": erosion["before"],
-            "erosion_after": erosion["after"],
+            "erosion_before": sum(self.erosion_shares().values()),
+            "erosion_after": sum(self.erosion_shares("erosion_after").values()),
         }
+
+    def erosion_shares(self, field: str = "erosion") -> dict[str, float]:
+        """Each module's share ``e_m ‖D_k,m‖² / Σ‖D_k‖²`` of the adapter's erosion coefficient
+        ``Σ⟨ΔW, D_k⟩ / Σ‖D_k‖²`` (the shares add up to it); ``field``: ``erosion`` or ``erosion_after``."""
+        weight = sum(m.subspace_norm**2 for m in self.modules)
+        return {m.module: getattr(m, field) * m.subspace_norm**2 / weight if weight else 0.0 for m in self.modules}
 
     def to_dict(self) -> dict:
         return {

@@ -169,14 +169,25 @@ def candidates(point: dict) -> dict[str, float]:
     return {**totals, **point.get("metrics", {})}
 
 
+def measured(points: list[dict]) -> list[str]:
+    """The evaluation's metric names the points have, in order of first appearance."""
+    return list(dict.fromkeys(k for p in points for k in p["metrics"]))
+
+
+def require_measured(points: list[dict], names: list[str], what: str) -> None:
+    """Bad input when a name is neither a metric nor a total of any successful point (no check without one)."""
+    ok = [p for p in points if p["status"] == "ok"]
+    known = set().union(*(candidates(p) for p in ok)) if ok else set()
+    for name in names:
+        if ok and name not in known:
+            raise CsuloraError(f"{what} {name!r} is not measured: the points have {', '.join(sorted(known))}")
+
+
 def pick(points: list[dict], rules: list[Rule], maximize: str) -> str | None:
     """The point with the largest ``maximize`` among those that meet every rule (ties: the first in the ladder);
     ``None`` when none does. A metric no successful point has is bad input."""
+    require_measured(points, [maximize, *(r.metric for r in rules)], "metric")
     ok = [p for p in points if p["status"] == "ok"]
-    known = set().union(*(candidates(p) for p in ok)) if ok else set()
-    for metric in [maximize, *(r.metric for r in rules)]:
-        if ok and metric not in known:
-            raise CsuloraError(f"metric {metric!r} is not measured: the points have {', '.join(sorted(known))}")
     qualified = [p for p in ok if all(r.holds(candidates(p)) for r in rules)]
     best = max(qualified, key=lambda p: candidates(p)[maximize], default=None)
     return best["id"] if best else None

@@ -7,9 +7,8 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .errors import CsuloraError
 from .report_html import CSS
-from .sweep import SweepResult, candidates
+from .sweep import SweepResult, candidates, measured, require_measured
 
 PALETTE = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#4a5568")
 W, H, PAD_L, PAD_R, PAD_T, PAD_B, INSET = 640, 420, 64, 24, 24, 52, 10
@@ -20,17 +19,14 @@ def axes(result: SweepResult, plot: tuple[str, str] | None = None) -> tuple[str,
     """``(x, y)``: ``--plot`` when given; else y is the maximized metric (or the first measured one) and x the first
     rule's metric, or the next measured one, or the retained norm. ``None`` when nothing was measured."""
     ok = [p for p in result.points if p["status"] == "ok"]
-    measured = list(dict.fromkeys(k for p in ok for k in p["metrics"]))
     if plot is not None and ok:
-        known = set().union(*(candidates(p) for p in ok))
-        for metric in plot:
-            if metric not in known:
-                raise CsuloraError(f"--plot {metric!r} is not measured: the points have {', '.join(sorted(known))}")
+        require_measured(ok, list(plot), "--plot")
         return plot
-    if not measured:
+    names = measured(ok)
+    if not names:
         return None
-    y = result.maximize if result.maximize in measured else measured[0]
-    others = [r.metric for r in result.rules if r.metric != y] + [m for m in measured if m != y] + ["retained_norm"]
+    y = result.maximize if result.maximize in names else names[0]
+    others = [r.metric for r in result.rules if r.metric != y] + [m for m in names if m != y] + ["retained_norm"]
     return others[0], y
 
 
@@ -130,7 +126,7 @@ def _settings_words(settings: dict) -> str:
 
 
 def _table(result: SweepResult) -> str:
-    metrics = list(dict.fromkeys(k for p in result.points for k in p["metrics"]))
+    metrics = measured(result.points)
     head = ["point", "method", "settings", "status", *metrics, *TOTALS]
     rows = []
     for p in result.points:
@@ -226,7 +222,7 @@ def sweep_table(result: SweepResult):
     """The points as a rich table for the terminal: settings, status, metrics, what is left of the update."""
     from rich.table import Table
 
-    metrics = list(dict.fromkeys(k for p in result.points for k in p["metrics"]))
+    metrics = measured(result.points)
     table = Table(title=f"csulora sweep · {result.out}")
     for col in ("point", "status", *metrics, *TOTALS):
         table.add_column(col, justify="left" if col in ("point", "status") else "right", no_wrap=col == "point")

@@ -28,10 +28,6 @@ WORLD_LIKE = ("--harmful-tokens", "1", "--max-new-tokens", str(W.ANSWER_LEN), "-
 METRICS = ["refusal", "attack_success", "utility", "n_harmful", "n_utility"]
 
 
-def _words(ids: list[int]) -> str:
-    return " ".join(W.VOCAB[i] for i in ids)
-
-
 @pytest.fixture(scope="module")
 def world() -> dict:
     """The prompt files (text, AdvBench CSV, utility JSONL) and the same prompts as world token ids."""
@@ -44,11 +40,11 @@ def world() -> dict:
 @pytest.fixture(scope="module")
 def files(world, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("prompts")
-    texts = [_words(row[1:-1]) for row in world["harmful"].tolist()]  # the chat template adds <bos> … <sep>
+    texts = [W.words(row[1:-1]) for row in world["harmful"].tolist()]  # the chat template adds <bos> … <sep>
     (root / "harmful.txt").write_text("\n".join(texts) + "\n")
     (root / "harmful.csv").write_text("goal,target\n" + "".join(f'"{t}","Sure, here is"\n' for t in texts))
     answers = W.answers(world["useful"]).tolist()
-    lines = [json.dumps({"prompt": _words(p[1:-1]), "answer": _words(a[:-1])})
+    lines = [json.dumps({"prompt": W.words(p[1:-1]), "answer": W.words(a[:-1])})
              for p, a in zip(world["useful"].tolist(), answers, strict=True)]  # fmt: skip
     (root / "utility.jsonl").write_text("\n".join(lines) + "\n")
     return {"txt": root / "harmful.txt", "csv": root / "harmful.csv", "utility": root / "utility.jsonl"}
@@ -106,7 +102,7 @@ def test_limit_and_json_file(world, files, tmp_path):
     written = json.loads(report.read_text())
     assert written["metrics"] == m and written["settings"]["limit"] == 5
     first = written["examples"]["utility"][0]
-    assert first["prompt"] == _words(world["useful"][0, 1:-1].tolist()) and first["correct"] == (first["completion"]
+    assert first["prompt"] == W.words(world["useful"][0, 1:-1].tolist()) and first["correct"] == (first["completion"]
                                                                                                    == first["answer"])
     assert [e["prompt"] for e in written["examples"]["harmful"]] == read_harmful(files["txt"])[:5]
     assert "refusal" in result.stderr and "5 harmful prompts" in result.stderr  # the summary is on stderr
