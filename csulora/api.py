@@ -13,12 +13,13 @@ import torch
 from . import __version__
 from .adapters import CONFIG, Adapter, read_adapter, write_adapter
 from .cache import SubspaceSource, read_displacement, subspace_of
+from .card import model_card
 from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
 from .determinism import fixed_threads
 from .errors import CsuloraError
-from .methods import METHODS, Corrected, block_config
+from .methods import METHODS, Corrected, block_config, validate
 from .outputs import check_output, write_folder
-from .report import Report, model_card, to_markdown
+from .report import Report, to_markdown
 from .report_html import to_html
 from .settings import Settings
 
@@ -80,7 +81,7 @@ def sanitize(
     (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder).
     """
     settings = settings.resolved()
-    settings.validate()
+    validate(settings)
     adapter_path = Path(adapter)
     out = Path(output) if output is not None else default_output(adapter_path)
     check_output(out, force, [adapter_path])
@@ -101,7 +102,8 @@ def sanitize(
 
     def fill(tmp: Path) -> None:
         write_adapter(tmp, inputs.adapter, tensors, metadata, config)
-        (tmp / "README.md").write_text(model_card(report, inputs.adapter.base_model, command_line))
+        form_words = METHODS[settings.method].form_words(report.rank_changed)
+        (tmp / "README.md").write_text(model_card(report, inputs.adapter.base_model, command_line, form_words))
         (tmp / "csulora_report.json").write_text(report.to_json())
         (tmp / "csulora_report.md").write_text(to_markdown(report))
         (tmp / "csulora_report.html").write_text(to_html(report))
@@ -124,7 +126,7 @@ def audit(
 ) -> Result:
     """Compute the same decomposition and report as ``sanitize()`` without writing anything."""
     settings = settings.resolved()
-    settings.validate()
+    validate(settings)
     t0 = time.perf_counter()
     _phase(progress, "reading", 0, str(adapter))
     inputs = _load(Path(adapter), aligned, base, trust_pickle)
@@ -277,6 +279,7 @@ def _run(
         inputs=inputs.describe(),
         modules=rows,
         warnings=warnings,
+        description=method.words(settings.to_dict(), settings.form),
     )
     config = None
     if report.rank_changed:
@@ -313,7 +316,7 @@ def precompute_subspaces(
     dotted parts, e.g. ``q_proj``); default every 2-D weight but embeddings and the output head.
     """
     settings = settings.resolved()
-    settings.validate()
+    validate(settings)
     source = subspaces or SubspaceSource.open()
     if source.cache is None:
         raise CsuloraError("precomputing subspaces without a cache keeps nothing; drop --no-cache")

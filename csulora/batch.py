@@ -18,6 +18,7 @@ from .adapters import CONFIG, WEIGHTS
 from .api import Progress, Settings, default_output, sanitize
 from .cache import SubspaceSource
 from .errors import CsuloraError, OutputExists
+from .methods import validate
 from .report import Report
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
@@ -110,7 +111,7 @@ def run_batch(
 ) -> list[Outcome]:
     """Sanitize each adapter into ``output/<name>/``; failures are recorded in the outcomes, not raised."""
     settings = settings or Settings()
-    settings.validate()
+    validate(settings)
     if force and skip_existing:
         raise CsuloraError("--force and --skip-existing contradict each other; pass one")
     index, count = parse_shard(shard)

@@ -336,7 +336,8 @@ def sweep(
 
     Writes OUT/<method>-<setting>/ per point, OUT/sweep.json, OUT/sweep.html and OUT/front.png; with --maximize,
     copies the best point meeting every --pick to OUT/picked/ (exit 1 when none does)."""
-    from .sweep import parse_rule, plan, run_sweep
+    from .sweep import plan, run_sweep
+    from .sweep_result import parse_rule
 
     screen = err if opts["json_out"] else out
     with _errors(opts["debug"]):

@@ -17,6 +17,7 @@ import typer
 
 from .cache import SubspaceSource
 from .errors import CsuloraError
+from .methods import validate
 from .settings import DEFAULT_METHOD, METHOD_DEFAULTS, Settings
 
 DEFAULTS = Settings()  # the one place defaults live; the options below show them
@@ -101,7 +102,7 @@ class Options(dict):
         fields = {f: values[f] for f in ("lam", "beta", "subspace_rank", "subspace_energy", "max_subspace_rank",
                                          "exact_svd", "seed", "device", "form", "top_n") if f in values}  # fmt: skip
         settings = Settings(method=method, threshold=values.get("threshold"), **fields)
-        settings.resolved().validate()  # bad values fail here, before anything is read
+        validate(settings.resolved())  # bad values fail here, before anything is read
         return settings
 
     def source(self, enabled: bool | None = None) -> SubspaceSource:

@@ -108,6 +108,7 @@ class Report:
     inputs: dict
     modules: list[ModuleRow]
     warnings: list[str] = field(default_factory=list)
+    description: str = ""  # what the method did, in words (each method says it: methods/)
 
     @property
     def rank_changed(self) -> bool:
@@ -162,7 +163,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
@@ -174,17 +175,17 @@ def columns(report: Report) -> list[str]:
 
 def cells(report: Report, m: ModuleRow) -> list[str]:
     if report.method == "realign":
-        loss = "" if m.truncation_loss is None else _pct(m.truncation_loss)
-        done = [f"{m.c:.3f}", _pct(m.rho_after["F"]), loss]
+        loss = "" if m.truncation_loss is None else pct(m.truncation_loss)
+        done = [f"{m.c:.3f}", pct(m.rho_after["F"]), loss]
     elif m.safe_lora_projected:
-        done = ["C·B", "C·B", _pct(m.off_after)]
+        done = ["C·B", "C·B", pct(m.off_after)]
     else:
-        done = [f"{m.gamma_in:.3f}", f"{m.gamma_out:.3f}", _pct(m.off_after)]
+        done = [f"{m.gamma_in:.3f}", f"{m.gamma_out:.3f}", pct(m.off_after)]
     return [
         m.module,
         str(m.k),
-        _pct(m.captured),
-        *(_pct(m.rho[c]) for c in COMPONENTS),
+        pct(m.captured),
+        *(pct(m.rho[c]) for c in COMPONENTS),
         *done,
         f"{m.retained:.3f}",
         erosion_words(m.erosion, m.erosion_after),
@@ -203,9 +204,9 @@ def _summary_lines(report: Report) -> list[str]:
     t = report.totals()
     return [
         f"modules: {t['modules']}",
-        f"energy fully aligned / leaving: {_pct(t['rho']['F'])} / {_pct(t['leaving_energy_before'])} "
-        f"→ leaving after: {_pct(t['leaving_energy_after'])}",
-        f"off-subspace energy: {_pct(t['off_energy_before'])} → {_pct(t['off_energy_after'])}",
+        f"energy fully aligned / leaving: {pct(t['rho']['F'])} / {pct(t['leaving_energy_before'])} "
+        f"→ leaving after: {pct(t['leaving_energy_after'])}",
+        f"off-subspace energy: {pct(t['off_energy_before'])} → {pct(t['off_energy_after'])}",
         f"erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖²: {erosion_words(t['erosion_before'], t['erosion_after'])}",
         f"retained update norm: {t['retained_norm']:.3f}",
         *([rank_change_words(report)] if report.rank_changed else []),
@@ -224,7 +225,7 @@ def to_markdown(report: Report) -> str:
     lines = [
         "# csulora report",
         "",
-        f"- method: {report.method}, form: {report.form}: {method_words(report)}",
+        f"- method: {report.method}, form: {report.form}: {report.description}",
         f"- subspace: {_subspace_words(s)}",
         f"- Safe LoRA score: {safe_lora_score_basis(report.method)}",
         f"- adapter: `{report.inputs['adapter']['path']}`",
@@ -256,76 +257,6 @@ def to_table(report: Report, title: str | None = None) -> Table:
     return table
 
 
-def model_card(report: Report, base_model: str | None, command: str) -> str:
-    """``README.md`` of the sanitized adapter: YAML front matter, the command, a summary."""
-    front = ["---"]
-    if base_model:
-        front.append(f"base_model: {json.dumps(base_model)}")
-    front += ["library_name: peft", "tags:", "- lora", "- peft", "- csulora", "- safety", "---"]
-    t = report.totals()
-    body = [
-        "",
-        "# Sanitized LoRA adapter",
-        "",
-        f"This adapter is `{report.inputs['adapter']['path']}` after {method_words(report)}, made with "
-        f"csulora {report.tool_version}. The safety subspace of each layer was estimated from "
-        f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}`; {_format_words(report)}",
-        "",
-        *_method_note(report),
-        *_rank_warning(report),
-        "```",
-        command,
-        "```",
-        "",
-        "| | before | after |",
-        "|---|---|---|",
-        f"| energy leaving the safety subspace | {_pct(t['leaving_energy_before'])} | "
-        f"{_pct(t['leaving_energy_after'])} |",
-        f"| off-subspace energy (both sides) | {_pct(t['off_energy_before'])} | {_pct(t['off_energy_after'])} |",
-        f"| erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖² (negative: turns alignment back) | {t['erosion_before']:+.3f} | "
-        f"{t['erosion_after']:+.3f} |",
-        f"| update norm | 1.000 | {t['retained_norm']:.3f} |",
-        "",
-        "Per-module details: `csulora_report.md`, `csulora_report.json` and `csulora_report.html` (a picture).",
-    ]
-    return "\n".join(front + body) + "\n"
-
-
-def method_words(report: Report) -> str:
-    """What the method did, in words (each method says it: methods/)."""
-    from .methods import METHODS  # methods/ imports this module
-
-    return METHODS[report.method].words(report.settings, report.form)
-
-
-def _method_note(report: Report) -> list[str]:
-    """Which method ran and why, and where the paper's method stands (docs/defaults.md)."""
-    from .settings import DEFAULT_METHOD, METHOD_NOTES
-
-    chosen = "csulora's default method" if report.method == DEFAULT_METHOD else f"`--method {report.method}`"
-    return [f"Method: {chosen}. {METHOD_NOTES.get(report.method, '')}".rstrip(), ""]
-
-
-def _format_words(report: Report) -> str:
-    if report.method == "realign":
-        if report.rank_changed:
-            return "it is written exactly, at rank r + k: the LoRA ranks and `adapter_config.json` changed."
-        return (
-            "it is written as its best rank-r approximation, so tensor names, shapes, dtypes and "
-            "`adapter_config.json` are unchanged and it loads wherever the input did."
-        )
-    if report.rank_changed:
-        return (
-            "the parts of each layer's update that leave it were attenuated. The block form is exact at rank 2r: "
-            "the LoRA ranks and `adapter_config.json` changed (the scaling is folded into `lora_B`)."
-        )
-    what = "projected" if report.method == "safe-lora" else "attenuated"
-    return (
-        f"the parts of each layer's update that leave it were {what}; tensor names, shapes, dtypes and "
-        "`adapter_config.json` are unchanged, so it loads wherever the input did."
-    )
-
-
 def rank_warning(report: Report) -> str:
     """What a person serving the adapter must know when the block form changed its rank."""
     need = _engine_rank(report)
@@ -334,10 +265,6 @@ def rank_warning(report: Report) -> str:
         f"{rank_change_words(report)}. Serving engines with a maximum LoRA rank must allow "
         f"{max(m.output_rank for m in report.modules)}: vLLM's default `max_lora_rank` is 16; {advice}."
     )
-
-
-def _rank_warning(report: Report) -> list[str]:
-    return [f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []
 
 
 def _engine_rank(report: Report) -> int:

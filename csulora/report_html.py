@@ -8,7 +8,7 @@ import re
 from html import escape
 
 from .correction import COMPONENTS
-from .report import Report, _subspace_words, _summary_lines, cells, columns, method_words, rank_warning
+from .report import Report, _subspace_words, _summary_lines, cells, columns, rank_warning
 
 COLORS = {"F": "#2f855a", "H_in": "#d4a017", "H_out": "#e07b24", "O": "#c53030"}
 LABELS = {"F": "F (fully aligned)", "H_in": "H_in (input side leaves)", "H_out": "H_out (output side leaves)",
@@ -154,7 +154,7 @@ table.modules tbody tr:hover { background: #f7fafc; }
 def to_html(report: Report) -> str:
     """The report as one self-contained HTML page."""
     s, inputs = report.settings, report.inputs
-    method = method_words(report)
+    method = report.description
     warn = ""
     if report.rank_changed:
         warn = f'<p class="warn"><b>Warning:</b> {escape(rank_warning(report)).replace("`", "")}</p>'

@@ -71,14 +71,9 @@ class Settings:
                        subspace_energy=energy)  # fmt: skip
 
     def validate(self) -> None:
-        from .methods import METHODS  # methods/ imports this module
-
-        method = METHODS.get(self.method)
-        if method is None:
-            raise CsuloraError(f"--method {self.method!r} is not available; use one of {', '.join(METHODS)}")
-        if self.lam is not None and not (self.lam >= 0 and (math.isfinite(self.lam) or method.infinite_lambda)):
-            allowed = "a number ≥ 0 or inf" if method.infinite_lambda else "a finite number ≥ 0"
-            raise CsuloraError(f"--lambda must be {allowed} for --method {self.method}, got {self.lam}")
+        """Checks that need no method; ``methods.validate`` adds the method's own (its λ range, its forms)."""
+        if self.lam is not None and not self.lam >= 0:
+            raise CsuloraError(f"--lambda must be a number ≥ 0, got {self.lam}")
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
             raise CsuloraError(f"--beta must be a finite number ≥ 0, got {self.beta}")
         if self.subspace_rank is not None and self.subspace_rank < 1:
@@ -89,8 +84,6 @@ class Settings:
             raise CsuloraError(f"--max-subspace-rank must be ≥ 1, got {self.max_subspace_rank}")
         if self.form not in FORMS:
             raise CsuloraError(f"--form {self.form!r} is not available; use one of {', '.join(FORMS)}")
-        if self.form not in method.forms:
-            raise CsuloraError(f"--method {self.method} keeps the rank; --form {self.form} does not apply to it")
         if not 0 <= self.seed < 2**63:
             raise CsuloraError(f"--seed must be in [0, 2^63), got {self.seed}")
         if self.threshold is not None and not math.isfinite(self.threshold):

@@ -10,27 +10,26 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shlex
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .api import Progress, check_inputs, sanitize
 from .batch import is_complete
 from .cache import SubspaceSource
 from .errors import CsuloraError
-from .methods import METHODS
+from .methods import METHODS, validate
 from .outputs import replace_file, write_folder
 from .settings import Settings
+from .sweep_render import write_pictures
+from .sweep_result import Rule, SweepResult, pick
 
-SCHEMA_VERSION = 1
 EVAL_FILE, EVAL_STDERR = "eval.json", "eval.stderr.txt"
 STDERR_TAIL = 8192  # bytes of an evaluation's stderr kept in the point's folder
 GRID_NAMES = {"lam": "lambda", "beta": "beta", "threshold": "tau"}  # in point ids and sweep.json settings
-_RULE = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(>=|<=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
 
 
 @dataclass(frozen=True)
@@ -39,28 +38,6 @@ class Point:
     method: str
     settings: Settings  # resolved
     grid: dict[str, float | str]  # the grid values of this point, by their sweep.json names (∞ as "inf")
-
-
-@dataclass(frozen=True)
-class Rule:
-    metric: str
-    op: str  # ">=" or "<="
-    value: float
-
-    def holds(self, metrics: dict[str, float]) -> bool:
-        x = metrics[self.metric]
-        return x >= self.value if self.op == ">=" else x <= self.value
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}"
-
-
-def parse_rule(text: str) -> Rule:
-    """``METRIC>=X`` or ``METRIC<=X``."""
-    m = _RULE.fullmatch(text)
-    if m is None:
-        raise CsuloraError(f"--pick {text!r}: expected METRIC>=X or METRIC<=X, e.g. 'utility>=0.8'")
-    return Rule(m[1], m[2], float(m[3]))
 
 
 def _number(x: float) -> str:
@@ -79,7 +56,7 @@ def plan(methods: list[str], base: Settings, grids: dict[str, list[float]]) -> l
             combos = [{**c, f: v} for c in combos for v in (grids.get(f) or [None])]
         for combo in combos:
             settings = replace(base, method=name, **combo).resolved()
-            settings.validate()
+            validate(settings)
             values = {GRID_NAMES[f]: getattr(settings, f) for f in METHODS[name].grid}
             point_id = "-".join([name, *(f"{k}{_number(v)}" for k, v in values.items())])
             grid = {k: "inf" if math.isinf(v) else v for k, v in values.items()}  # as the report writes λ = ∞
@@ -140,59 +117,6 @@ def evaluate(command: str, folder: Path, timeout: float | None = None) -> tuple[
     return Evaluation("ok", {k: float(v) for k, v in metrics.items()}), tail
 
 
-@dataclass
-class SweepResult:
-    out: Path
-    points: list[dict]
-    picked: str | None = None
-    rules: list[Rule] = field(default_factory=list)
-    maximize: str | None = None
-    notes: list[str] = field(default_factory=list)  # what could not be drawn, and why
-
-    def to_dict(self) -> dict:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "points": self.points,
-            "picked": self.picked,
-            "rules": [str(r) for r in self.rules],
-            "maximize": self.maximize,
-        }
-
-    def point(self, point_id: str | None) -> dict | None:
-        return next((p for p in self.points if p["id"] == point_id), None)
-
-
-def candidates(point: dict) -> dict[str, float]:
-    """What a rule may name: the evaluation's metrics, and the report's numeric totals (metrics win a clash)."""
-    totals = {k: float(v) for k, v in (point.get("totals") or {}).items()
-              if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
-    return {**totals, **point.get("metrics", {})}
-
-
-def measured(points: list[dict]) -> list[str]:
-    """The evaluation's metric names the points have, in order of first appearance."""
-    return list(dict.fromkeys(k for p in points for k in p["metrics"]))
-
-
-def require_measured(points: list[dict], names: list[str], what: str) -> None:
-    """Bad input when a name is neither a metric nor a total of any successful point (no check without one)."""
-    ok = [p for p in points if p["status"] == "ok"]
-    known = set().union(*(candidates(p) for p in ok)) if ok else set()
-    for name in names:
-        if ok and name not in known:
-            raise CsuloraError(f"{what} {name!r} is not measured: the points have {', '.join(sorted(known))}")
-
-
-def pick(points: list[dict], rules: list[Rule], maximize: str) -> str | None:
-    """The point with the largest ``maximize`` among those that meet every rule (ties: the first in the ladder);
-    ``None`` when none does. A metric no successful point has is bad input."""
-    require_measured(points, [maximize, *(r.metric for r in rules)], "metric")
-    ok = [p for p in points if p["status"] == "ok"]
-    qualified = [p for p in ok if all(r.holds(candidates(p)) for r in rules)]
-    best = max(qualified, key=lambda p: candidates(p)[maximize], default=None)
-    return best["id"] if best else None
-
-
 def run_sweep(
     adapter: str | Path,
     aligned: str,
@@ -251,7 +175,6 @@ def run_sweep(
         elif (out / "picked").is_dir():  # a picked/ of an earlier run no longer meets the rule
             shutil.rmtree(out / "picked")
     _write_json(out, result)
-    from .sweep_render import write_pictures
 
     result.notes = write_pictures(result, plot)
     return result

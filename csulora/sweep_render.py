@@ -8,7 +8,7 @@ import math
 from html import escape
 
 from .report_html import CSS
-from .sweep import SweepResult, candidates, measured, require_measured
+from .sweep_result import SweepResult, candidates, measured, require_measured
 
 PALETTE = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#4a5568")
 W, H, PAD_L, PAD_R, PAD_T, PAD_B, INSET = 640, 420, 64, 24, 24, 52, 10

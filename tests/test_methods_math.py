@@ -106,9 +106,10 @@ def test_safe_lora_selection_rules():
 def test_method_settings_refuse_bad_combinations(kwargs, message):
     from csulora import Settings
     from csulora.errors import CsuloraError
+    from csulora.methods import validate
 
     with pytest.raises(CsuloraError, match=message):
-        Settings(**kwargs).validate()
+        validate(Settings(**kwargs))
 
 
 def test_cli_takes_one_safe_lora_rule():

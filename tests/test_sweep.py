@@ -20,7 +20,8 @@ import csulora.cache as cache_mod
 from csulora import Settings
 from csulora.cache import SubspaceSource
 from csulora.errors import CsuloraError
-from csulora.sweep import parse_rule, pick, plan, run_sweep
+from csulora.sweep import plan, run_sweep
+from csulora.sweep_result import parse_rule, pick
 from csulora.synthetic import SIZES, write_adapter, write_pair
 from tests.conftest import OUTPUT_FILES, REPO, assert_one_line_error, folder_bytes, run_cli
 

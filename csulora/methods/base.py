@@ -44,6 +44,7 @@ class Method:
     reads_displacement: bool = False  # correct() needs D itself, not only its (cacheable) subspace
     infinite_lambda: bool = False  # --lambda inf is meaningful
     grid: tuple[str, ...] = ("lam",)  # the Settings fields a sweep varies (--lambdas, --betas, --thresholds)
+    verb = "attenuated"  # what the drop-in form did to the parts that leave the subspace (model card)
 
     def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
         raise NotImplementedError
@@ -54,6 +55,14 @@ class Method:
     def words(self, settings: dict, form: str) -> str:
         """What was done, for the model card and the reports (``settings`` as the report records them)."""
         return self.name
+
+    def form_words(self, rank_changed: bool) -> str:
+        """How the result is written, for the model card."""
+        if rank_changed:
+            return ("the parts of each layer's update that leave it were attenuated. The block form is exact at "
+                    "rank 2r: the LoRA ranks and `adapter_config.json` changed (the scaling is folded into `lora_B`).")
+        return (f"the parts of each layer's update that leave it were {self.verb}; tensor names, shapes, dtypes and "
+                "`adapter_config.json` are unchanged, so it loads wherever the input did.")
 
     def block_rank(self, ranks: list[int], config: dict) -> int:
         """The global ``r`` of a block-form config: the most common written rank (ties: the larger)."""

@@ -55,6 +55,12 @@ class Realign(Method):
                          **after(sub, A_new, B_new, total), **fields)  # fmt: skip
         return Corrected(row, *written(module, A_new, B_new / module.scaling))  # the config's scaling is kept
 
+    def form_words(self, rank_changed: bool) -> str:
+        if rank_changed:
+            return "it is written exactly, at rank r + k: the LoRA ranks and `adapter_config.json` changed."
+        return ("it is written as its best rank-r approximation, so tensor names, shapes, dtypes and "
+                "`adapter_config.json` are unchanged and it loads wherever the input did.")
+
     def words(self, settings: dict, form: str) -> str:
         return (f"re-alignment ({form} form, λ = {lambda_words(settings['lambda'])}, β = {settings['beta']:g}: the "
                 "in-subspace part of the update pulled toward β·D_k, the rest kept)")  # fmt: skip
