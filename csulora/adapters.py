@@ -1,45 +1,132 @@
-"""PEFT LoRA adapters: reading, validating, per-module scaling, and writing."""
+"""PEFT LoRA adapter folders: reading and validating the config and the tensors, and writing them back.
+
+Reading sorts every tensor of the file into what it is (PEFT_FORMAT.md): LoRA factor pairs (``Layer``:
+linear, embedding, or a wrapped parameter such as a stack of MoE experts), full tensors (``modules_to_save``,
+saved base layers) and vectors kept as trained (DoRA magnitudes, LoRA biases, trainable-token rows). Which
+checkpoint weight each of them belongs to is decided against the aligned checkpoint (``targets.py``).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import CsuloraError
+from .layouts import Target
 from .tensorfile import read_header, save_sorted, sha256_file
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
-# init methods that rewrite the base weights at load time: the adapter is then no plain delta
-_NOT_A_DELTA = ("pissa", "olora", "corda", "loftq", "eva")
+BASE_LAYER = ".base_layer"
+# init methods that rewrite the base weights at load time: the adapter is then no plain delta on the aligned model
+NOT_A_DELTA = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# LoraConfig fields that make a layer compute something other than W + s·B·A (peft's LoRA variants, tagged
+# ``is_lora_variant`` in its LoraConfig, and the options that change the model's structure); DoRA is read.
+VARIANTS = {
+    "velora_config": "VeLoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)", "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+    "use_qalora": "QA-LoRA", "layer_replication": "layer replication",
+}  # fmt: skip
+INIT_VARIANTS = ("mica",)  # init_lora_weights values that select a variant
+_FACTOR = re.compile(r"(?P<path>.+)\.lora_(?P<side>[AB])\.weight")
+_EMBEDDING = re.compile(r"(?P<path>.+)\.lora_embedding_(?P<side>[AB])")
+_KEPT = {  # vectors PEFT saves beside the factors, kept as trained (DESIGN.md §6b): pattern → kind
+    re.compile(r"(?P<path>.+)\.lora_magnitude_vector(?:\.weight)?"): "dora-magnitude",
+    re.compile(r"(?P<path>.+)\.lora_B\.bias"): "lora-bias",
+    re.compile(r"(?P<path>.+)\.token_adapter\.trainable_tokens_delta"): "trainable-tokens",
+}
+KEPT_REASONS = {
+    "dora-magnitude": "DoRA magnitude vector: kept as trained (the method corrects the LoRA part s·B·A)",
+    "lora-bias": "LoRA bias vector (lora_bias): kept as trained",
+    "trainable-tokens": "trainable-token rows (trainable_token_indices): kept as trained",
+}
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A saved tensor written back as trained, not sanitized: why, and whether it merely repeats the aligned
+    checkpoint's tensor of the same name bit for bit (a copy is harmless: the audit gate lets it pass)."""
+
+    key: str
+    shape: list[int]
+    kind: str
+    reason: str
+    identical: bool = False
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "shape": self.shape, "kind": self.kind, "reason": self.reason,
+                "identical_to_aligned": self.identical}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One saved PEFT LoRA layer: the factors of one module (``path``, without ``base_model.model.``).
+
+    A parameter wrapped twice on one module (MoE experts' ``gate_up_proj`` and ``down_proj``) saves its inner
+    wrapper under ``<module>.base_layer``: ``depth`` counts those."""
+
+    path: str
+    a_key: str
+    b_key: str
+    A: torch.Tensor
+    B: torch.Tensor
+    embedding: bool
+
+    @property
+    def module(self) -> str:
+        return self.path.replace(BASE_LAYER, "")
+
+    @property
+    def depth(self) -> int:
+        return self.path.count(BASE_LAYER)
 
 
 @dataclass
 class LoraModule:
-    """One adapted linear layer: ``ΔW = scaling · B A`` in ``nn.Linear`` orientation ``(d_out, d_in)``."""
+    """One module of the method: ``ΔW = scaling · B A`` in ``nn.Linear`` orientation ``(d_out, d_in)``.
 
-    name: str  # module path inside the base model, e.g. model.layers.0.self_attn.q_proj
-    A: torch.Tensor  # (r, d_in), as stored
-    B: torch.Tensor  # (d_out, r), as stored
+    An expert of a stacked parameter is a module of its own: ``A``, ``B`` are its slices of the layer's
+    factors (DESIGN.md §6b)."""
+
+    name: str  # e.g. model.layers.0.self_attn.q_proj, or model.layers.0.mlp.experts.gate_up_proj[3]
+    A: torch.Tensor  # (r, d_in)
+    B: torch.Tensor  # (d_out, r)
     rank: int
     alpha: float
     scaling: float
+    target: Target | None = None  # default: the plain linear layer ``<name>.weight``
+    layer: Layer | None = None  # default: the plain layer ``<name>`` holding exactly ``A`` and ``B``
+    kind: str = "linear"  # linear | embedding | parameter (a wrapped 2-D parameter) | expert
+    dora: bool = False
+    pattern_name: str = ""  # what PEFT matches rank_pattern / alpha_pattern keys against (default: the name)
 
-    @property
-    def weight_key(self) -> str:
-        """The checkpoint tensor this module adapts."""
-        return f"{self.name}.weight"
+    def __post_init__(self) -> None:
+        self.target = self.target or Target(f"{self.name}.weight")
+        self.layer = self.layer or Layer(self.name, f"{PREFIX}{self.name}.lora_A.weight",
+                                         f"{PREFIX}{self.name}.lora_B.weight", self.A, self.B, False)  # fmt: skip
+        self.pattern_name = self.pattern_name or self.name
 
     def key(self, side: str) -> str:
-        return f"{PREFIX}{self.name}.lora_{side}.weight"
+        """The adapter tensor holding this module's factor ``side`` (an expert's: the layer's stacked one)."""
+        return self.layer.a_key if side == "A" else self.layer.b_key
+
+
+@dataclass
+class DenseModule:
+    """A full weight saved in the adapter (``modules_to_save``) with the aligned weight's shape: a module whose
+    update is dense, ``ΔW = W_saved − W_a`` (DESIGN.md §6b)."""
+
+    name: str
+    key: str  # the adapter tensor
+    W: torch.Tensor
+    target: Target
 
 
 @dataclass
@@ -49,7 +136,11 @@ class Adapter:
     config_bytes: bytes  # written back unchanged
     weights_file: Path
     weights_sha256: str
-    modules: list[LoraModule]
+    tensors: dict[str, torch.Tensor]  # every tensor of the file, as read
+    layers: list[Layer]
+    full: dict[str, torch.Tensor]  # key → full tensor (modules_to_save, saved base layers, other vectors)
+    kept: list[Kept] = field(default_factory=list)  # vectors kept as trained, known from their names
+    dora: set[str] = field(default_factory=set)  # module paths with a DoRA magnitude vector
 
     @property
     def base_model(self) -> str | None:
@@ -74,8 +165,24 @@ def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def rank_and_alpha(config: dict, pattern_name: str) -> tuple[int, float, float]:
+    """A module's rank, alpha and scaling from the config and its patterns."""
+    rank = pattern_value(config.get("rank_pattern") or {}, pattern_name, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern") or {}, pattern_name, config["lora_alpha"])
+    return rank, alpha, lora_scaling(rank, alpha, bool(config.get("use_rslora", False)))
+
+
+def targeted_module(config: dict, module: str) -> bool:
+    """Whether ``target_modules`` names ``module`` (PEFT's rule: a list matches the name or a dotted suffix;
+    a string is a regex for the whole name)."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets or ())
+
+
 def read_adapter(path: Path, trust_pickle: bool = False) -> Adapter:
-    """Read and validate a PEFT LoRA adapter folder; refuse what the method does not cover."""
+    """Read and validate a PEFT LoRA adapter folder; refuse what cannot be sanitized, naming it."""
     if not path.is_dir():
         raise CsuloraError(f"{path}: no such adapter folder")
     config_file = path / CONFIG
@@ -92,59 +199,72 @@ def read_adapter(path: Path, trust_pickle: bool = False) -> Adapter:
         raise CsuloraError(f"{config_file}: not valid JSON; re-save the adapter") from e
     _check_config(config, config_file)
     weights_file, tensors = _read_weights(path, trust_pickle)
-    modules = _modules(config, tensors, weights_file)
+    layers, full, kept, dora = _sort(tensors, weights_file)
     return Adapter(
         path=path,
         config=config,
         config_bytes=config_bytes,
         weights_file=weights_file,
         weights_sha256=sha256_file(weights_file),
-        modules=modules,
+        tensors=tensors,
+        layers=layers,
+        full=full,
+        kept=kept,
+        dora=dora,
     )
 
 
 def _check_config(config: dict, where: Path) -> None:
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise CsuloraError(f"{where}: peft_type is {peft_type!r}; csulora sanitizes LoRA adapters only")
-    if config.get("use_dora"):
-        raise CsuloraError(f"{where}: DoRA adapters (use_dora) are not supported yet; sanitize a plain LoRA adapter")
-    if config.get("modules_to_save"):
-        raise CsuloraError(
-            f"{where}: modules_to_save {config['modules_to_save']} stores full weights, which csulora does not "
-            "sanitize yet; retrain without modules_to_save"
-        )
-    if config.get("lora_bias"):
-        raise CsuloraError(f"{where}: lora_bias adapters are not supported yet; retrain with lora_bias=False")
+        raise CsuloraError(f"{where}: peft_type is {peft_type!r}, another PEFT tuner; csulora sanitizes LoRA "
+                           "adapters (plain, DoRA, MoE experts, embeddings, modules_to_save) only")  # fmt: skip
+    for name, words in VARIANTS.items():
+        if config.get(name):
+            raise CsuloraError(f"{where}: {name} selects {words}, a LoRA variant csulora does not sanitize; "
+                               "sanitize a plain LoRA or DoRA adapter")  # fmt: skip
     init = str(config.get("init_lora_weights", True)).lower()
-    if init.startswith(_NOT_A_DELTA):
+    if init.startswith(NOT_A_DELTA):
         raise CsuloraError(
             f"{where}: init_lora_weights={init!r} changes the base weights at load time, so the adapter is not a "
             "plain delta on the aligned model; convert it to a plain LoRA first"
         )
+    if init in INIT_VARIANTS:
+        raise CsuloraError(f"{where}: init_lora_weights={init!r} selects a LoRA variant csulora does not sanitize")
     _check_number(config.get("r"), "r", where, integer=True)
     _check_number(config.get("lora_alpha"), "lora_alpha", where, integer=False)
-    for field in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(field) or {}
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(name) or {}
         if not isinstance(patterns, dict):
-            raise CsuloraError(f"{where}: {field} must be a mapping of module pattern to value")
+            raise CsuloraError(f"{where}: {name} must be a mapping of module pattern to value")
         for key, value in patterns.items():
             try:  # compiled as PEFT uses it: a key can be valid alone and not inside the wrapper
                 re.compile(rf"(.*\.)?({key})$")
             except (re.error, TypeError) as e:
-                raise CsuloraError(f"{where}: {field} key {key!r} is not a valid regular expression ({e})") from e
-            _check_number(value, f"{field}[{key!r}]", where, integer=field == "rank_pattern")
-    for field in ("use_rslora", "fan_in_fan_out"):
-        if not isinstance(config.get(field, False), bool):
-            raise CsuloraError(f"{where}: {field} must be true or false, found {config[field]!r}")
+                raise CsuloraError(f"{where}: {name} key {key!r} is not a valid regular expression ({e})") from e
+            _check_number(value, f"{name}[{key!r}]", where, integer=name == "rank_pattern")
+    for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if not isinstance(config.get(name, False), bool):
+            raise CsuloraError(f"{where}: {name} must be true or false, found {config[name]!r}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise CsuloraError(f"{where}: target_modules {targets!r} is not a valid regular expression ({e})") from e
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise CsuloraError(f"{where}: target_modules must be a list of module names or a regular expression")
+    params = config.get("target_parameters") or []
+    if not (isinstance(params, list) and all(isinstance(p, str) and p for p in params)):
+        raise CsuloraError(f"{where}: target_parameters must be a list of parameter names")
 
 
-def _check_number(value, field: str, where: Path, integer: bool) -> None:
+def _check_number(value, name: str, where: Path, integer: bool) -> None:
     """Ranks are positive integers; alphas positive finite numbers (JSON allows NaN and Infinity)."""
     number = (int,) if integer else (int, float)
     if not isinstance(value, number) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         kind = "a positive integer" if integer else "a positive finite number"
-        raise CsuloraError(f"{where}: {field} must be {kind}, found {value!r}")
+        raise CsuloraError(f"{where}: {name} must be {kind}, found {value!r}")
 
 
 def _read_weights(path: Path, trust_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -177,52 +297,57 @@ def _read_weights(path: Path, trust_pickle: bool) -> tuple[Path, dict[str, torch
     raise CsuloraError(f"{path}: no {WEIGHTS}; point --adapter at a PEFT adapter folder")
 
 
-def _modules(config: dict, tensors: dict[str, torch.Tensor], where: Path) -> list[LoraModule]:
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+def _sort(
+    tensors: dict[str, torch.Tensor], where: Path
+) -> tuple[list[Layer], dict[str, torch.Tensor], list[Kept], set[str]]:
+    """Every key is a factor, a vector kept as trained, or a full tensor; anything else is refused by name.
+    Returns the layers, the full tensors, the kept vectors and the paths of modules with a DoRA magnitude."""
+    pairs: dict[tuple[str, bool], dict[str, str]] = {}
+    full: dict[str, torch.Tensor] = {}
+    kept: list[Kept] = []
+    dora: set[str] = set()
     for key, tensor in tensors.items():
-        m = _LORA_KEY.fullmatch(key)
-        if m is None:
-            raise CsuloraError(f"{where}: {_unsupported(key)}")
-        pairs.setdefault(m["module"], {})[m["side"]] = tensor
+        if not key.startswith(PREFIX):
+            raise CsuloraError(f"{where}: holds {key}, which is not a PEFT adapter key (base_model.model.…); "
+                               "re-save the adapter with PEFT")  # fmt: skip
+        m = _FACTOR.fullmatch(key) or _EMBEDDING.fullmatch(key)
+        if m is not None:
+            pairs.setdefault((m["path"][len(PREFIX) :], "lora_embedding_" in key), {})[m["side"]] = key
+            continue
+        found = next(((m, kind) for pattern, kind in _KEPT.items() if (m := pattern.fullmatch(key))), None)
+        if found is not None:
+            m, kind = found
+            kept.append(Kept(key, list(tensor.shape), kind, KEPT_REASONS[kind]))
+            if kind == "dora-magnitude":
+                dora.add(m["path"][len(PREFIX) :])
+        elif ".lora_" in key or key.split(".")[-1].startswith("lora_"):
+            raise CsuloraError(f"{where}: holds {key}, a LoRA tensor csulora does not know (another LoRA variant?); "
+                               "sanitize a plain LoRA or DoRA adapter")  # fmt: skip
+        else:
+            full[key] = tensor
     if not pairs:
-        raise CsuloraError(f"{where}: holds no LoRA tensors (…lora_A.weight / …lora_B.weight)")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    modules = []
-    for name in sorted(pairs):
-        if set(pairs[name]) != {"A", "B"}:
-            raise CsuloraError(f"{where}: module {name} has lora_{''.join(pairs[name])} but not its pair")
-        A, B = pairs[name]["A"], pairs[name]["B"]
-        rank = pattern_value(rank_pattern, name, config["r"])
-        alpha = pattern_value(alpha_pattern, name, config["lora_alpha"])
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != rank or B.shape[1] != rank:
-            raise CsuloraError(
-                f"{where}: module {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but the config "
-                f"gives it rank {rank}; the config and weights do not belong together"
-            )
+        raise CsuloraError(f"{where}: holds no LoRA factors (…lora_A.weight / …lora_B.weight)")
+    layers = []
+    for (path, embedding), sides in sorted(pairs.items()):
+        if set(sides) != {"A", "B"}:
+            raise CsuloraError(f"{where}: module {path} has lora_{''.join(sides)} but not its pair")
+        A, B = tensors[sides["A"]], tensors[sides["B"]]
+        if A.ndim != 2 or B.ndim != 2:
+            raise CsuloraError(f"{where}: module {path} has {A.ndim}-D LoRA factors ({sides['A']}); LoRA on "
+                               "convolutions is not supported (linear layers, embeddings, experts are)")  # fmt: skip
+        if A.shape[0] != B.shape[1]:
+            raise CsuloraError(f"{where}: module {path} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                               "whose ranks differ; the file is damaged: re-save the adapter")  # fmt: skip
         if not A.is_floating_point() or not B.is_floating_point():
-            raise CsuloraError(f"{where}: module {name} has non-floating-point LoRA factors")
+            raise CsuloraError(f"{where}: module {path} has non-floating-point LoRA factors")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise CsuloraError(f"{where}: module {name} has NaN or Inf values; the training diverged, fix it first")
-        s = lora_scaling(rank, alpha, bool(config.get("use_rslora", False)))
-        modules.append(LoraModule(name=name, A=A, B=B, rank=rank, alpha=alpha, scaling=s))
-    return modules
-
-
-def _unsupported(key: str) -> str:
-    if "lora_magnitude_vector" in key:
-        return f"holds DoRA magnitude vectors ({key}); DoRA adapters are not supported yet"
-    if "lora_embedding_" in key:
-        return f"adapts an embedding layer ({key}); embedding LoRA is not supported yet"
-    if ".lora_B.bias" in key:
-        return f"holds a LoRA bias ({key}); lora_bias adapters are not supported yet"
-    return (
-        f"holds {key}, which is not a LoRA factor (modules_to_save or trainable tokens?); "
-        "csulora cannot sanitize full weights: retrain without them"
-    )
+            raise CsuloraError(f"{where}: module {path} has NaN or Inf values; the training diverged, fix it first")
+        layers.append(Layer(path, sides["A"], sides["B"], A, B, embedding))
+    return layers, full, kept, dora
 
 
 def cast_back(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """Cast a corrected factor (computed in float64) back to the adapter's dtype on the CPU.
+    """Cast a corrected tensor (computed in float32 or wider) back to the input's dtype on the CPU, once.
 
     Values that do not fit ``dtype`` (fp16 saturates at 65504) are an error, not a silent Inf or clamp:
     the written adapter must mean what the report says.
@@ -234,7 +359,7 @@ def cast_back(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
         if largest > limit:
             raise CsuloraError(
                 f"{what}: a corrected value ({largest:.6g}) does not fit {str(dtype).removeprefix('torch.')} "
-                f"(max {limit:.6g}); convert the adapter to float32 or bfloat16 and rerun"
+                f"(max {limit:.6g}); convert the input to float32 or bfloat16 and rerun"
             )
     return x.to("cpu", dtype).contiguous()
 

@@ -11,17 +11,20 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import CONFIG, Adapter, read_adapter, write_adapter
-from .cache import SubspaceSource, read_displacement, subspace_of
+from .adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
+from .cache import SubspaceSource, subspace_of
 from .card import model_card
-from .checkpoints import Checkpoint, CheckpointRef, card_base_model, parse_ref
+from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref
 from .determinism import fixed_threads
 from .errors import CsuloraError
+from .layouts import Target
 from .methods import METHODS, Corrected, block_config, validate
+from .methods.base import DenseUpdate
 from .outputs import check_output, write_folder
 from .report import Report, to_markdown
 from .report_html import to_html
 from .settings import Settings
+from .targets import Plan, bind
 
 # (phase, done, total, item): phases "reading" (adapter and headers), "subspaces" (one step per module:
 # read W_a, W_b and take the SVD, or load the cached subspace; then correct), "writing"
@@ -38,9 +41,17 @@ class Result:
 @dataclass
 class _Inputs:
     adapter: Adapter
-    aligned: Checkpoint
-    base: Checkpoint
+    plan: Plan
+    pair: CheckpointPair
     base_source: str
+
+    @property
+    def aligned(self) -> Checkpoint:
+        return self.pair.aligned
+
+    @property
+    def base(self) -> Checkpoint:
+        return self.pair.base
 
     def describe(self) -> dict:
         return {
@@ -153,20 +164,18 @@ def _api_call(adapter, aligned, base, settings: Settings) -> str:
 
 def check_inputs(adapter: str | Path, aligned: str, base: str | None = None, trust_pickle: bool = False) -> None:
     """Read the adapter and both checkpoints' headers as ``sanitize()`` does first: bad input fails here."""
-    inputs = _load(Path(adapter), aligned, base, trust_pickle)
-    inputs.aligned.close()
-    inputs.base.close()
+    _load(Path(adapter), aligned, base, trust_pickle).pair.close()
 
 
 def _load(adapter_path: Path, aligned: str, base: str | None, trust_pickle: bool) -> _Inputs:
     adapter = read_adapter(adapter_path, trust_pickle)
     aligned_ref = parse_ref(aligned)
     base_ref, source = resolve_base(adapter, aligned_ref, base)
-    needed = [m.weight_key for m in adapter.modules]
-    aligned_ckpt = Checkpoint.open(aligned_ref, needed)
-    base_ckpt = Checkpoint.open(base_ref, needed)
-    _check_shapes(adapter, aligned_ckpt, base_ckpt)
-    return _Inputs(adapter, aligned_ckpt, base_ckpt, source)
+    aligned_ckpt = Checkpoint.open(aligned_ref)
+    plan = bind(adapter, aligned_ckpt)
+    pair = CheckpointPair(aligned_ckpt, Checkpoint.open(base_ref))
+    pair.prepare([m.target for m in plan.modules] + [d.target for d in plan.dense])
+    return _Inputs(adapter, plan, pair, source)
 
 
 def resolve_base(adapter: Adapter, aligned: CheckpointRef, base: str | None) -> tuple[CheckpointRef, str]:
@@ -212,65 +221,67 @@ def _names_checkpoint(named: str, ref: CheckpointRef) -> bool:
     return Path(named.partition("@")[0].rstrip("/")).name.lower() == own.lower()
 
 
-def _check_shapes(adapter: Adapter, aligned: Checkpoint, base: Checkpoint) -> None:
-    for m in adapter.modules:
-        a, b = aligned.info(m.weight_key), base.info(m.weight_key)
-        if a.shape != b.shape:
-            raise CsuloraError(
-                f"{m.weight_key}: aligned {aligned.ref} has shape {list(a.shape)} but base {base.ref} has "
-                f"{list(b.shape)}; base and aligned must be the same architecture"
-            )
-        expected = (m.A.shape[1], m.B.shape[0])  # (d_in, d_out) as stored when fan_in_fan_out
-        expected = expected if adapter.fan_in_fan_out else expected[::-1]
-        if tuple(a.shape) != expected:
-            raise CsuloraError(
-                f"{adapter.weights_file}: module {m.name} has factors for a weight of {list(expected)}, but "
-                f"{aligned.ref} has {list(a.shape)}; the adapter was trained on another architecture"
-            )
-
-
 def _run(
     inputs: _Inputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource
 ) -> tuple[Report, dict[str, torch.Tensor], dict | None]:
-    """Stream the targeted weights one module at a time: read (or load the cached subspace), correct, free.
+    """Stream the modules one at a time, shard by shard: read (or load the cached subspace), correct, free.
 
     Returns the report, the tensors to write, and the new ``adapter_config.json`` (``None``: unchanged)."""
     method = METHODS[settings.method]
     device = settings.torch_device()
-    params = settings.subspace_params(inputs.adapter.fan_in_fan_out)
-    modules = sorted(inputs.adapter.modules, key=lambda m: (inputs.aligned.weight_map[m.weight_key], m.name))
+    params = settings.subspace_params()
+    plan, pair = inputs.plan, inputs.pair
+    if settings.form == "block" and any(k.kind == "resized" and ".lora_" in k.key for k in plan.kept):
+        raise CsuloraError(f"{inputs.adapter.path}: an embedding LoRA kept as trained (resized vocabulary) cannot "
+                           "keep its scaling in the block form's config; use --form factored")  # fmt: skip
+    work = sorted([*plan.modules, *plan.dense], key=lambda m: (pair.shard(m.target), m.name))
     results: dict[str, Corrected] = {}
-    warnings: list[str] = []
+    kept, warnings = list(plan.kept), []
     try:
-        for i, module in enumerate(modules):
+        for i, module in enumerate(work):
             if progress:
-                progress("subspaces", i, len(modules), module.name)
+                progress("subspaces", i, len(work), module.name)
             with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
+                update = None
+                if isinstance(module, DenseModule):
+                    W_a = pair.aligned.read(pair.sources(module.target)[0])
+                    if torch.equal(W_a, module.W):  # a copy of the aligned weight (PEFT saves adapted embeddings')
+                        kept.append(Kept(module.key, list(module.W.shape), "aligned-copy", "identical to the aligned "
+                                         "weight: written back unchanged", identical=True))  # fmt: skip
+                        continue
+                    update = DenseUpdate.of(module, W_a, device)
+                    del W_a
                 if method.reads_displacement:  # D itself is needed: read it, no cache
-                    D = read_displacement(inputs.aligned, inputs.base, module.weight_key, params.transposed, device)
+                    D = pair.displacement(module.target, device)
                     sub = subspace_of(D, params)
                 else:
                     D = None
-                    sub, _ = subspaces.get(inputs.aligned, inputs.base, module.weight_key, params, device)
-                results[module.name] = method.correct(module, sub, settings, D)
-                del D
+                    sub, _ = subspaces.get(pair, module.target, params, device)
+                if update is None:
+                    results[module.name] = method.correct(module, sub, settings, D)
+                else:
+                    results[module.name] = method.correct_dense(update, sub, settings, D)
+                del D, update
             if sub.total_energy == 0:
                 what = ("the whole update counts as off-subspace and is attenuated" if settings.method == "csulora"
                         else "the module is left unchanged")  # fmt: skip
                 warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, so {what}")
             del sub
     finally:
-        inputs.aligned.close()
-        inputs.base.close()
+        pair.close()
     if progress:
-        progress("subspaces", len(modules), len(modules), "")
+        progress("subspaces", len(work), len(work), "")
     method.finish(results, settings)
     rows = [results[name].row for name in sorted(results)]
-    if modules and all(r.displacement_norm == 0 for r in rows):
+    if results and all(r.displacement_norm == 0 for r in rows):
         raise CsuloraError(
             f"base {inputs.base.ref} and aligned {inputs.aligned.ref} are identical in every targeted tensor; "
             "pass the pretrained (unaligned) checkpoint as --base"
         )
+    tensors, ranks = assemble(inputs.adapter, plan, results)
+    for row in rows:
+        if row.kind == "expert":  # the layer's stacked factors hold every expert at the largest rank
+            row.rank_after = ranks[row.module.rpartition("[")[0]] if row.output_rank != row.rank else None
     report = Report(
         tool_version=__version__,
         method=settings.method,
@@ -280,15 +291,51 @@ def _run(
         modules=rows,
         warnings=warnings,
         description=method.words(settings.to_dict(), settings.form),
+        kept=sorted(kept, key=lambda k: k.key),
     )
     config = None
     if report.rank_changed:
-        ranks = [r.output_rank for r in rows]
-        config = block_config(inputs.adapter, rows, method.block_rank(ranks, inputs.adapter.config))
-    tensors = {}
-    for res, module in ((results[m.name], m) for m in modules):
-        tensors[module.key("A")], tensors[module.key("B")] = res.A, res.B
+        written = [r.output_rank for r in rows if r.rank is not None]
+        config = block_config(inputs.adapter, ranks, method.block_rank(written, inputs.adapter.config))
     return report, tensors, config
+
+
+def assemble(
+    adapter: Adapter, plan: Plan, results: dict[str, Corrected]
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every tensor of the adapter, the corrected ones replaced: a layer's factors, an expert stack's (each
+    expert's factors in PEFT's layout, zero-padded to the largest rank), a dense module's full weight.
+    Also returns each layer's written rank by its pattern name (the block form's config)."""
+    tensors = dict(adapter.tensors)
+    ranks: dict[str, int] = {}
+    by_layer: dict[str, list[LoraModule]] = {}
+    for m in plan.modules:
+        by_layer.setdefault(m.layer.a_key, []).append(m)
+    for group in by_layer.values():
+        first = group[0]
+        done = [results[m.name] for m in sorted(group, key=lambda m: m.target.expert or 0)]
+        if first.kind != "expert":
+            tensors[first.key("A")], tensors[first.key("B")] = done[0].A, done[0].B
+            ranks[first.pattern_name] = done[0].A.shape[0]
+            continue
+        r = max(res.A.shape[0] for res in done)
+        A = torch.cat([_pad(res.A, r, 0) for res in done])
+        B = torch.stack([_pad(res.B, r, 1) for res in done], dim=2).reshape(first.B.shape[0], -1)
+        tensors[first.key("A")], tensors[first.key("B")], ranks[first.pattern_name] = A, B, r
+    for d in plan.dense:
+        if d.name in results:
+            tensors[d.key] = results[d.name].W
+    return tensors, ranks
+
+
+def _pad(x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Factors of rank ``rank``: zero rows (``A``, dim 0) or columns (``B``, dim 1) add nothing to ``B A``."""
+    missing = rank - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 @dataclass
@@ -324,31 +371,28 @@ def precompute_subspaces(
     if base_ref.same_as(aligned_ref):
         raise CsuloraError(f"base {base} is the aligned checkpoint itself; pass the pretrained checkpoint as --base")
     _phase(progress, "reading", 0, aligned)
-    names = [k[: -len(".weight")] for k in Checkpoint.open(aligned_ref, []).weight_map if k.endswith(".weight")]
+    names = [k[: -len(".weight")] for k in Checkpoint.open(aligned_ref).weight_map if k.endswith(".weight")]
     wanted = [n for n in names if _selected(n, modules)]
     if not wanted:
         raise CsuloraError(f"{aligned}: no module matches --modules {modules}; name modules such as q_proj")
     keys = [f"{n}.weight" for n in wanted]
-    aligned_ckpt, base_ckpt = Checkpoint.open(aligned_ref, keys), Checkpoint.open(base_ref, keys)
-    keys = [k for k in keys if len(aligned_ckpt.info(k).shape) == 2]
-    keys.sort(key=lambda k: (aligned_ckpt.weight_map[k], k))  # shard by shard
-    for k in keys:
-        if aligned_ckpt.info(k).shape != base_ckpt.info(k).shape:
-            raise CsuloraError(f"{k}: aligned {aligned} and base {base} differ in shape; not the same architecture")
+    pair = CheckpointPair(Checkpoint.open(aligned_ref, keys), Checkpoint.open(base_ref, keys))
+    targets = [Target(k, transposed=fan_in_fan_out) for k in keys if len(pair.aligned.info(k).shape) == 2]
+    pair.prepare(targets)  # both shapes checked
+    targets.sort(key=lambda t: (pair.shard(t), t.param))  # shard by shard
     _phase(progress, "reading", 1, aligned)
-    params, device, rows = settings.subspace_params(fan_in_fan_out), settings.torch_device(), []
+    params, device, rows = settings.subspace_params(), settings.torch_device(), []
     try:
-        for i, key in enumerate(keys):
+        for i, target in enumerate(targets):
             if progress:
-                progress("subspaces", i, len(keys), key)
-            sub, cached = source.get(aligned_ckpt, base_ckpt, key, params, device)
-            rows.append(SubspaceRow(key[: -len(".weight")], list(aligned_ckpt.info(key).shape), sub.k,
-                                    sub.captured_fraction, cached))  # fmt: skip
+                progress("subspaces", i, len(targets), target.param)
+            sub, cached = source.get(pair, target, params, device)
+            rows.append(SubspaceRow(target.param[: -len(".weight")], list(pair.aligned.info(target.param).shape),
+                                    sub.k, sub.captured_fraction, cached))  # fmt: skip
     finally:
-        aligned_ckpt.close()
-        base_ckpt.close()
+        pair.close()
     if progress:
-        progress("subspaces", len(keys), len(keys), "")
+        progress("subspaces", len(targets), len(targets), "")
     return sorted(rows, key=lambda r: r.module)
 
 

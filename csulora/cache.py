@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import Checkpoint
+from .checkpoints import CheckpointPair
 from .determinism import fixed_threads
 from .errors import CsuloraError
+from .layouts import Target
 from .outputs import replace_file
-from .subspace import FIRST_GUESS, NITER, OVERSAMPLE, Subspace, displacement, safety_subspace
+from .subspace import FIRST_GUESS, NITER, OVERSAMPLE, Subspace, safety_subspace
 from .tensorfile import TensorReader
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by module targets (experts, fused layouts, orientation)
 _TENSORS = ("U", "S", "V")
 
 
@@ -48,23 +49,22 @@ class SubspaceParams:
     max_rank: int
     exact: bool
     seed: int
-    transposed: bool = False  # fan_in_fan_out adapters: D is taken in nn.Linear orientation, i.e. transposed
 
     def to_dict(self) -> dict:
         return {
             "rank": self.rank, "energy": self.energy, "max_rank": self.max_rank, "exact": self.exact,
-            "seed": self.seed, "transposed": self.transposed,
+            "seed": self.seed,
             "algorithm": f"rsvd oversample={OVERSAMPLE} niter={NITER} first={FIRST_GUESS}",
         }  # fmt: skip
 
 
-def entry_key(aligned: Checkpoint, base: Checkpoint, weight_key: str, params: SubspaceParams) -> str:
-    """sha256 over the cache format, both tensors' fingerprints, the module and the settings."""
+def entry_key(pair: CheckpointPair, target: Target, params: SubspaceParams) -> str:
+    """sha256 over the cache format, both weights' fingerprints, the module, its orientation and the settings."""
     payload = {
         "format": CACHE_FORMAT,
-        "aligned": aligned.tensor_fingerprint(weight_key),
-        "base": base.tensor_fingerprint(weight_key),
-        "module": weight_key,
+        **pair.fingerprint(target),
+        "module": target.id,
+        "transposed": target.transposed,
         **params.to_dict(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -149,50 +149,31 @@ class SubspaceSource:
         return cls(SubspaceCache(Path(cache_dir) if cache_dir else default_cache_dir()) if enabled else None)
 
     def get(
-        self, aligned: Checkpoint, base: Checkpoint, weight_key: str, params: SubspaceParams, device: torch.device
+        self, pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device
     ) -> tuple[Subspace, bool]:
         """The subspace of one module on ``device``, and whether it came from the cache."""
-        shape = tuple(aligned.info(weight_key).shape)
-        shape = shape[::-1] if params.transposed else shape
-        key = entry_key(aligned, base, weight_key, params) if self.cache else None
+        shape = pair.aligned.shape(pair.sources(target)[0])
+        shape = shape[::-1] if target.transposed else shape
+        key = entry_key(pair, target, params) if self.cache else None
         sub = self.cache.load(key, shape) if self.cache else None
         if sub is not None:
             self.loaded += 1
             return Subspace(sub.U.to(device), sub.S.to(device), sub.V.to(device), sub.total_energy,
                             sub.captured_energy), True  # fmt: skip
-        sub = compute_subspace(aligned, base, weight_key, params, device)
+        sub = compute_subspace(pair, target, params, device)
         self.computed += 1
         if self.cache:
             self.cache.store(key, sub, device.type)
         return sub, False
 
 
-def compute_subspace(
-    aligned: Checkpoint, base: Checkpoint, weight_key: str, params: SubspaceParams, device: torch.device
-) -> Subspace:
+def compute_subspace(pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device) -> Subspace:
     """Read one module's two weights, form ``D`` on ``device``, take its safety subspace, free ``D``."""
     with fixed_threads():  # the same bytes whatever the thread count (determinism.py), cached or not
-        D = read_displacement(aligned, base, weight_key, params.transposed, device)
+        D = pair.displacement(target, device)
         sub = subspace_of(D, params)
         del D
     return sub
-
-
-def read_displacement(
-    aligned: Checkpoint, base: Checkpoint, weight_key: str, transposed: bool, device: torch.device
-) -> torch.Tensor:
-    """``D = W_a − W_b`` of one module on ``device``, in ``nn.Linear`` orientation; NaN or Inf is an error."""
-    w_aligned, w_base = aligned.get(weight_key).to(device), base.get(weight_key).to(device)
-    D = displacement(w_aligned, w_base)
-    if not torch.isfinite(D).all():
-        for ckpt, w in ((aligned, w_aligned), (base, w_base)):
-            if not torch.isfinite(w).all():
-                raise CsuloraError(
-                    f"{ckpt.folder / ckpt.weight_map[weight_key]}: tensor {weight_key} has NaN or Inf values; "
-                    "re-download the checkpoint"
-                )
-        raise CsuloraError(f"{weight_key}: aligned − base overflows float32; are these checkpoints of one model?")
-    return D.T if transposed else D
 
 
 def subspace_of(D: torch.Tensor, params: SubspaceParams) -> Subspace:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from .errors import CsuloraError
+from .layouts import Source, Target, resolve
+from .subspace import displacement
 from .tensorfile import Header, TensorInfo, TensorReader, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -77,7 +79,11 @@ def _hub_errors(ref: CheckpointRef) -> Iterator[None]:
 
 
 class Checkpoint:
-    """A safetensors checkpoint (single file or shards), validated up front, read lazily."""
+    """A safetensors checkpoint (single file or shards), validated up front, read lazily.
+
+    ``open`` reads the weight map (on the Hub: the index only); ``require`` fetches and validates the shards
+    that hold given tensors; ``read`` returns one module's weight (a tensor, one expert's slice of a stacked
+    one, or per-expert tensors fused as the model fuses them: ``layouts.py``)."""
 
     def __init__(self, ref: CheckpointRef, folder: Path, weight_map: dict[str, str], revision: str | None):
         self.ref, self.folder, self.weight_map, self.revision = ref, folder, weight_map, revision
@@ -86,24 +92,69 @@ class Checkpoint:
         self._reader = TensorReader()
 
     @classmethod
-    def open(cls, ref: CheckpointRef, needed: list[str]) -> Checkpoint:
-        """Locate the checkpoint (downloading only the shards that hold ``needed``) and check it has them."""
-        if ref.path is not None:
-            ckpt = cls(ref, ref.path, _local_weight_map(ref.path), None)
-        else:
-            ckpt = _open_hub(ref, needed)
-        missing = [k for k in needed if k not in ckpt.weight_map]
+    def open(cls, ref: CheckpointRef, needed: list[str] | tuple[str, ...] = ()) -> Checkpoint:
+        """Locate the checkpoint and check that it holds ``needed`` (fetching only the shards that do)."""
+        ckpt = cls(ref, ref.path, _local_weight_map(ref.path), None) if ref.path is not None else _open_hub(ref)
+        ckpt.require(needed)
+        return ckpt
+
+    def require(self, needed) -> None:
+        """Check that every key of ``needed`` is in the weight map and in the header of its shard (on the Hub,
+        fetching the shards that hold them first)."""
+        missing = [k for k in needed if k not in self.weight_map]
         if missing:
             raise CsuloraError(
-                f"{ref}: has no tensor {missing[0]!r} (and {len(missing) - 1} more) that the adapter targets; "
+                f"{self.ref}: has no tensor {missing[0]!r} (and {len(missing) - 1} more) that the adapter targets; "
                 "is this the model the adapter was trained on?"
             )
-        for shard in sorted({ckpt.weight_map[k] for k in needed}):
-            header = ckpt.header(shard)
-            absent = [k for k in needed if ckpt.weight_map[k] == shard and k not in header.tensors]
+        shards = sorted({self.weight_map[k] for k in needed})
+        if self.ref.path is None and any(not (self.folder / s).is_file() for s in shards):
+            _fetch_hub(self.ref, shards)
+        for shard in shards:
+            header = self.header(shard)
+            absent = [k for k in needed if self.weight_map[k] == shard and k not in header.tensors]
             if absent:
-                raise CsuloraError(f"{ckpt.folder / shard}: lacks {absent[0]!r}, which {INDEX} places there")
-        return ckpt
+                raise CsuloraError(f"{self.folder / shard}: lacks {absent[0]!r}, which {INDEX} places there")
+
+    def source(self, target: Target) -> Source:
+        """The checkpoint tensors that hold ``target`` (``layouts.resolve``); bad input when there are none."""
+        found = resolve(target, self.weight_map)
+        if found is None:
+            raise CsuloraError(f"{self.ref}: has no tensor for {target.id} (the adapter targets it); is this the "
+                               "model the adapter was trained on?")  # fmt: skip
+        return found
+
+    def config(self) -> dict:
+        """``config.json`` of the checkpoint ({} when absent or unreadable: only hints are taken from it)."""
+        try:
+            config = json.loads((self.folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return config if isinstance(config, dict) else {}
+
+    def shape(self, source: Source) -> tuple[int, ...]:
+        """The stored shape of a source's weight (a slice drops the expert axis, fused parts stack on dim 0)."""
+        shapes = [self.info(k).shape for k in source.keys]
+        if source.index is not None:
+            shape = shapes[0]
+            if len(shape) != 3 or not 0 <= source.index < shape[0]:
+                raise CsuloraError(f"{self.ref}: {source.keys[0]} has shape {list(shape)}, which has no expert "
+                                   f"{source.index}; is this the model the adapter was trained on?")  # fmt: skip
+            return tuple(shape[1:])
+        if len(shapes) > 1:
+            if any(len(s) != 2 or s[1:] != shapes[0][1:] for s in shapes):
+                raise CsuloraError(f"{self.ref}: {', '.join(source.keys)} cannot be fused (shapes "
+                                   f"{[list(s) for s in shapes]}); the checkpoint is damaged")  # fmt: skip
+            return (sum(s[0] for s in shapes), *shapes[0][1:])
+        return tuple(shapes[0])
+
+    def read(self, source: Source) -> torch.Tensor:
+        """A source's weight as stored (one expert at a time: a slice reads only that expert's bytes)."""
+        if source.index is not None:
+            key = source.keys[0]
+            return self._reader.get(self.folder / self.weight_map[key], key, index=source.index)
+        parts = [self.get(k) for k in source.keys]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def header(self, shard: str) -> Header:
         if shard not in self._headers:
@@ -138,6 +189,11 @@ class Checkpoint:
         """sha256 of one tensor's name and the identity of the shard holding it (a subspace cache key part)."""
         return hashlib.sha256(f"{key}\n{self.shard_identity(self.weight_map[key])}".encode()).hexdigest()
 
+    def source_fingerprint(self, source: Source) -> str:
+        """sha256 over the fingerprints of a source's tensors and its slice."""
+        parts = [self.tensor_fingerprint(k) for k in source.keys] + [str(source.index)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
     def fingerprint(self) -> str:
         """sha256 over the revision and the identities of the opened shards (no full-file hashing)."""
         h = hashlib.sha256((self.revision or "").encode())
@@ -170,18 +226,26 @@ def _local_weight_map(folder: Path) -> dict[str, str]:
     )
 
 
-def _open_hub(ref: CheckpointRef, needed: list[str]) -> Checkpoint:
-    from huggingface_hub import errors, hf_hub_download, snapshot_download
+def _open_hub(ref: CheckpointRef) -> Checkpoint:
+    """The weight map from the index (the shards come later, as needed); a single-file checkpoint is fetched."""
+    from huggingface_hub import errors, hf_hub_download
 
     with _hub_errors(ref):
         try:
             index = Path(hf_hub_download(ref.repo_id, INDEX, revision=ref.revision))
-            weight_map = _local_weight_map(index.parent)
-            files = [INDEX, *sorted({weight_map[k] for k in needed if k in weight_map})]
         except errors.EntryNotFoundError:
-            files = [SINGLE]
-        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=["config.json", *files]))
+            index = None
+    folder = _fetch_hub(ref, [SINGLE]) if index is None else index.parent  # the snapshot folder
     return Checkpoint(ref, folder, _local_weight_map(folder), folder.name)
+
+
+def _fetch_hub(ref: CheckpointRef, files: list[str]) -> Path:
+    """Fetch ``config.json``, the index (when there is one) and ``files`` of a Hub checkpoint; its folder."""
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(ref):
+        return Path(snapshot_download(ref.repo_id, revision=ref.revision,
+                                      allow_patterns=["config.json", INDEX, *files]))  # fmt: skip
 
 
 def card_base_model(ref: CheckpointRef) -> str | None:
@@ -209,3 +273,57 @@ def card_base_model(ref: CheckpointRef) -> str | None:
     if sibling is not None and not Path(base).is_absolute() and sibling.is_dir():
         return str(sibling.resolve())  # a local card may name a folder beside the aligned one
     return base
+
+
+class CheckpointPair:
+    """The aligned and base checkpoints of one model, read side by side, one module's weights at a time."""
+
+    def __init__(self, aligned: Checkpoint, base: Checkpoint):
+        self.aligned, self.base = aligned, base
+        self._sources: dict[Target, tuple[Source, Source]] = {}
+
+    def prepare(self, targets: list[Target]) -> None:
+        """Find every target in both checkpoints (their layouts may differ), fetching each one's shards in one
+        go, and check that both hold it with one shape."""
+        found = {t: (self.aligned.source(t), self.base.source(t)) for t in targets if t not in self._sources}
+        for i, ckpt in enumerate((self.aligned, self.base)):
+            ckpt.require(sorted({k for pair in found.values() for k in pair[i].keys}))
+        for target, (a, b) in found.items():
+            shape_a, shape_b = self.aligned.shape(a), self.base.shape(b)
+            if shape_a != shape_b:
+                raise CsuloraError(f"{target.id}: aligned {self.aligned.ref} has shape {list(shape_a)} but base "
+                                   f"{self.base.ref} has {list(shape_b)}; not one architecture")  # fmt: skip
+            self._sources[target] = (a, b)
+
+    def sources(self, target: Target) -> tuple[Source, Source]:
+        """Where each checkpoint holds ``target`` (``prepare`` finds it on first use)."""
+        if target not in self._sources:
+            self.prepare([target])
+        return self._sources[target]
+
+    def shard(self, target: Target) -> str:
+        """The aligned shard that holds (the first part of) ``target``: the order modules are read in."""
+        return self.aligned.weight_map[self.sources(target)[0].keys[0]]
+
+    def fingerprint(self, target: Target) -> dict[str, str]:
+        a, b = self.sources(target)
+        return {"aligned": self.aligned.source_fingerprint(a), "base": self.base.source_fingerprint(b)}
+
+    def displacement(self, target: Target, device: torch.device) -> torch.Tensor:
+        """``D = W_a − W_b`` of one module on ``device`` in ``nn.Linear`` orientation; NaN or Inf is an error."""
+        a, b = self.sources(target)
+        w_aligned, w_base = self.aligned.read(a).to(device), self.base.read(b).to(device)
+        D = displacement(w_aligned, w_base)
+        if not torch.isfinite(D).all():
+            for ckpt, w, source in ((self.aligned, w_aligned, a), (self.base, w_base, b)):
+                if not torch.isfinite(w).all():
+                    raise CsuloraError(
+                        f"{ckpt.folder / ckpt.weight_map[source.keys[0]]}: tensor {target.id} has NaN or Inf values; "
+                        "re-download the checkpoint"
+                    )
+            raise CsuloraError(f"{target.id}: aligned − base overflows float32; are these checkpoints of one model?")
+        return D.T if target.transposed else D
+
+    def close(self) -> None:
+        self.aligned.close()
+        self.base.close()

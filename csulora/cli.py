@@ -179,6 +179,12 @@ def audit(
         typer.Option(help="Fail when the adapter's erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖² is below this (e.g. -0.1): "
                      "it turns the aligned directions back."),
     ] = None,
+    fail_on_kept: Annotated[
+        bool,
+        typer.Option("--fail-on-kept", help="Fail when the adapter saves tensors that are kept as trained, not "
+                     "sanitized (DoRA magnitudes, biases, resized embeddings, trainable tokens; copies of the aligned "
+                     "weights pass)."),
+    ] = False,
     html: Annotated[Path | None, typer.Option(help="Also write the HTML report to this file (one adapter).")] = None,
     *,
     opts: Options,
@@ -189,7 +195,7 @@ def audit(
 
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     with _errors(opts["debug"]):
-        limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score, min_erosion)
+        limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score, min_erosion, fail_on_kept)
         limits.validate()
         settings = opts.settings()
         if html is not None and len(adapter) != 1:

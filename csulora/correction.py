@@ -216,3 +216,67 @@ def best_rank(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor, float]:
         B_r = torch.cat([B_r, B_r.new_zeros(B_r.shape[0], r - keep)], dim=1)
         A_r = torch.cat([A_r, A_r.new_zeros(r - keep, A_r.shape[1])], dim=0)
     return A_r, B_r, float((St[keep:] ** 2).sum())
+
+
+# ---------------------------------------------------------------- dense updates (§6b, §10)
+
+
+@dataclass(frozen=True)
+class DenseSplit:
+    """A dense update ``ΔW`` seen from the subspace: ``UᵀΔW`` ``(k, d_in)``, ``ΔW V`` ``(d_out, k)`` and
+    ``M = UᵀΔW V`` ``(k, k)``, so that ``PΔW = U (UᵀΔW)``, ``ΔWQ = (ΔW V) Vᵀ`` and ``F = U M Vᵀ``."""
+
+    dW: Tensor
+    UtW: Tensor
+    WV: Tensor
+    M: Tensor
+
+
+def dense_split(dW: Tensor, U: Tensor, V: Tensor) -> DenseSplit:
+    """Decomposition (§3) of a dense ``ΔW`` by its products with ``U`` and ``V``: no ``d × d`` matrix."""
+    UtW = U.T @ dW
+    return DenseSplit(dW=dW, UtW=UtW, WV=dW @ V, M=UtW @ V)
+
+
+def dense_energies(sp: DenseSplit) -> dict[str, float]:
+    """Component energies (§3) of a dense update: ``e_F = ‖M‖²``, ``e_Hin = ‖UᵀΔW‖² − e_F``,
+    ``e_Hout = ‖ΔW V‖² − e_F``, ``e_O = ‖ΔW‖² − ‖UᵀΔW‖² − ‖ΔW V‖² + e_F`` (orthogonality), clamped at 0."""
+
+    def sq(x: Tensor) -> float:
+        return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+
+    total, pw, wq, f = sq(sp.dW), sq(sp.UtW), sq(sp.WV), sq(sp.M)
+    return {"F": f, "H_in": max(pw - f, 0.0), "H_out": max(wq - f, 0.0), "O": max(total - pw - wq + f, 0.0)}
+
+
+def dense_block(sp: DenseSplit, U: Tensor, V: Tensor, gamma_h: float, gamma_o: float) -> Tensor:
+    """Closest safe update, exact (block) form (§4) of a dense ``ΔW``: ``X = F + γ_H H + γ_O O``, written
+    ``X = γ_O ΔW + (γ_H − γ_O)(PΔW + ΔWQ) + (1 − 2γ_H + γ_O) F``."""
+    X = gamma_o * sp.dW
+    X += (gamma_h - gamma_o) * (U @ sp.UtW + sp.WV @ V.T)
+    X += (1 - 2 * gamma_h + gamma_o) * (U @ sp.M @ V.T)
+    return X
+
+
+def realign_dense(dW: Tensor, U: Tensor, V: Tensor, Z: Tensor) -> Tensor:
+    """Re-alignment (§5b) of a dense ``ΔW``: ``X* = ΔW + U_k Z V_kᵀ`` with ``Z = c (β Σ_k − M)``."""
+    return dW + (U @ Z) @ V.T
+
+
+def safe_lora_score_dense(sp: DenseSplit, S: Tensor) -> float:
+    """Safe LoRA score (§5) of a dense ``ΔW`` from the subspace: ``cos(vec(C_k ΔW), vec(ΔW))`` with
+    ``C_k = U Σ² Uᵀ / ‖D‖_F``: ``Σ σ_i² ‖u_iᵀΔW‖² / (‖Σ² UᵀΔW‖ ‖ΔW‖)`` (0 for an empty subspace)."""
+    if S.numel() == 0:
+        return 0.0
+    S2 = (S.double() ** 2)[:, None]
+    UtW = sp.UtW.double()
+    inner = float((S2 * UtW * UtW).sum())
+    norms = float(torch.linalg.vector_norm(S2 * UtW)) * float(torch.linalg.vector_norm(sp.dW, dtype=torch.float64))
+    return inner / norms if norms > 0 else 0.0
+
+
+def cosine(X: Tensor, Y: Tensor) -> float:
+    """``cos(vec(X), vec(Y))``, 0 when either is zero (the Safe LoRA score of a dense ``ΔW`` with ``X = C ΔW``)."""
+    inner = float((X * Y).sum(dtype=torch.float64))
+    norms = float(torch.linalg.vector_norm(X, dtype=torch.float64) * torch.linalg.vector_norm(Y, dtype=torch.float64))
+    return inner / norms if norms > 0 else 0.0

@@ -21,6 +21,7 @@ class Thresholds:
     max_layer_off_energy: float | None = None  # each module's ρ_O
     min_safe_lora_score: float | None = None  # each module's Safe LoRA score
     min_erosion: float | None = None  # adapter erosion coefficient Σ⟨ΔW, D_k⟩ / Σ‖D_k‖² (§5b)
+    fail_on_kept: bool = False  # any saved tensor kept as trained that differs from the aligned model's (§6b)
 
     def validate(self) -> None:
         for name in ("max_off_energy", "max_layer_off_energy"):
@@ -72,6 +73,10 @@ def violations(report: Report, limits: Thresholds) -> list[dict]:
             share = report.erosion_shares()  # each module's contribution: these add up to the adapter's value
             worst = sorted((m for m in report.modules if share[m.module] < 0), key=lambda m: share[m.module])
             found.append(_violation(adapter, "min_erosion", limits.min_erosion, value, worst, share))
+    kept = report.unsanitized()
+    if limits.fail_on_kept and kept:
+        found.append({"adapter": adapter, "threshold": "fail_on_kept", "limit": 0, "value": len(kept),
+                      "modules": [{"module": k.key, "value": 1.0, "reason": k.reason} for k in kept]})  # fmt: skip
     return found
 
 
@@ -113,6 +118,9 @@ def describe(v: dict) -> str:
     fmt = (lambda x: f"{x:+.3f}") if signed else (lambda x: f"{100 * x:.1f}%")
     mods = ", ".join(f"{m['module']} ({fmt(m['value'])})" for m in v["modules"][:NAMED])
     more = f" and {len(v['modules']) - NAMED} more" if len(v["modules"]) > NAMED else ""
+    if v["threshold"] == "fail_on_kept":
+        kept = ", ".join(f"{m['module']} ({m['reason']})" for m in v["modules"][:NAMED])
+        return f"{v['adapter']}: {v['value']} tensor(s) kept as trained, not sanitized: {kept}{more}"
     if v["threshold"] == "max_off_energy":
         head = f"off-subspace energy {fmt(v['value'])} > {fmt(v['limit'])}; largest shares: "
     elif v["threshold"] == "max_layer_off_energy":

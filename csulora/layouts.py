@@ -46,9 +46,14 @@ FUSED_EXPERTS = {
 }
 # Module renames between the model and its checkpoint (Mixtral's MoE block is ``block_sparse_moe`` on disk).
 RENAMES = ((".mlp.", ".block_sparse_moe."),)
-# Input embeddings an untied-in-name, tied-in-fact output head reads from when the checkpoint has no head.
-TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
-                                 "transformer.word_embeddings.weight", "gpt_neox.embed_in.weight")}  # fmt: skip
+# Model types whose expert stacks are stored (E, d_in, d_out) (transformers' ``is_transposed`` experts); others
+# are (E, d_out, d_in). Only needed when an expert's weight is square and its shape cannot tell.
+TRANSPOSED_EXPERTS = {"gpt_oss", "aria", "aria_text", "openai_privacy_filter"}
+# The input embeddings an output head is tied to, where the checkpoint stores no head of its own.
+TIED_HEADS = {
+    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+                       "transformer.word_embeddings.weight"),
+}  # fmt: skip
 
 
 def _aliases(name: str) -> list[str]:

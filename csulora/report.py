@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 from rich.table import Table
 
+from .adapters import Kept
 from .correction import COMPONENTS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: module kinds (experts, dense), kept tensors
 
 
 def safe_lora_score_basis(method: str) -> str:
@@ -27,8 +28,8 @@ class ModuleRow:
 
     module: str
     shape: list[int]  # [d_out, d_in]
-    rank: int
-    scaling: float
+    rank: int | None  # None: a dense module (a full weight)
+    scaling: float | None
     k: int  # subspace rank
     captured: float  # fraction of ‖D‖_F² in P D Q
     displacement_norm: float  # ‖D‖_F
@@ -48,6 +49,7 @@ class ModuleRow:
     c: float | None = None  # realign: c = λ/(1+λ)
     beta: float | None = None  # realign: target β·D_k of the in-subspace block
     truncation_loss: float | None = None  # realign, factored: ‖X* − X_r‖² / ‖ΔW‖²
+    kind: str = "linear"  # linear | embedding | parameter | expert | dense (adapters.LoraModule.kind)
 
     def __post_init__(self) -> None:
         if not self.rho_after:
@@ -56,7 +58,7 @@ class ModuleRow:
             self.erosion_after = self.erosion
 
     @property
-    def output_rank(self) -> int:
+    def output_rank(self) -> int | None:
         return self.rank if self.rank_after is None else self.rank_after
 
     @property
@@ -109,6 +111,7 @@ class Report:
     modules: list[ModuleRow]
     warnings: list[str] = field(default_factory=list)
     description: str = ""  # what the method did, in words (each method says it: methods/)
+    kept: list[Kept] = field(default_factory=list)  # saved tensors written back as trained, not sanitized
 
     @property
     def rank_changed(self) -> bool:
@@ -136,7 +139,15 @@ class Report:
             "mean_safe_lora_score": sum(scores) / len(scores) if scores else None,
             "erosion_before": sum(self.erosion_shares().values()),
             "erosion_after": sum(self.erosion_shares("erosion_after").values()),
+            "experts": sum(m.kind == "expert" for m in self.modules),
+            "dense_modules": sum(m.kind == "dense" for m in self.modules),
+            "kept_tensors": len(self.kept),
+            "kept_not_identical": len(self.unsanitized()),
         }
+
+    def unsanitized(self) -> list[Kept]:
+        """Tensors kept as trained that differ from the aligned model's (what ``audit --fail-on-kept`` fails on)."""
+        return [k for k in self.kept if not k.identical]
 
     def erosion_shares(self, field: str = "erosion") -> dict[str, float]:
         """Each module's share ``e_m ‖D_k,m‖² / Σ‖D_k‖²`` of the adapter's erosion coefficient
@@ -155,12 +166,59 @@ class Report:
             "inputs": self.inputs,
             "totals": self.totals(),
             "modules": [m.to_dict() for m in self.modules],
+            "kept": [k.to_dict() for k in self.kept],
             "warnings": self.warnings,
             "safe_lora_score_basis": safe_lora_score_basis(self.method),
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def expert_layer(m: ModuleRow) -> str | None:
+    """``…experts.gate_up_proj`` for the row of expert ``…experts.gate_up_proj[3]``; None for other rows."""
+    return m.module.rpartition("[")[0] if m.kind == "expert" else None
+
+
+def grouped(modules: list[ModuleRow]) -> list[ModuleRow]:
+    """The rows as the table and the picture show them: the experts of one stacked parameter merged into one row
+    (``merge``), so that a model with 64 experts per layer stays readable; the JSON keeps one row per expert."""
+    slots: dict[str, list[ModuleRow]] = {}  # a row's own name, or its expert layer's: rows in first-seen order
+    for m in modules:
+        slots.setdefault(expert_layer(m) or m.module, []).append(m)
+    return [merge(rows) if rows[0].kind == "expert" else rows[0] for rows in slots.values()]
+
+
+def merge(rows: list[ModuleRow]) -> ModuleRow:
+    """One row for a group of experts, weighted as the totals are: energies by ``‖ΔW_e‖²``, erosion by
+    ``‖D_k,e‖²``; the factors are means, the Safe LoRA score the lowest, ``k`` the largest."""
+
+    def mean(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known else None
+
+    def weighted(name: str, weights: list[float]) -> dict[str, float]:
+        total = sum(weights)
+        return {c: sum(getattr(m, name)[c] * w for m, w in zip(rows, weights, strict=True)) / total if total else 0.0
+                for c in COMPONENTS}  # fmt: skip
+
+    energy, subspace = [m.update_norm**2 for m in rows], [m.subspace_norm**2 for m in rows]
+    dk = sum(subspace)
+    first = rows[0]
+    return ModuleRow(
+        module=f"{expert_layer(first)} ×{len(rows)} experts", kind="experts", shape=first.shape, rank=first.rank,
+        scaling=first.scaling, k=max(m.k for m in rows), captured=mean([m.captured for m in rows]),
+        displacement_norm=math.sqrt(sum(m.displacement_norm**2 for m in rows)), subspace_norm=math.sqrt(dk),
+        update_norm=math.sqrt(sum(energy)), rho=weighted("rho", energy), rho_after=weighted("rho_after", energy),
+        safe_lora_score=min(m.safe_lora_score for m in rows),
+        erosion=sum(m.erosion * w for m, w in zip(rows, subspace, strict=True)) / dk if dk else 0.0,
+        erosion_after=sum(m.erosion_after * w for m, w in zip(rows, subspace, strict=True)) / dk if dk else 0.0,
+        gamma_in=mean([m.gamma_in for m in rows]), gamma_out=mean([m.gamma_out for m in rows]),
+        gamma_off=mean([m.off_factor for m in rows]), rank_after=max(m.output_rank for m in rows),
+        safe_lora_projected=any(m.safe_lora_projected for m in rows), c=mean([m.c for m in rows]),
+        beta=first.beta, truncation_loss=mean([m.truncation_loss for m in rows]),
+        notes=sorted({n for m in rows for n in m.notes}),
+    )  # fmt: skip
 
 
 def pct(x: float) -> str:
@@ -200,23 +258,43 @@ def erosion_words(before: float, after: float | None) -> str:
     return f"{before:+.3f} → {after:+.3f}"
 
 
+def _kept_markdown(report: Report) -> list[str]:
+    if not report.kept:
+        return []
+    return ["", "## Kept as trained (not sanitized)", "", "| tensor | shape | why |", "|---|---|---|",
+            *(f"| `{k.key}` | {k.shape} | {k.reason} |" for k in report.kept)]  # fmt: skip
+
+
+def kept_words(report: Report) -> str | None:
+    """One line on what was written back as trained; None when nothing was."""
+    if not report.kept:
+        return None
+    changed = len(report.unsanitized())
+    return (f"kept as trained (not sanitized): {len(report.kept)} tensor(s), {changed} differing from the aligned "
+            "model (DoRA magnitudes, biases, resized or trainable-token embeddings: see the report)")  # fmt: skip
+
+
 def _summary_lines(report: Report) -> list[str]:
     t = report.totals()
+    what = f"modules: {t['modules']}"
+    if t["experts"] or t["dense_modules"]:
+        what += f" ({t['experts']} experts, {t['dense_modules']} full weights)"
     return [
-        f"modules: {t['modules']}",
+        what,
         f"energy fully aligned / leaving: {pct(t['rho']['F'])} / {pct(t['leaving_energy_before'])} "
         f"→ leaving after: {pct(t['leaving_energy_after'])}",
         f"off-subspace energy: {pct(t['off_energy_before'])} → {pct(t['off_energy_after'])}",
         f"erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖²: {erosion_words(t['erosion_before'], t['erosion_after'])}",
         f"retained update norm: {t['retained_norm']:.3f}",
         *([rank_change_words(report)] if report.rank_changed else []),
+        *([kept_words(report)] if report.kept else []),
     ]
 
 
 def rank_change_words(report: Report) -> str:
     """The rank change of the block form, said once for every renderer."""
-    before = sorted({m.rank for m in report.modules})
-    after = sorted({m.output_rank for m in report.modules})
+    before = sorted({m.rank for m in report.modules if m.rank is not None})
+    after = sorted({m.output_rank for m in report.modules if m.rank is not None})
     return f"rank changed: {'/'.join(map(str, before))} → {'/'.join(map(str, after))}"
 
 
@@ -235,7 +313,8 @@ def to_markdown(report: Report) -> str:
         "",
         "| " + " | ".join(columns(report)) + " |",
         "|" + "---|" * len(columns(report)),
-        *("| " + " | ".join(cells(report, m)) + " |" for m in report.modules),
+        *("| " + " | ".join(cells(report, m)) + " |" for m in grouped(report.modules)),
+        *_kept_markdown(report),
     ]
     if report.warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in report.warnings)]
@@ -252,7 +331,7 @@ def to_table(report: Report, title: str | None = None) -> Table:
     table = Table(title=title, caption=" · ".join(_summary_lines(report)))
     for i, col in enumerate(columns(report)):
         table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for m in report.modules:
+    for m in grouped(report.modules):
         table.add_row(*cells(report, m))
     return table
 
@@ -263,13 +342,17 @@ def rank_warning(report: Report) -> str:
     advice = f"start it with `--max-lora-rank {need}` or more" if need > 16 else "an engine set lower needs raising"
     return (
         f"{rank_change_words(report)}. Serving engines with a maximum LoRA rank must allow "
-        f"{max(m.output_rank for m in report.modules)}: vLLM's default `max_lora_rank` is 16; {advice}."
+        f"{_largest_rank(report)}: vLLM's default `max_lora_rank` is 16; {advice}."
     )
+
+
+def _largest_rank(report: Report) -> int:
+    return max((m.output_rank for m in report.modules if m.rank is not None), default=0)
 
 
 def _engine_rank(report: Report) -> int:
     """The smallest of vLLM's allowed max_lora_rank values (8, 16, 32, 64, …) that holds every module."""
-    need, rank = max(m.output_rank for m in report.modules), 8
+    need, rank = _largest_rank(report), 8
     while rank < need:
         rank *= 2
     return rank

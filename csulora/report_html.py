@@ -8,7 +8,7 @@ import re
 from html import escape
 
 from .correction import COMPONENTS
-from .report import Report, _subspace_words, _summary_lines, cells, columns, rank_warning
+from .report import Report, _subspace_words, _summary_lines, cells, columns, expert_layer, grouped, rank_warning
 
 COLORS = {"F": "#2f855a", "H_in": "#d4a017", "H_out": "#e07b24", "O": "#c53030"}
 LABELS = {"F": "F (fully aligned)", "H_in": "H_in (input side leaves)", "H_out": "H_out (output side leaves)",
@@ -48,7 +48,7 @@ def _bar(x: float, y: float, fractions: dict[str, float], scale: float, label: s
 
 
 def _chart(report: Report) -> str:
-    modules = sorted(report.modules, key=lambda m: _natural(m.module))
+    modules = sorted(grouped(report.modules), key=lambda m: _natural(m.module))
     longest = max((len(m.module) for m in modules), default=10)
     label_w = min(longest, 60) * CHAR_W + 16
     top = max([1.0] + [sum(m.rho_after.values()) for m in modules])  # Safe LoRA's C·B may grow the update
@@ -114,13 +114,38 @@ def _legend() -> str:
     return f'<p class="legend">{items}</p>'
 
 
-def _table(report: Report) -> str:
+def _table(report: Report, modules) -> str:
     head = "".join(f"<th>{escape(c)}</th>" for c in columns(report))
     rows = "".join(
         "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in cells(report, m)) + "</tr>"
-        for m in sorted(report.modules, key=lambda m: _natural(m.module))
+        for m in sorted(modules, key=lambda m: _natural(m.module))
     )
     return f'<table class="modules"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _experts(report: Report) -> str:
+    """One folded table per stacked parameter, a row per expert (the main table shows each stack as one row)."""
+    layers: dict[str, list] = {}
+    for m in report.modules:
+        if (layer := expert_layer(m)) is not None:
+            layers.setdefault(layer, []).append(m)
+    if not layers:
+        return ""
+    folds = "".join(
+        f"<details><summary><code>{escape(layer)}</code>: {len(rows)} experts</summary>"
+        f'<div class="scroll">{_table(report, rows)}</div></details>'
+        for layer, rows in sorted(layers.items(), key=lambda item: _natural(item[0]))
+    )
+    return f"<h2>Experts, one row each</h2>{folds}"
+
+
+def _kept(report: Report) -> str:
+    if not report.kept:
+        return ""
+    rows = "".join(f"<tr><td>{escape(k.key)}</td><td>{escape(str(k.shape))}</td><td>{escape(k.reason)}</td></tr>"
+                   for k in report.kept)  # fmt: skip
+    return ('<h2>Kept as trained (not sanitized)</h2><table class="modules"><thead><tr><th>tensor</th><th>shape</th>'
+            f"<th>why</th></tr></thead><tbody>{rows}</tbody></table>")  # fmt: skip
 
 
 CSS = """
@@ -181,7 +206,9 @@ def to_html(report: Report) -> str:
 {_chart(report)}
 </div>
 <h2>Per-module table</h2>
-<div class="scroll">{_table(report)}</div>
+<div class="scroll">{_table(report, grouped(report.modules))}</div>
+{_experts(report)}
+{_kept(report)}
 {f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else ""}
 </body>
 </html>

@@ -100,11 +100,11 @@ class Settings:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def subspace_params(self, transposed: bool = False) -> SubspaceParams:
+    def subspace_params(self) -> SubspaceParams:
         """The subspace rule of resolved settings, as the cache keys it."""
         return SubspaceParams(
             rank=self.subspace_rank, energy=self.subspace_energy if self.subspace_rank is None else 0.0,
-            max_rank=self.max_subspace_rank, exact=self.exact_svd, seed=self.seed, transposed=transposed,
+            max_rank=self.max_subspace_rank, exact=self.exact_svd, seed=self.seed,
         )  # fmt: skip
 
     def to_dict(self) -> dict:

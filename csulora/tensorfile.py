@@ -144,7 +144,9 @@ class TensorReader:
         self._file = None
         self._header: Header | None = None
 
-    def get(self, path: Path, name: str) -> torch.Tensor:
+    def get(self, path: Path, name: str, index: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` of ``path``, or only its slice ``index`` along the first axis (one expert of a stack:
+        its bytes alone are read, as ``safe_open(...).get_slice(name)[index]`` would)."""
         if self._path != path:
             self.close()
             self._header = read_header(path)
@@ -159,9 +161,15 @@ class TensorReader:
         dtype = _READ_DTYPES.get(info.dtype)
         if dtype is None:
             raise CsuloraError(f"{path}: tensor {name!r} has dtype {info.dtype}, which csulora cannot read")
-        buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
+        start, size, shape = info.start, info.end - info.start, info.shape
+        if index is not None:
+            if not (len(shape) >= 1 and 0 <= index < shape[0]):
+                raise CsuloraError(f"{path}: tensor {name!r} of shape {list(shape)} has no slice {index}")
+            size //= shape[0]
+            start, shape = start + index * size, shape[1:]
+        buffer = torch.empty(size, dtype=torch.uint8)
         try:
-            self._file.seek(self._header.data_offset + info.start)
+            self._file.seek(self._header.data_offset + start)
             view, done = memoryview(buffer.numpy()), 0
             while done < len(view):  # readinto may return short counts on some file systems
                 n = self._file.readinto(view[done:])
@@ -172,7 +180,7 @@ class TensorReader:
             raise CsuloraError(f"{path}: cannot read tensor {name!r} ({e.strerror}); re-download it") from e
         if done != len(view):
             raise CsuloraError(f"{path}: tensor {name!r} is cut short; the file is truncated: re-download it")
-        return buffer.view(dtype).reshape(info.shape)
+        return buffer.view(dtype).reshape(shape)
 
     def metadata(self) -> dict[str, str]:
         """The header metadata of the file last read from."""

@@ -159,20 +159,26 @@ def base_is_a_copy_of_aligned(tmp, adapter, pair):
     return ["--base", copy], copy
 
 
-def dora_config(tmp, adapter, pair):
-    edit_config(adapter, use_dora=True)
+def lora_variant(tmp, adapter, pair):
+    """A LoRA variant whose layers compute more than W + s·B·A (DoRA is read; block-diagonal LoRA is not)."""
+    edit_config(adapter, use_bdlora=True)
     return [], adapter / "adapter_config.json"
 
 
-def dora_magnitude_key(tmp, adapter, pair):
+def unknown_lora_tensor(tmp, adapter, pair):
     f = adapter / "adapter_model.safetensors"
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
-    edit_tensors(f, lambda t: t.__setitem__(key, torch.ones(64)))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_E"
+    edit_tensors(f, lambda t: t.__setitem__(key, torch.ones(4, 1)))
     return [], f
 
 
-def modules_to_save(tmp, adapter, pair):
-    edit_config(adapter, modules_to_save=["lm_head"])
+def another_tuner(tmp, adapter, pair):
+    edit_config(adapter, peft_type="VERA")
+    return [], adapter / "adapter_config.json"
+
+
+def base_rewriting_init(tmp, adapter, pair):
+    edit_config(adapter, init_lora_weights="pissa_niter_4")
     return [], adapter / "adapter_config.json"
 
 
@@ -233,9 +239,9 @@ def output_under_a_file(tmp, adapter, pair):
 BAD_INPUTS = [
     truncated_adapter, empty_adapter_file, adapter_not_safetensors, adapter_text_file, truncated_base_shard,
     missing_config, missing_adapter_folder, missing_aligned_folder, nan_in_adapter, inf_in_adapter,
-    adapter_shape_mismatch, base_shape_mismatch, base_is_aligned, base_is_a_copy_of_aligned, dora_config,
-    dora_magnitude_key, modules_to_save, unresolved_base, negative_lambda, nan_in_aligned, missing_shard,
-    module_not_in_checkpoint, no_base_model_in_config, seed_out_of_range, output_under_a_file,
+    adapter_shape_mismatch, base_shape_mismatch, base_is_aligned, base_is_a_copy_of_aligned, lora_variant,
+    unknown_lora_tensor, another_tuner, base_rewriting_init, unresolved_base, negative_lambda, nan_in_aligned,
+    missing_shard, module_not_in_checkpoint, no_base_model_in_config, seed_out_of_range, output_under_a_file,
 ]  # fmt: skip
 
 

@@ -1,10 +1,11 @@
-"""The interface every method implements, and what they share: the report row, float64 factors, the
-block-form config.
+"""The interface every method implements, and what they share: the report row, float64 factors, dense
+updates, the block-form config.
 
-``api.py`` streams the adapter one module at a time and calls ``correct`` while that module's subspace
-(and, for a method with ``reads_displacement``, its displacement ``D``) is in memory; ``finish`` then sees
-every module once (Safe LoRA's selection needs every score). Adding a method is one new module here with a
-``Method`` subclass, listed in ``methods/__init__.py``, and its defaults in ``settings.METHOD_DEFAULTS``.
+``api.py`` streams the modules one at a time and calls ``correct`` (a LoRA module: factors) or
+``correct_dense`` (a full weight: ``ΔW = W − W_a``, DESIGN.md §6b, §10) while that module's subspace (and, for
+a method with ``reads_displacement``, its displacement ``D``) is in memory; ``finish`` then sees every module
+once (Safe LoRA's selection needs every score). Adding a method is one new module here with a ``Method``
+subclass, listed in ``methods/__init__.py``, and its defaults in ``settings.METHOD_DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ from typing import Any
 
 import torch
 
-from ..adapters import Adapter, LoraModule, cast_back, pattern_value
-from ..correction import component_energies, erosion, relative_energies, split, subspace_block
+from ..adapters import Adapter, DenseModule, LoraModule, cast_back, pattern_value
+from ..correction import (
+    DenseSplit,
+    component_energies,
+    dense_energies,
+    dense_split,
+    erosion,
+    relative_energies,
+    split,
+    subspace_block,
+)
 from ..errors import CsuloraError
 from ..report import ModuleRow
 from ..settings import Settings
@@ -27,15 +37,16 @@ from ..subspace import Subspace
 
 @dataclass
 class Corrected:
-    """One module after its method: the report row and the factors to write (the input's dtype, on the CPU).
-
-    ``scale`` is the LoRA scaling the written factors are meant for: the module's own (drop-in forms) or 1
-    (block forms, whose config gives every module scale 1). ``pending`` is what ``finish`` may still apply."""
+    """One module after its method: the report row and what to write (the input's dtype, on the CPU): the
+    factors of a LoRA module, meant for its own scaling (drop-in forms) or for scale 1 (block forms, whose config
+    gives every module scale 1), or the full weight ``W`` of a dense one. ``pending`` is what ``finish`` may
+    still apply."""
 
     row: ModuleRow
-    A: torch.Tensor
-    B: torch.Tensor
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
     pending: Any = field(default=None, repr=False)
+    W: torch.Tensor | None = None
 
 
 class Method:
@@ -47,6 +58,12 @@ class Method:
     verb = "attenuated"  # what the drop-in form did to the parts that leave the subspace (model card)
 
     def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
+        raise NotImplementedError
+
+    def correct_dense(
+        self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
+    ) -> Corrected:
+        """The method's exact form on a dense update (DESIGN.md §6b)."""
         raise NotImplementedError
 
     def finish(self, results: dict[str, Corrected], settings: Settings) -> None:
@@ -68,6 +85,50 @@ class Method:
         """The global ``r`` of a block-form config: the most common written rank (ties: the larger)."""
         counts = Counter(ranks)
         return max(counts, key=lambda r: (counts[r], r))
+
+
+@dataclass
+class DenseUpdate:
+    """A dense module ready for its method: ``ΔW = W − W_a`` in float32 on the subspace's device, with ``W_a``
+    (float32, same device) and the module (its saved weight ``W``, as read)."""
+
+    module: DenseModule
+    W_a: torch.Tensor
+    dW: torch.Tensor
+
+    @classmethod
+    def of(cls, module: DenseModule, W_a: torch.Tensor, device: torch.device) -> DenseUpdate:
+        W_a = W_a.to(device, torch.float32)
+        return cls(module, W_a, module.W.to(device, torch.float32) - W_a)
+
+    def written(self, X: torch.Tensor | None) -> torch.Tensor:
+        """The weight to write: ``W_a + X`` cast once to the saved dtype; ``None``: the saved weight itself."""
+        if X is None:
+            return self.module.W
+        return cast_back(self.W_a + X, self.module.W.dtype, self.module.key)
+
+
+def dense_after(sub: Subspace, X: torch.Tensor, update_energy: float) -> dict[str, float]:
+    """``rho_after`` and ``erosion_after`` of a written dense update ``X``, in units of the input's ``‖ΔW‖²``."""
+    sp = dense_split(X, sub.U, sub.V)
+    return {
+        "rho_after": relative_energies(dense_energies(sp), update_energy),
+        "erosion_after": erosion(sp.M.double(), sub.S.double()),
+    }
+
+
+def dense_row(update: DenseUpdate, sub: Subspace, sp: DenseSplit, score: float, energies: dict[str, float],
+              **fields) -> ModuleRow:  # fmt: skip
+    """The report row (§7) of a dense module: as ``module_row``, from the split of its ``ΔW``."""
+    total = sum(energies.values())
+    notes = (["empty subspace"] if sub.k == 0 else []) + (["zero update"] if total == 0 else [])
+    return ModuleRow(
+        module=update.module.name, shape=list(update.dW.shape), rank=None, scaling=None, k=sub.k,
+        captured=sub.captured_fraction, displacement_norm=math.sqrt(sub.total_energy),
+        subspace_norm=float(torch.linalg.vector_norm(sub.S.double())), update_norm=math.sqrt(total),
+        rho=relative_energies(energies), erosion=erosion(sp.M.double(), sub.S.double()), safe_lora_score=score,
+        notes=notes, kind="dense", **fields,
+    )  # fmt: skip
 
 
 def in_float64(module: LoraModule, sub: Subspace) -> tuple[torch.Tensor, ...]:
@@ -110,8 +171,10 @@ def module_row(
     energies = energies if energies is not None else component_energies(split(A, sB, U, V))
     total = sum(energies.values())
     notes = (["empty subspace"] if sub.k == 0 else []) + (["zero update"] if total == 0 else [])
+    notes += ["DoRA: magnitude kept as trained"] if module.dora else []
     return ModuleRow(
         module=module.name,
+        kind=module.kind,
         shape=[module.B.shape[0], module.A.shape[1]],
         rank=module.rank,
         scaling=module.scaling,
@@ -128,17 +191,16 @@ def module_row(
     )
 
 
-def block_config(adapter: Adapter, rows: list[ModuleRow], global_rank: int) -> dict:
+def block_config(adapter: Adapter, ranks: dict[str, int], global_rank: int) -> dict:
     """``adapter_config.json`` for a block form: every module gets its written rank and scale exactly 1.
 
-    Global ``r`` and ``lora_alpha`` become ``global_rank`` and rsLoRA is turned off (``α/r = 1``). Modules
-    whose rank differs get exact-name entries in ``rank_pattern`` and the same in ``alpha_pattern``, so their
-    scale is ``r_m / r_m = 1`` whatever the order PEFT tries the keys in. The input's own patterns and rsLoRA
-    are folded into ``B'`` already.
+    ``ranks``: each PEFT layer's written rank, by the name PEFT matches patterns against. Global ``r`` and
+    ``lora_alpha`` become ``global_rank`` and rsLoRA is turned off (``α/r = 1``). Layers whose rank differs get
+    exact-name entries in ``rank_pattern`` and the same in ``alpha_pattern``, so their scale is ``r_m / r_m = 1``
+    whatever the order PEFT tries the keys in. The input's own patterns and rsLoRA are folded into ``B'`` already.
     """
     config = dict(adapter.config)
     r = global_rank
-    ranks = {row.module: row.output_rank for row in rows}
     patterns = {re.escape(name): rank for name, rank in sorted(ranks.items()) if rank != r}
     config.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern=patterns, alpha_pattern=dict(patterns))
     for name, rank in ranks.items():  # a name that is a dotted suffix of another could make keys collide

@@ -16,14 +16,18 @@ from ..correction import (
     block_update,
     component_energies,
     corrected_energies,
+    dense_block,
+    dense_energies,
+    dense_split,
     factored_update,
     relative_energies,
+    safe_lora_score_dense,
     safe_lora_score_subspace,
     split,
 )
 from ..settings import Settings
 from ..subspace import Subspace
-from .base import Corrected, Method, in_float64, lambda_words, module_row, written
+from .base import Corrected, DenseUpdate, Method, dense_after, dense_row, in_float64, lambda_words, module_row, written
 
 
 class Csulora(Method):
@@ -59,6 +63,20 @@ class Csulora(Method):
         # a side with γ = 1 comes back as the input tensor itself: λ = 0 writes the input bit for bit
         A_out, B_out = written(module, module.A if gamma_in == 1.0 else A_new, module.B if gamma_out == 1.0 else B_new)
         return Corrected(row, A_out, B_out)
+
+    def correct_dense(
+        self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
+    ) -> Corrected:
+        """The exact (block) form on a dense update, whatever ``--form``: ``X = F + γ_H H + γ_O O``."""
+        sp = dense_split(update.dW, sub.U, sub.V)
+        energies = dense_energies(sp)
+        rho, total = relative_energies(energies), sum(energies.values())
+        gamma_h, gamma_o = block_attenuation(rho, settings.lam)
+        X = None if gamma_h == gamma_o == 1.0 else dense_block(sp, sub.U, sub.V, gamma_h, gamma_o)
+        measured = dense_after(sub, X, total) if X is not None else {}
+        row = dense_row(update, sub, sp, safe_lora_score_dense(sp, sub.S), energies, gamma_in=gamma_h,
+                        gamma_out=gamma_h, gamma_off=gamma_o, **measured)  # fmt: skip
+        return Corrected(row, W=update.written(X))
 
     def block_rank(self, ranks: list[int], config: dict) -> int:
         return 2 * int(config["r"])

@@ -13,16 +13,31 @@ from ..adapters import LoraModule
 from ..correction import (
     best_rank,
     component_energies,
+    dense_energies,
+    dense_split,
     realign_block_factors,
+    realign_dense,
     realign_shift,
     realign_strength,
+    safe_lora_score_dense,
     safe_lora_score_subspace,
     split,
     subspace_block,
 )
 from ..settings import Settings
 from ..subspace import Subspace
-from .base import Corrected, Method, after, in_float64, lambda_words, module_row, written
+from .base import (
+    Corrected,
+    DenseUpdate,
+    Method,
+    after,
+    dense_after,
+    dense_row,
+    in_float64,
+    lambda_words,
+    module_row,
+    written,
+)
 
 
 class Realign(Method):
@@ -54,6 +69,22 @@ class Realign(Method):
         row = module_row(module, sub, A, sB, score, energies, truncation_loss=dropped / total if total else 0.0,
                          **after(sub, A_new, B_new, total), **fields)  # fmt: skip
         return Corrected(row, *written(module, A_new, B_new / module.scaling))  # the config's scaling is kept
+
+    def correct_dense(
+        self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
+    ) -> Corrected:
+        """``X* = ΔW + U_k Z V_kᵀ`` exactly (§5b), whatever ``--form``."""
+        sp = dense_split(update.dW, sub.U, sub.V)
+        energies = dense_energies(sp)
+        c = realign_strength(settings.lam)
+        fields = {"c": c, "beta": settings.beta}
+        X = None
+        if c > 0.0 and sub.k > 0:
+            Z = realign_shift(sp.M.double(), sub.S.double(), c, settings.beta).to(sp.M.dtype)
+            X = realign_dense(update.dW, sub.U, sub.V, Z)
+            fields.update(dense_after(sub, X, sum(energies.values())))
+        row = dense_row(update, sub, sp, safe_lora_score_dense(sp, sub.S), energies, **fields)
+        return Corrected(row, W=update.written(X))
 
     def form_words(self, rank_changed: bool) -> str:
         if rank_changed:

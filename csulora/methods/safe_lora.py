@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..adapters import LoraModule, cast_back
-from ..correction import safe_lora_cosine, safe_lora_project
+from ..correction import cosine, dense_energies, dense_split, safe_lora_cosine, safe_lora_project
 from ..settings import Settings
 from ..subspace import Subspace
-from .base import Corrected, Method, after, in_float64, module_row
+from .base import Corrected, DenseUpdate, Method, after, dense_after, dense_row, in_float64, module_row
 
 
 class SafeLora(Method):
@@ -33,14 +33,32 @@ class SafeLora(Method):
         candidate = after(sub, A, module.scaling * CB.double(), row.update_norm**2)
         return Corrected(row, module.A, module.B, pending=(cast_back(CB, module.B.dtype, module.key("B")), candidate))
 
+    def correct_dense(
+        self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
+    ) -> Corrected:
+        """``ΔW ← C ΔW = D (Dᵀ ΔW) / ‖D‖_F`` when selected; the score ``cos(vec(C ΔW), vec(ΔW))`` is exact."""
+        sp = dense_split(update.dW, sub.U, sub.V)
+        energies = dense_energies(sp)
+        CdW = safe_lora_project(update.dW, D) if sub.total_energy else None
+        score = cosine(CdW, update.dW) if CdW is not None else 0.0
+        row = dense_row(update, sub, sp, score, energies)
+        if CdW is None:
+            return Corrected(row, W=update.written(None))
+        candidate = dense_after(sub, CdW, row.update_norm**2)
+        return Corrected(row, W=update.written(None), pending=(update.written(CdW), candidate))
+
     def finish(self, results: dict[str, Corrected], settings: Settings) -> None:
         scores = {name: res.row.safe_lora_score for name, res in results.items() if res.pending is not None}
         for name in selection(scores, settings.threshold, settings.top_n):
             res = results[name]
-            res.B, measured = res.pending
+            projected, measured = res.pending
+            if res.W is not None:
+                res.W = projected
+            else:
+                res.B = projected
             res.row.rho_after, res.row.erosion_after = measured["rho_after"], measured["erosion_after"]
             res.row.safe_lora_projected = True
-            res.row.notes.append("Safe LoRA projection B ← C·B")
+            res.row.notes.append("Safe LoRA projection " + ("ΔW ← C·ΔW" if res.W is not None else "B ← C·B"))
         for res in results.values():
             res.pending = None
 
