@@ -216,7 +216,7 @@ def _full_tensors(adapter: Adapter, aligned: Checkpoint, plan: Plan) -> None:
             continue
         shape = aligned.shape(source)
         if W.ndim == 2 and W.is_floating_point() and tuple(W.shape) == tuple(shape):
-            name = param.removesuffix(".weight")
+            name = key[len(PREFIX) :].removesuffix(".weight")  # a saved base layer keeps its own name
             plan.dense.append(DenseModule(name=name, key=key, W=W, target=Target(param)))
             plan.sources[param] = source
         elif tuple(W.shape) != tuple(shape):
