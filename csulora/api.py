@@ -12,12 +12,12 @@ import torch
 
 from . import __version__
 from .adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
-from .cache import SubspaceSource, subspace_of
+from .cache import SubspaceSource
 from .card import model_card
 from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref
 from .determinism import fixed_threads
 from .errors import CsuloraError
-from .layouts import Target
+from .layouts import Target, is_block_weight
 from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate
 from .outputs import check_output, write_folder
@@ -228,8 +228,6 @@ def _run(
 
     Returns the report, the tensors to write, and the new ``adapter_config.json`` (``None``: unchanged)."""
     method = METHODS[settings.method]
-    device = settings.torch_device()
-    params = settings.subspace_params()
     plan, pair = inputs.plan, inputs.pair
     if settings.form == "block" and any(k.kind == "resized" and ".lora_" in k.key for k in plan.kept):
         raise CsuloraError(f"{inputs.adapter.path}: an embedding LoRA kept as trained (resized vocabulary) cannot "
@@ -241,32 +239,11 @@ def _run(
         for i, module in enumerate(work):
             if progress:
                 progress("subspaces", i, len(work), module.name)
-            with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
-                update = None
-                if isinstance(module, DenseModule):
-                    W_a = pair.aligned.read(pair.sources(module.target)[0])
-                    if torch.equal(W_a, module.W):  # a copy of the aligned weight (PEFT saves adapted embeddings')
-                        kept.append(Kept(module.key, list(module.W.shape), "aligned-copy", "identical to the aligned "
-                                         "weight: written back unchanged", identical=True))  # fmt: skip
-                        continue
-                    update = DenseUpdate.of(module, W_a, device)
-                    del W_a
-                if method.reads_displacement:  # D itself is needed: read it, no cache
-                    D = pair.displacement(module.target, device)
-                    sub = subspace_of(D, params)
-                else:
-                    D = None
-                    sub, _ = subspaces.get(pair, module.target, params, device)
-                if update is None:
-                    results[module.name] = method.correct(module, sub, settings, D)
-                else:
-                    results[module.name] = method.correct_dense(update, sub, settings, D)
-                del D, update
-            if sub.total_energy == 0:
-                what = ("the whole update counts as off-subspace and is attenuated" if settings.method == "csulora"
-                        else "the module is left unchanged")  # fmt: skip
-                warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, so {what}")
-            del sub
+            done = correct_module(module, pair, settings, subspaces, warnings)
+            if isinstance(done, Kept):
+                kept.append(done)
+            else:
+                results[module.name] = done
     finally:
         pair.close()
     if progress:
@@ -298,6 +275,36 @@ def _run(
         written = [r.output_rank for r in rows if r.rank is not None]
         config = block_config(inputs.adapter, ranks, method.block_rank(written, inputs.adapter.config))
     return report, tensors, config
+
+
+def correct_module(
+    module: LoraModule | DenseModule, pair: CheckpointPair, settings: Settings, subspaces: SubspaceSource,
+    warnings: list[str],
+) -> Corrected | Kept:
+    """One module through its method: its subspace (cached, or from ``D``, read when the method needs it), the
+    correction, freed after. A dense module identical to the aligned weight is no update: kept, unchanged."""
+    method, device = METHODS[settings.method], settings.torch_device()
+    with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
+        update = None
+        if isinstance(module, DenseModule):
+            W_a = pair.aligned.read(pair.sources(module.target)[0])
+            if torch.equal(W_a, module.W):  # e.g. the base layer PEFT saves beside an embedding LoRA
+                return Kept(module.key, list(module.W.shape), "aligned-copy",
+                            "identical to the aligned weight: written back unchanged", identical=True)  # fmt: skip
+            update = DenseUpdate.of(module, W_a, device)
+            del W_a
+        needs_D = method.dense_reads_displacement if update is not None else method.reads_displacement
+        D = pair.displacement(module.target, device) if needs_D else None  # D itself, not only its subspace
+        sub, _ = subspaces.get(pair, module.target, settings.subspace_params(), device, D)
+        if update is not None:
+            done = method.correct_dense(update, sub, settings, D)
+        else:
+            done = method.correct(module, sub, settings, D)
+    if sub.total_energy == 0:
+        what = ("the whole update counts as off-subspace and is attenuated" if settings.method == "csulora"
+                else "the module is left unchanged")  # fmt: skip
+        warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, so {what}")
+    return done
 
 
 def assemble(
@@ -372,7 +379,8 @@ def precompute_subspaces(
         raise CsuloraError(f"base {base} is the aligned checkpoint itself; pass the pretrained checkpoint as --base")
     _phase(progress, "reading", 0, aligned)
     names = [k[: -len(".weight")] for k in Checkpoint.open(aligned_ref).weight_map if k.endswith(".weight")]
-    wanted = [n for n in names if _selected(n, modules)]
+    wanted = [n for n in names if (is_block_weight(f"{n}.weight") if modules is None else
+                                   any(n == m or n.endswith("." + m) for m in modules))]  # fmt: skip
     if not wanted:
         raise CsuloraError(f"{aligned}: no module matches --modules {modules}; name modules such as q_proj")
     keys = [f"{n}.weight" for n in wanted]
@@ -394,10 +402,3 @@ def precompute_subspaces(
     if progress:
         progress("subspaces", len(targets), len(targets), "")
     return sorted(rows, key=lambda r: r.module)
-
-
-def _selected(name: str, modules: list[str] | None) -> bool:
-    if modules is None:
-        last = name.split(".")[-1]
-        return "embed" not in last and last not in ("lm_head", "wte", "wpe") and "norm" not in last
-    return any(name == m or name.endswith("." + m) for m in modules)

@@ -149,9 +149,11 @@ class SubspaceSource:
         return cls(SubspaceCache(Path(cache_dir) if cache_dir else default_cache_dir()) if enabled else None)
 
     def get(
-        self, pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device
+        self, pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device,
+        D: torch.Tensor | None = None,
     ) -> tuple[Subspace, bool]:
-        """The subspace of one module on ``device``, and whether it came from the cache."""
+        """The subspace of one module on ``device``, and whether it came from the cache. ``D``: the module's
+        displacement when the caller has read it already (then a missing entry costs no second read)."""
         shape = pair.aligned.shape(pair.sources(target)[0])
         shape = shape[::-1] if target.transposed else shape
         key = entry_key(pair, target, params) if self.cache else None
@@ -160,7 +162,11 @@ class SubspaceSource:
             self.loaded += 1
             return Subspace(sub.U.to(device), sub.S.to(device), sub.V.to(device), sub.total_energy,
                             sub.captured_energy), True  # fmt: skip
-        sub = compute_subspace(pair, target, params, device)
+        if D is None:
+            sub = compute_subspace(pair, target, params, device)
+        else:
+            with fixed_threads():
+                sub = subspace_of(D, params)
         self.computed += 1
         if self.cache:
             self.cache.store(key, sub, device.type)

@@ -1,25 +1,29 @@
-"""The model card (``README.md``) of a sanitized adapter: YAML front matter, the command, a summary."""
+"""The model card (``README.md``) of a sanitized adapter or model: YAML front matter, the command, a summary."""
 
 from __future__ import annotations
 
 import json
 
-from .report import Report, pct, rank_warning
+from .report import Report, kept_words, pct, rank_warning
 from .settings import DEFAULT_METHOD, METHOD_NOTES
 
 
 def model_card(report: Report, base_model: str | None, command: str, form_words: str) -> str:
-    """``form_words``: how the result is written (the method says it: ``Method.form_words``)."""
+    """``form_words``: how the result is written (an adapter's method says it: ``Method.form_words``)."""
+    kind, path = report.subject
     front = ["---"]
     if base_model:
         front.append(f"base_model: {json.dumps(base_model)}")
-    front += ["library_name: peft", "tags:", "- lora", "- peft", "- csulora", "- safety", "---"]
+    tags = ["library_name: peft", "tags:", "- lora", "- peft"] if kind == "adapter" else ["library_name: transformers",
+                                                                                          "tags:"]  # fmt: skip
+    front += [*tags, "- csulora", "- safety", "---"]
     t = report.totals()
     body = [
         "",
-        "# Sanitized LoRA adapter",
+        "# Sanitized LoRA adapter" if kind == "adapter" else "# Sanitized model",
         "",
-        f"This adapter is `{report.inputs['adapter']['path']}` after {report.description}, made with "
+        *([kept_words(report), ""] if report.kept else []),
+        f"This {kind} is `{path}` after {report.description}, made with "
         f"csulora {report.tool_version}. The safety subspace of each layer was estimated from "
         f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}`; {form_words}",
         "",

@@ -28,15 +28,30 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Make fine-tuned LoRA adapters safe to publish: re-alignment, CSULoRA (the closest safe update) or Safe LoRA.",
+    help="Make fine-tuned LoRA adapters and models safe to publish: re-alignment, CSULoRA (the closest safe update), "
+    "Safe LoRA or RESTA.",
 )
 # Logs and pipes get a wide table instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 AdaptersOpt = Annotated[
-    list[Path],
+    list[Path] | None,
     typer.Option("--adapter", help="PEFT LoRA adapter folder, or a folder of them (a batch); may repeat."),
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="A full fine-tune or merged model instead of an adapter: folder or Hub id."),
+]
+TargetsOpt = Annotated[
+    str | None,
+    typer.Option("--target-modules", help="--model: correct only weights whose name matches this regular expression "
+                 "(searched, e.g. 'self_attn|mlp'). Default: every weight of the transformer blocks."),
+]
+
+
+def _one_input(adapter: list[Path] | None, model: str | None) -> None:
+    if bool(adapter) == (model is not None):
+        raise CsuloraError("pass --adapter (a PEFT adapter) or --model (a full fine-tune or merged model), one of them")
 
 
 def _version(value: bool) -> None:
@@ -111,7 +126,9 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
 @app.command()
 @with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JSON, RUN)
 def sanitize(
-    adapter: AdaptersOpt,
+    adapter: AdaptersOpt = None,
+    model: ModelOpt = None,
+    target_modules: TargetsOpt = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Output folder (default: <adapter>-sanitized).")
     ] = None,
@@ -132,7 +149,21 @@ def sanitize(
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     inputs = {"aligned": opts["aligned"], "base": opts["base"], "trust_pickle": opts["trust_pickle"]}
     with _errors(opts["debug"]):
+        _one_input(adapter, model)
         settings = opts.settings()
+        if model is not None:
+            from .models import sanitize_model
+
+            if skip_existing or shard:
+                raise CsuloraError("--skip-existing and --shard apply to batches of adapters")
+            with _progress(opts["quiet"]) as progress:
+                result = sanitize_model(model, opts["aligned"], opts["base"], output, settings=settings,
+                                        target_modules=target_modules, force=force, command=command,
+                                        progress=progress, subspaces=opts.source())  # fmt: skip
+            _render(result, f"csulora sanitize · {escape(model)}", screen, opts)
+            return
+        if target_modules is not None:
+            raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
         if is_batch(adapter):
             with _progress(opts["quiet"]) as progress:
                 outcomes = run_batch(
@@ -153,8 +184,12 @@ def sanitize(
                 adapter[0], output=output, settings=settings, force=force, command=command, progress=progress,
                 subspaces=opts.source(), **inputs,
             )  # fmt: skip
+    _render(result, f"csulora sanitize · {escape(str(adapter[0]))}", screen, opts)
+
+
+def _render(result, title: str, screen: Console, opts: Options) -> None:
     if not opts["quiet"]:
-        screen.print(to_table(result.report, title=f"csulora sanitize · {escape(str(adapter[0]))}"))
+        screen.print(to_table(result.report, title=title))
     _warn(result.report.warnings)
     screen.print(f"wrote {result.output}", markup=False, highlight=False, soft_wrap=True)
     if opts["json_out"]:
@@ -164,7 +199,11 @@ def sanitize(
 @app.command()
 @with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JSON, RUN)
 def audit(
-    adapter: Annotated[list[Path], typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")],
+    adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")] = (
+        None
+    ),
+    model: ModelOpt = None,
+    target_modules: TargetsOpt = None,
     max_off_energy: Annotated[
         float | None, typer.Option(help="Fail when the adapter's total off-subspace energy ρ_O exceeds this.")
     ] = None,
@@ -195,22 +234,33 @@ def audit(
 
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     with _errors(opts["debug"]):
+        _one_input(adapter, model)
         limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score, min_erosion, fail_on_kept)
         limits.validate()
         settings = opts.settings()
-        if html is not None and len(adapter) != 1:
+        if target_modules is not None and model is None:
+            raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
+        if html is not None and len(adapter or [model]) != 1:
             raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
         if html is not None and not html.parent.is_dir():
             raise CsuloraError(f"--html {html}: the folder {html.parent} does not exist; create it first")
         if html is not None and html.is_dir():
             raise CsuloraError(f"--html {html}: is a folder; name the file to write, e.g. {html / 'report.html'}")
         reports, source = [], opts.source()  # one source: shared subspaces across adapters
-        for path in adapter:
+        for path in adapter or [model]:
             with _progress(opts["quiet"]) as progress:
-                result = api_audit(
-                    path, opts["aligned"], opts["base"], settings=settings, trust_pickle=opts["trust_pickle"],
-                    progress=progress, subspaces=source,
-                )  # fmt: skip
+                if model is not None:
+                    from .models import audit_model
+
+                    result = audit_model(
+                        model, opts["aligned"], opts["base"], settings=settings, target_modules=target_modules,
+                        progress=progress, subspaces=source,
+                    )  # fmt: skip
+                else:
+                    result = api_audit(
+                        path, opts["aligned"], opts["base"], settings=settings, trust_pickle=opts["trust_pickle"],
+                        progress=progress, subspaces=source,
+                    )  # fmt: skip
             reports.append(result.report)
             if not opts["quiet"]:
                 screen.print(to_table(result.report, title=f"csulora audit · {escape(str(path))}"))
@@ -224,7 +274,8 @@ def audit(
         if opts["json_out"]:
             sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
         elif document["passed"] and not opts["quiet"]:
-            screen.print(f"audit passed: {len(reports)} adapter(s) within the thresholds", highlight=False)
+            what = "model" if model is not None else f"{len(reports)} adapter(s)"
+            screen.print(f"audit passed: {what} within the thresholds", highlight=False)
         enforce(document)
 
 
@@ -318,6 +369,7 @@ def sweep(
     lambdas: Annotated[str | None, typer.Option(help="λ values, e.g. 0.5,2,8,inf (realign, csulora).")] = None,
     betas: Annotated[str | None, typer.Option(help="β values, e.g. 0,0.25 (realign).")] = None,
     thresholds: Annotated[str | None, typer.Option(help="τ values, e.g. 0.3,0.5 (safe-lora).")] = None,
+    gammas: Annotated[str | None, typer.Option(help="γ values, e.g. 0.1,0.25,0.5 (resta).")] = None,
     eval_cmd: Annotated[
         str | None,
         typer.Option(help="Shell command run once per point, {adapter} replaced by its folder; its last stdout line "
@@ -352,7 +404,7 @@ def sweep(
         if axes is not None and len(axes) != 2:
             raise CsuloraError(f"--plot {plot!r}: expected two metrics X,Y, e.g. utility,refusal")
         grids = {"lam": _grid(lambdas, "--lambdas"), "beta": _grid(betas, "--betas"),
-                 "threshold": _grid(thresholds, "--thresholds")}  # fmt: skip
+                 "threshold": _grid(thresholds, "--thresholds"), "gamma": _grid(gammas, "--gammas")}  # fmt: skip
         points = plan(method or [opts.settings().method], opts.settings(), grids)
         with _progress(opts["quiet"]) as progress:
             result = run_sweep(

@@ -280,3 +280,17 @@ def cosine(X: Tensor, Y: Tensor) -> float:
     inner = float((X * Y).sum(dtype=torch.float64))
     norms = float(torch.linalg.vector_norm(X, dtype=torch.float64) * torch.linalg.vector_norm(Y, dtype=torch.float64))
     return inner / norms if norms > 0 else 0.0
+
+
+# ---------------------------------------------------------------- RESTA safety vector (§5d)
+
+
+def resta_shift(S: Tensor, gamma: float) -> Tensor:
+    """RESTA on an adapter (§5d): ``X = ΔW + γ D_k = ΔW + U_k Z V_kᵀ`` with ``Z = γ Σ_k`` (so the block and
+    factored forms of §5b write it)."""
+    return gamma * torch.diag(S)
+
+
+def resta_dense(dW: Tensor, D: Tensor, gamma: float) -> Tensor:
+    """RESTA on a full weight (§5d): ``X = ΔW + γ D``."""
+    return dW + gamma * D

@@ -42,7 +42,7 @@ def _counts(m: ModuleRow) -> bool:
 
 def violations(report: Report, limits: Thresholds) -> list[dict]:
     """Every threshold the report exceeds, with the modules responsible (worst first)."""
-    adapter = report.inputs["adapter"]["path"]
+    adapter = report.subject[1]
     found = []
     if limits.max_off_energy is not None:
         value = report.totals()["off_energy_before"]

@@ -10,6 +10,7 @@ over names: nothing is read here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -54,6 +55,18 @@ TIED_HEADS = {
     "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
                        "transformer.word_embeddings.weight"),
 }  # fmt: skip
+
+
+_NOT_BLOCK_WEIGHTS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_")
+
+
+def is_block_weight(key: str) -> bool:
+    """A weight of the transformer blocks (DESIGN.md §10): ``….<layer index>.…``, and not an embedding, an output
+    head or a norm."""
+    if re.search(r"\.\d+\.", key) is None:
+        return False
+    module = key.rsplit(".", 2)[-2] if key.endswith((".weight", ".bias")) else key.rsplit(".", 1)[-1]
+    return not any(word in module for word in _NOT_BLOCK_WEIGHTS)
 
 
 def _aliases(name: str) -> list[str]:

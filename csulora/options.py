@@ -48,7 +48,8 @@ FORM: Group = {
              DEFAULTS.form),
 }  # fmt: skip
 METHOD: Group = {
-    "method": (Annotated[str, typer.Option(help=f"realign, csulora (the paper's method) or safe-lora (the baseline). "
+    "method": (Annotated[str, typer.Option(help=f"realign, csulora (the paper's method), safe-lora or resta (the "
+                                                f"baselines). "
                                                 f"Default: {DEFAULT_METHOD} (docs/defaults.md).")], DEFAULT_METHOD),
 }  # fmt: skip
 CORRECTION: Group = {
@@ -61,6 +62,9 @@ CORRECTION: Group = {
                                                            "the paper's 0.5).")], None),
     "top_n": (Annotated[int | None, typer.Option("--top-n", help="safe-lora: project the n lowest-scoring modules.")],
               None),
+    "gamma": (Annotated[float | None, typer.Option(help="resta: add γ times the safety displacement (D, or D_k on "
+                                                        f"adapters; default "
+                                                        f"{Settings(method='resta').resolved().gamma:g}).")], None),
 }  # fmt: skip
 INPUT: Group = {
     "aligned": (Annotated[str, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id "
@@ -99,8 +103,11 @@ class Options(dict):
             raise CsuloraError("--threshold and --top-n apply to --method safe-lora only")
         if method != "realign" and values.get("beta") is not None:
             raise CsuloraError("--beta applies to --method realign only")
-        fields = {f: values[f] for f in ("lam", "beta", "subspace_rank", "subspace_energy", "max_subspace_rank",
-                                         "exact_svd", "seed", "device", "form", "top_n") if f in values}  # fmt: skip
+        if method != "resta" and values.get("gamma") is not None:
+            raise CsuloraError("--gamma applies to --method resta only")
+        names = ("lam", "beta", "gamma", "subspace_rank", "subspace_energy", "max_subspace_rank", "exact_svd", "seed",
+                 "device", "form", "top_n")
+        fields = {f: values[f] for f in names if f in values}
         settings = Settings(method=method, threshold=values.get("threshold"), **fields)
         validate(settings.resolved())  # bad values fail here, before anything is read
         return settings

@@ -48,7 +48,8 @@ class ModuleRow:
     safe_lora_projected: bool = False  # Safe LoRA replaced B by C·B in this module
     c: float | None = None  # realign: c = λ/(1+λ)
     beta: float | None = None  # realign: target β·D_k of the in-subspace block
-    truncation_loss: float | None = None  # realign, factored: ‖X* − X_r‖² / ‖ΔW‖²
+    truncation_loss: float | None = None  # realign, resta, factored: ‖X* − X_r‖² / ‖ΔW‖²
+    gamma_resta: float | None = None  # resta: γ
     kind: str = "linear"  # linear | embedding | parameter | expert | dense (adapters.LoraModule.kind)
 
     def __post_init__(self) -> None:
@@ -112,6 +113,12 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     description: str = ""  # what the method did, in words (each method says it: methods/)
     kept: list[Kept] = field(default_factory=list)  # saved tensors written back as trained, not sanitized
+
+    @property
+    def subject(self) -> tuple[str, str]:
+        """What was sanitized: ``("adapter", path)`` or ``("model", path)`` (a full fine-tune, DESIGN.md §10)."""
+        kind = "model" if "model" in self.inputs else "adapter"
+        return kind, self.inputs[kind]["path"]
 
     @property
     def rank_changed(self) -> bool:
@@ -216,7 +223,7 @@ def merge(rows: list[ModuleRow]) -> ModuleRow:
         gamma_in=mean([m.gamma_in for m in rows]), gamma_out=mean([m.gamma_out for m in rows]),
         gamma_off=mean([m.off_factor for m in rows]), rank_after=max(m.output_rank for m in rows),
         safe_lora_projected=any(m.safe_lora_projected for m in rows), c=mean([m.c for m in rows]),
-        beta=first.beta, truncation_loss=mean([m.truncation_loss for m in rows]),
+        beta=first.beta, truncation_loss=mean([m.truncation_loss for m in rows]), gamma_resta=first.gamma_resta,
         notes=sorted({n for m in rows for n in m.notes}),
     )  # fmt: skip
 
@@ -227,14 +234,16 @@ def pct(x: float) -> str:
 
 def columns(report: Report) -> list[str]:
     """The per-module table's columns: the decomposition, what the method did, what is left."""
-    done = ["c", "ρ_F after", "trunc. loss"] if report.method == "realign" else ["γ_in", "γ_out", "off after"]
+    shifts = {"realign": ["c", "ρ_F after", "trunc. loss"], "resta": ["γ", "ρ_F after", "trunc. loss"]}
+    done = shifts.get(report.method, ["γ_in", "γ_out", "off after"])
     return ["module", "k", "captured", "ρ_F", "ρ_Hin", "ρ_Hout", "ρ_O", *done, "retained", "erosion", "SafeLoRA"]
 
 
 def cells(report: Report, m: ModuleRow) -> list[str]:
-    if report.method == "realign":
+    if report.method in ("realign", "resta"):
         loss = "" if m.truncation_loss is None else pct(m.truncation_loss)
-        done = [f"{m.c:.3f}", pct(m.rho_after["F"]), loss]
+        strength = f"{m.c:.3f}" if report.method == "realign" else f"{m.gamma_resta:g}"
+        done = [strength, pct(m.rho_after["F"]), loss]
     elif m.safe_lora_projected:
         done = ["C·B", "C·B", pct(m.off_after)]
     else:
@@ -269,9 +278,9 @@ def kept_words(report: Report) -> str | None:
     """One line on what was written back as trained; None when nothing was."""
     if not report.kept:
         return None
-    changed = len(report.unsanitized())
-    return (f"kept as trained (not sanitized): {len(report.kept)} tensor(s), {changed} differing from the aligned "
-            "model (DoRA magnitudes, biases, resized or trainable-token embeddings: see the report)")  # fmt: skip
+    changed, kinds = len(report.unsanitized()), ", ".join(sorted({k.kind for k in report.kept}))
+    return (f"kept as trained (not sanitized): {len(report.kept)} tensor(s) ({kinds}), {changed} differing from "
+            "the aligned model: see the report")  # fmt: skip
 
 
 def _summary_lines(report: Report) -> list[str]:
@@ -306,7 +315,7 @@ def to_markdown(report: Report) -> str:
         f"- method: {report.method}, form: {report.form}: {report.description}",
         f"- subspace: {_subspace_words(s)}",
         f"- Safe LoRA score: {safe_lora_score_basis(report.method)}",
-        f"- adapter: `{report.inputs['adapter']['path']}`",
+        "- {}: `{}`".format(*report.subject),
         f"- aligned: `{report.inputs['aligned']['ref']}`, base: `{report.inputs['base']['ref']}` "
         f"(from {report.inputs['base']['source']})",
         *(f"- {line}" for line in _summary_lines(report)),

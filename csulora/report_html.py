@@ -16,8 +16,10 @@ LABELS = {"F": "F (fully aligned)", "H_in": "H_in (input side leaves)", "H_out":
 FACTORS = {  # the factor applied to H_in, H_out, O: column titles per form
     "factored": (("γ_in", "on H_in"), ("γ_out", "on H_out"), ("γ_in·γ_out", "on O")),
     "block": (("γ_H", "on H_in"), ("γ_H", "on H_out"), ("γ_O", "on O")),
+    "exact": (("γ_H", "on H_in"), ("γ_H", "on H_out"), ("γ_O", "on O")),  # a full model: the exact (block) form
     "safe-lora": (("score", "Safe LoRA"), ("lora_B", "written"), ("", "")),
     "realign": (("c", "on F − βD_k"), ("erosion", "before"), ("erosion", "after")),
+    "resta": (("γ", "× D_k added"), ("erosion", "before"), ("erosion", "after")),
 }
 
 ROW_H, BAR_H, BAR_W, FACTOR_W, GAP, CHAR_W, TOP = 30, 10, 460, 70, 56, 7.0, 34
@@ -55,7 +57,7 @@ def _chart(report: Report) -> str:
     scale = BAR_W / top
     x0 = label_w + 40  # room for the "before/after" words
     fx = x0 + BAR_W + GAP
-    factors = FACTORS[report.method if report.method in ("safe-lora", "realign") else report.form]
+    factors = FACTORS[report.method if report.method in ("safe-lora", "realign", "resta") else report.form]
     width = fx + len(factors) * FACTOR_W + 8
     height = TOP + ROW_H * len(modules) + 8
     svg = [f'<svg class="chart" width="{width:.0f}" height="{height}" viewBox="0 0 {width:.0f} {height}" '
@@ -89,8 +91,9 @@ def _chart(report: Report) -> str:
         texts = []
         if report.method == "safe-lora":  # no factors: the score, and whether B was replaced by C·B
             texts = [f"{m.safe_lora_score:+.3f}", "C·B" if m.safe_lora_projected else "B"]
-        elif report.method == "realign":  # c as a bar, then the erosion coefficient e before and after
-            texts = ["", f"{m.erosion:+.3f}", f"{m.erosion_after:+.3f}"]
+        elif report.method in ("realign", "resta"):  # c or γ, then the erosion coefficient before and after
+            first = "" if report.method == "realign" else f"{m.gamma_resta:g}"
+            texts = [first, f"{m.erosion:+.3f}", f"{m.erosion_after:+.3f}"]
         for j, text in enumerate(texts):
             if text:
                 cx = fx + j * FACTOR_W + FACTOR_W / 2
@@ -189,12 +192,12 @@ def to_html(report: Report) -> str:
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>csulora report · {escape(inputs['adapter']['path'])}</title>
+<title>csulora report · {escape(report.subject[1])}</title>
 <style>{CSS}</style>
 </head>
 <body>
 <h1>csulora report</h1>
-<p class="meta">adapter <code>{escape(inputs['adapter']['path'])}</code>
+<p class="meta">{report.subject[0]} <code>{escape(report.subject[1])}</code>
 · aligned <code>{escape(inputs['aligned']['ref'])}</code>
 · base <code>{escape(inputs['base']['ref'])}</code><br>method: {escape(method)} · subspace:
 {escape(_subspace_words(s))} · csulora {escape(report.tool_version)}</p>

@@ -20,6 +20,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "realign": {"lam": 4.0, "beta": 0.25, "subspace_rank": 8},
     "csulora": {"lam": 64.0, "subspace_energy": 0.25},
     "safe-lora": {"threshold": 0.9, "subspace_energy": 0.25},  # the subspace only feeds the report's columns
+    "resta": {"gamma": 0.5, "subspace_rank": 8},
 }
 # What the model card says of each method: where it stands on the evidence (docs/defaults.md).
 METHOD_NOTES = {
@@ -34,7 +35,8 @@ METHOD_NOTES = {
     "safe-lora": "Safe LoRA is the baseline the paper compares against; on csulora's miniature worlds it restored "
     "the most refusal and deleted the new skill (docs/defaults.md).",
 }
-FALLBACK = {"lam": 1.0, "beta": 0.0, "threshold": 0.5, "subspace_energy": 0.5}  # a method without its own defaults
+# a method without its own defaults
+FALLBACK = {"lam": 1.0, "beta": 0.0, "threshold": 0.5, "gamma": 0.0, "subspace_energy": 0.5}
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Settings:
     device: str = "cpu"
     threshold: float | None = None  # Safe LoRA: project modules with score ≤ τ …
     top_n: int | None = None  # … or the n lowest-scoring
+    gamma: float | None = None  # resta: add γ·D (dense) or γ·D_k (adapters)
 
     def resolved(self) -> Settings:
         """The same settings with every ``None`` replaced by the method's default."""
@@ -63,12 +66,13 @@ class Settings:
         lam = defaults["lam"] if self.lam is None else self.lam
         beta = defaults["beta"] if self.beta is None else self.beta
         threshold = defaults["threshold"] if self.threshold is None else self.threshold
+        gamma = defaults["gamma"] if self.gamma is None else self.gamma
         rank, energy = self.subspace_rank, self.subspace_energy
         if rank is None and energy is None:
             rank = defaults.get("subspace_rank")
             energy = None if rank is not None else defaults["subspace_energy"]
-        return replace(self, lam=float(lam), beta=float(beta), threshold=float(threshold), subspace_rank=rank,
-                       subspace_energy=energy)  # fmt: skip
+        return replace(self, lam=float(lam), beta=float(beta), threshold=float(threshold), gamma=float(gamma),
+                       subspace_rank=rank, subspace_energy=energy)  # fmt: skip
 
     def validate(self) -> None:
         """Checks that need no method; ``methods.validate`` adds the method's own (its λ range, its forms)."""
@@ -76,6 +80,8 @@ class Settings:
             raise CsuloraError(f"--lambda must be a number ≥ 0, got {self.lam}")
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
             raise CsuloraError(f"--beta must be a finite number ≥ 0, got {self.beta}")
+        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise CsuloraError(f"--gamma must be a finite number ≥ 0, got {self.gamma}")
         if self.subspace_rank is not None and self.subspace_rank < 1:
             raise CsuloraError(f"--subspace-rank must be ≥ 1, got {self.subspace_rank}")
         if self.subspace_energy is not None and not 0 < self.subspace_energy <= 1:

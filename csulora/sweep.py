@@ -29,7 +29,8 @@ from .sweep_result import Rule, SweepResult, pick
 
 EVAL_FILE, EVAL_STDERR = "eval.json", "eval.stderr.txt"
 STDERR_TAIL = 8192  # bytes of an evaluation's stderr kept in the point's folder
-GRID_NAMES = {"lam": "lambda", "beta": "beta", "threshold": "tau"}  # in point ids and sweep.json settings
+# the grid's fields by their names in point ids and sweep.json settings
+GRID_NAMES = {"lam": "lambda", "beta": "beta", "threshold": "tau", "gamma": "gamma"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ def point_command(adapter: Path, aligned: str, base: str | None, point: Point, o
         command += ["--lambda", _number(s.lam)]
     if "beta" in METHODS[s.method].grid:
         command += ["--beta", _number(s.beta)]
+    if "gamma" in METHODS[s.method].grid:
+        command += ["--gamma", _number(s.gamma)]
     if s.method == "safe-lora":
         command += ["--top-n", str(s.top_n)] if s.top_n is not None else ["--threshold", _number(s.threshold)]
     rule = (["--subspace-rank", str(s.subspace_rank)] if s.subspace_rank else

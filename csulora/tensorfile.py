@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
 }  # fmt: skip
-_READ_DTYPES = {  # safetensors dtype → torch dtype, for TensorReader
+READABLE_DTYPES = {  # safetensors dtype → torch dtype, for TensorReader
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -158,7 +159,7 @@ class TensorReader:
         info = self._header.tensors.get(name)
         if info is None:
             raise CsuloraError(f"{path}: has no tensor {name!r}; re-save or re-download it")
-        dtype = _READ_DTYPES.get(info.dtype)
+        dtype = READABLE_DTYPES.get(info.dtype)
         if dtype is None:
             raise CsuloraError(f"{path}: tensor {name!r} has dtype {info.dtype}, which csulora cannot read")
         start, size, shape = info.start, info.end - info.start, info.shape
@@ -232,3 +233,40 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def rewrite(
+    src: Path, dst: Path, produce: Callable[[str], torch.Tensor | None], metadata: dict[str, str]
+) -> None:
+    """Write ``dst`` with ``src``'s tensors in ``src``'s layout (names, dtypes, shapes, offsets), one tensor at a
+    time in file order: each as ``produce(name)`` returns it (same dtype and shape), or, when it returns None,
+    its bytes copied from ``src`` unchanged. The header keeps ``src``'s tensor order; its metadata is
+    ``metadata``."""
+    header = read_header(src)
+    entries: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    for name, info in header.tensors.items():
+        entries[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.start, info.end]}
+    raw = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.write(struct.pack("<Q", len(raw)))
+        fout.write(raw)
+        for name, info in sorted(header.tensors.items(), key=lambda item: item[1].start):
+            t = produce(name)
+            if t is None:
+                fin.seek(header.data_offset + info.start)
+                _copy(fin, fout, info.end - info.start)
+                continue
+            if _TORCH_DTYPES.get(t.dtype) != info.dtype or tuple(t.shape) != info.shape:
+                raise ValueError(f"{name}: produced {t.dtype} {list(t.shape)} for {info.dtype} {list(info.shape)}")
+            if t.numel():
+                fout.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _copy(fin, fout, size: int, chunk: int = 16 << 20) -> None:
+    while size > 0:
+        block = fin.read(min(chunk, size))
+        if not block:
+            raise CsuloraError(f"{fin.name}: ends early; the file is truncated: re-download it")
+        fout.write(block)
+        size -= len(block)

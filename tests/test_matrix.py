@@ -75,6 +75,7 @@ METHODS = {  # method → settings; block forms on the MoE models and Llama
     "realign": dict(lam=4.0, beta=0.5),
     "csulora": dict(lam=4.0),
     "safe-lora": dict(threshold=0.2),
+    "resta": dict(gamma=0.5),
 }
 
 
@@ -173,8 +174,11 @@ def expected_delta(method: str, settings: dict, dW, D, k: int, rank: int | None,
     if method == "csulora":
         exact = form == "block" or rank is None
         return (oracle.block_delta if exact else oracle.factored_delta)(dW, P, Q, settings["lam"])
-    if method == "realign":
-        X = oracle.realign_delta(dW, D, k, settings["lam"], settings["beta"])
+    if method in ("realign", "resta"):
+        if method == "realign":
+            X = oracle.realign_delta(dW, D, k, settings["lam"], settings["beta"])
+        else:  # §5d: γ·D on a full weight, γ·D_k on factors
+            X = dW + settings["gamma"] * (D.double() if rank is None else oracle.truncated(D, k))
         return X if form == "block" or rank is None else oracle.best_rank(X, rank)
     return oracle.safe_lora_matrix(D) @ dW if projected else dW
 

@@ -6,10 +6,10 @@ import math
 
 from ..errors import CsuloraError
 from ..settings import Settings
-from . import csulora, realign, safe_lora
+from . import csulora, realign, resta, safe_lora
 from .base import Corrected, Method, block_config
 
-METHODS: dict[str, Method] = {m.name: m for m in (csulora.METHOD, realign.METHOD, safe_lora.METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (csulora.METHOD, realign.METHOD, safe_lora.METHOD, resta.METHOD)}
 
 
 def validate(settings: Settings) -> None:

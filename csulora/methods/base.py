@@ -53,6 +53,7 @@ class Method:
     name: str = ""
     forms: tuple[str, ...] = ("factored",)
     reads_displacement: bool = False  # correct() needs D itself, not only its (cacheable) subspace
+    dense_reads_displacement: bool = False  # correct_dense() needs D itself
     infinite_lambda: bool = False  # --lambda inf is meaningful
     grid: tuple[str, ...] = ("lam",)  # the Settings fields a sweep varies (--lambdas, --betas, --thresholds)
     verb = "attenuated"  # what the drop-in form did to the parts that leave the subspace (model card)

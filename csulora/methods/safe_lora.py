@@ -19,6 +19,7 @@ class SafeLora(Method):
     name = "safe-lora"
     grid = ("threshold",)
     reads_displacement = True
+    dense_reads_displacement = True
     verb = "projected"
 
     def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:

@@ -1,0 +1,198 @@
+"""Full fine-tunes and merged models (DESIGN.md §10): ``sanitize --model`` and ``audit --model`` end to end.
+
+The fine-tune is the aligned model with every weight moved (embeddings, norms and head too). Each targeted
+weight of the output must be ``W_a + X`` with ``X`` from the dense oracle (tests/oracle.py via
+tests/test_matrix.expected_delta), every other tensor must be the input's bit for bit, the shard files,
+index, header order and config must be kept, transformers must load the result, and bad input must exit 2
+with one line and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from csulora.cache import SubspaceSource
+from csulora.layouts import is_block_weight
+from csulora.models import audit_model, sanitize_model
+from csulora.settings import Settings
+from tests.conftest import assert_one_line_error, folder_bytes, run_cli
+from tests.test_matrix import METHODS, expected_delta
+
+NO_CACHE = SubspaceSource.open(enabled=False)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, llama_pair) -> dict[str, Path]:
+    """A full fine-tune of the tiny aligned Llama (sharded like it), every tensor moved, and a bf16 copy."""
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("full")
+    model = LlamaForCausalLM.from_pretrained(llama_pair["aligned"], dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.02 * torch.randn(p.shape, generator=g)
+            p.copy_(p.bfloat16().float())  # exactly representable in bf16: the bf16 copy is the same fine-tune
+    model.save_pretrained(root / "ft", max_shard_size="100KB")
+    (root / "ft" / "tokenizer_config.json").write_text("{}")
+    model.to(torch.bfloat16).save_pretrained(root / "ft-bf16", max_shard_size="100KB")
+    return {"model": root / "ft", "bf16": root / "ft-bf16", **llama_pair}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_model_output_matches_the_dense_oracle_and_copies_the_rest(full, method, tmp_path):
+    settings = Settings(method=method, subspace_rank=3, exact_svd=True, **METHODS[method])
+    out = tmp_path / "out"
+    result = sanitize_model(full["model"], str(full["aligned"]), None, out, settings=settings, subspaces=NO_CACHE)
+    rows = {m.module: m for m in result.report.modules}
+    src, dst = tensors(full["model"]), tensors(out)
+    W_a, W_b = tensors(full["aligned"]), tensors(full["base"])
+    assert dst.keys() == src.keys()
+    targets = {k for k in src if is_block_weight(k) and src[k].ndim == 2}
+    assert {f"{m}.weight" for m in rows} == targets and len(targets) == 14
+    for key, W in src.items():
+        if key not in targets:
+            assert torch.equal(dst[key], W), key  # embeddings, norms, head: bit for bit
+            continue
+        row = rows[key.removesuffix(".weight")]
+        dW, D = W.double() - W_a[key].double(), W_a[key].double() - W_b[key].double()
+        X = expected_delta(method, METHODS[method], dW, D, row.k, None, "factored", row.safe_lora_projected)
+        want = (W_a[key].double() + X).to(W.dtype)
+        assert dst[key].dtype == W.dtype
+        err = float((dst[key].double() - want.double()).abs().max()) / float(dW.abs().max())
+        assert err < 1e-5, (method, key, err)
+    kept = {k.key for k in result.report.kept}
+    assert kept == set(src) - targets  # every copied tensor differs from the aligned one here: listed
+    assert result.report.totals()["dense_modules"] == 14
+
+
+def test_shards_index_config_and_small_files_are_kept_and_transformers_loads_it(full, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path / "out"
+    proc = run_cli("sanitize", "--model", full["model"], "--aligned", full["aligned"], "-o", out, "-q",
+                   in_process=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    src_files = sorted(p.name for p in full["model"].iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted({*src_files, "README.md", "csulora_report.json",
+                                                            "csulora_report.md", "csulora_report.html"})  # fmt: skip
+    for name in ("config.json", "model.safetensors.index.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (full["model"] / name).read_bytes(), name
+    for shard in full["model"].glob("*.safetensors"):
+        with safe_open(shard, "pt") as a, safe_open(out / shard.name, "pt") as b:
+            assert list(a.keys()) == list(b.keys())
+            for k in a.keys():
+                assert a.get_slice(k).get_shape() == b.get_slice(k).get_shape()
+                assert a.get_slice(k).get_dtype() == b.get_slice(k).get_dtype()
+            assert b.metadata()["format"] == "pt" and b.metadata()["csulora_method"] == "realign"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "# Sanitized model" in card
+
+
+def test_bf16_and_fp32_copies_give_the_same_weights_up_to_one_bf16_rounding(full, tmp_path):
+    """The math runs in float32 whatever the input dtype, and the result is cast once."""
+    settings = Settings(method="realign", subspace_rank=3, exact_svd=True)
+    sanitize_model(full["model"], str(full["aligned"]), None, tmp_path / "fp32", settings=settings, subspaces=NO_CACHE)
+    sanitize_model(full["bf16"], str(full["aligned"]), None, tmp_path / "bf16", settings=settings, subspaces=NO_CACHE)
+    a, b = tensors(tmp_path / "fp32"), tensors(tmp_path / "bf16")
+    for key in a:
+        assert b[key].dtype == torch.bfloat16
+        assert torch.equal(a[key].to(torch.bfloat16), b[key]), key
+
+
+def test_audit_model_gates_without_writing(full, tmp_path):
+    result = audit_model(full["model"], str(full["aligned"]), subspaces=NO_CACHE)
+    assert result.output is None and len(result.report.modules) == 14
+    args = ["audit", "--model", full["model"], "--aligned", full["aligned"], "-q"]
+    assert run_cli(*args, in_process=True).returncode == 0
+    failed = run_cli(*args, "--fail-on-kept", in_process=True)
+    assert failed.returncode == 1 and "model.embed_tokens.weight" in failed.stderr
+    only = run_cli(*args, "--target-modules", r"self_attn\.(q|v)_proj", "--json", in_process=True)
+    document = json.loads(only.stdout)
+    assert len(document["reports"][0]["modules"]) == 4
+
+
+def test_identical_weights_are_left_alone(full, llama_pair, tmp_path):
+    """Layers a fine-tune did not touch equal the aligned weights: no update, written as they are (realign's
+    β·D_k would otherwise be added to them)."""
+    model = tmp_path / "half"
+    shutil.copytree(full["model"], model)
+    aligned = tensors(full["aligned"])
+    for shard in model.glob("*.safetensors"):
+        t = load_file(shard)
+        t = {k: aligned[k] if ".layers.1." in k else v for k, v in t.items()}
+        save_file(t, shard, metadata={"format": "pt"})
+    result = sanitize_model(model, str(full["aligned"]), None, tmp_path / "out", settings=Settings(beta=0.5),
+                            subspaces=NO_CACHE)  # fmt: skip
+    assert {m.module.split(".")[2] for m in result.report.modules} == {"0"}
+    out = tensors(tmp_path / "out")
+    assert all(torch.equal(out[k], aligned[k]) for k in out if ".layers.1." in k)
+
+
+def _adapter_as_model(tmp, full, peft_adapter):
+    return ["--model", peft_adapter], "--adapter"
+
+
+def _file(tmp, full, peft_adapter):
+    return ["--model", full["model"] / "config.json"], "not a file"
+
+
+def _other_shape(tmp, full, peft_adapter):
+    model = shutil.copytree(full["model"], tmp / "other")
+    shard = next(s for s in model.glob("*.safetensors") if "model.layers.0.self_attn.q_proj.weight" in load_file(s))
+    t = load_file(shard)
+    t["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 32)
+    save_file(t, shard, metadata={"format": "pt"})
+    return ["--model", model], "not a fine-tune of the aligned model"
+
+
+def _missing_shard(tmp, full, peft_adapter):
+    model = shutil.copytree(full["model"], tmp / "missing")
+    next(iter(sorted(model.glob("*.safetensors")))).unlink()
+    return ["--model", model], "missing"
+
+
+def _top_n(tmp, full, peft_adapter):
+    return ["--model", full["model"], "--method", "safe-lora", "--top-n", "2"], "--threshold"
+
+
+def _block(tmp, full, peft_adapter):
+    return ["--model", full["model"], "--form", "block"], "--form applies to adapters"
+
+
+def _no_target(tmp, full, peft_adapter):
+    return ["--model", full["model"], "--target-modules", "nothing_like_this"], "matching --target-modules"
+
+
+def _both(tmp, full, peft_adapter):
+    return ["--model", full["model"], "--adapter", peft_adapter], "one of them"
+
+
+@pytest.mark.parametrize("case", [_adapter_as_model, _file, _other_shape, _missing_shard, _top_n, _block, _no_target,
+                                  _both])  # fmt: skip
+def test_bad_model_input_exits_2_with_one_line_and_writes_nothing(full, peft_adapter, tmp_path, case):
+    args, needle = case(tmp_path, full, peft_adapter)
+    before = folder_bytes(full["model"])
+    out = tmp_path / "out"
+    proc = run_cli("sanitize", *args, "--aligned", full["aligned"], "-o", out, in_process=True)
+    assert_one_line_error(proc, needle)
+    assert not out.exists() and folder_bytes(full["model"]) == before
