@@ -346,24 +346,6 @@ def _sort(
     return layers, full, kept, dora
 
 
-def cast_back(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """Cast a corrected tensor (computed in float32 or wider) back to the input's dtype on the CPU, once.
-
-    Values that do not fit ``dtype`` (fp16 saturates at 65504) are an error, not a silent Inf or clamp:
-    the written adapter must mean what the report says.
-    """
-    if not bool(torch.isfinite(x).all()):
-        raise CsuloraError(f"{what}: the corrected values are not finite; the adapter's values are too large")
-    if dtype.is_floating_point:
-        largest, limit = float(x.abs().max()) if x.numel() else 0.0, torch.finfo(dtype).max
-        if largest > limit:
-            raise CsuloraError(
-                f"{what}: a corrected value ({largest:.6g}) does not fit {str(dtype).removeprefix('torch.')} "
-                f"(max {limit:.6g}); convert the input to float32 or bfloat16 and rerun"
-            )
-    return x.to("cpu", dtype).contiguous()
-
-
 def write_adapter(
     folder: Path,
     adapter: Adapter,

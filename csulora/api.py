@@ -21,6 +21,7 @@ from .layouts import Target, is_block_weight
 from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate
 from .outputs import check_output, write_folder
+from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
 from .settings import Settings
@@ -85,11 +86,13 @@ def sanitize(
     command: list[str] | None = None,
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
+    jobs: int | None = None,
 ) -> Result:
     """Sanitize one adapter and write the result folder (``<adapter>-sanitized`` by default).
 
     ``subspaces``: where module subspaces come from; default the disk cache at ``default_cache_dir()``
     (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder).
+    ``jobs``: modules processed at once (default: the usable cores); the output is the same for any value.
     """
     settings = settings.resolved()
     validate(settings)
@@ -102,7 +105,8 @@ def sanitize(
     check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
     _phase(progress, "reading", 1, str(adapter_path))
     t1 = time.perf_counter()
-    report, tensors, config = _run(inputs, settings, progress, subspaces or SubspaceSource.open())
+    report, tensors, config = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
+                                   jobs or default_workers(settings.device))  # fmt: skip
     t2 = time.perf_counter()
     _phase(progress, "writing", 0, str(out))
     metadata = {
@@ -134,6 +138,7 @@ def audit(
     trust_pickle: bool = False,
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
+    jobs: int | None = None,
 ) -> Result:
     """Compute the same decomposition and report as ``sanitize()`` without writing anything."""
     settings = settings.resolved()
@@ -143,7 +148,8 @@ def audit(
     inputs = _load(Path(adapter), aligned, base, trust_pickle)
     _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
-    report, _, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open())
+    report, _, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
+                        jobs or default_workers(settings.device))  # fmt: skip
     return Result(report, None, {"load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
 
 
@@ -222,7 +228,7 @@ def _names_checkpoint(named: str, ref: CheckpointRef) -> bool:
 
 
 def _run(
-    inputs: _Inputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource
+    inputs: _Inputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource, jobs: int
 ) -> tuple[Report, dict[str, torch.Tensor], dict | None]:
     """Stream the modules one at a time, shard by shard: read (or load the cached subspace), correct, free.
 
@@ -236,14 +242,16 @@ def _run(
     results: dict[str, Corrected] = {}
     kept, warnings = list(plan.kept), []
     try:
-        for i, module in enumerate(work):
-            if progress:
-                progress("subspaces", i, len(work), module.name)
-            done = correct_module(module, pair, settings, subspaces, warnings)
-            if isinstance(done, Kept):
-                kept.append(done)
-            else:
-                results[module.name] = done
+        with fixed_threads():  # once for every worker: each module's math on one thread (determinism.py)
+            steps = ordered(lambda m: correct_module(m, pair, settings, subspaces), work, jobs)
+            for i, (module, (done, warning)) in enumerate(steps):
+                if progress:
+                    progress("subspaces", i + 1, len(work), module.name)
+                warnings += [warning] if warning else []
+                if isinstance(done, Kept):
+                    kept.append(done)
+                else:
+                    results[module.name] = done
     finally:
         pair.close()
     if progress:
@@ -278,33 +286,35 @@ def _run(
 
 
 def correct_module(
-    module: LoraModule | DenseModule, pair: CheckpointPair, settings: Settings, subspaces: SubspaceSource,
-    warnings: list[str],
-) -> Corrected | Kept:
+    module: LoraModule | DenseModule, pair: CheckpointPair, settings: Settings, subspaces: SubspaceSource
+) -> tuple[Corrected | Kept, str | None]:
     """One module through its method: its subspace (cached, or from ``D``, read when the method needs it), the
-    correction, freed after. A dense module identical to the aligned weight is no update: kept, unchanged."""
+    correction, freed after; and a warning, if any. A dense module identical to the aligned weight is no update:
+    kept, unchanged. Safe to run for several modules at once (``parallel.ordered``)."""
     method, device = METHODS[settings.method], settings.torch_device()
     with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
         update = None
         if isinstance(module, DenseModule):
             W_a = pair.aligned.read(pair.sources(module.target)[0])
             if torch.equal(W_a, module.W):  # e.g. the base layer PEFT saves beside an embedding LoRA
-                return Kept(module.key, list(module.W.shape), "aligned-copy",
+                copy = Kept(module.key, list(module.W.shape), "aligned-copy",
                             "identical to the aligned weight: written back unchanged", identical=True)  # fmt: skip
+                return copy, None
             update = DenseUpdate.of(module, W_a, device)
             del W_a
         needs_D = method.dense_reads_displacement if update is not None else method.reads_displacement
-        D = pair.displacement(module.target, device) if needs_D else None  # D itself, not only its subspace
-        sub, _ = subspaces.get(pair, module.target, settings.subspace_params(), device, D)
+        found = pair.displacement(module.target, device) if needs_D else None  # D itself, not only its subspace
+        sub, _ = subspaces.get(pair, module.target, settings.subspace_params(), device, found)
+        D = found[0] if found else None
         if update is not None:
             done = method.correct_dense(update, sub, settings, D)
         else:
             done = method.correct(module, sub, settings, D)
-    if sub.total_energy == 0:
-        what = ("the whole update counts as off-subspace and is attenuated" if settings.method == "csulora"
-                else "the module is left unchanged")  # fmt: skip
-        warnings.append(f"{module.name}: base and aligned weights are equal; empty subspace, so {what}")
-    return done
+    if sub.total_energy > 0:
+        return done, None
+    what = ("the whole update counts as off-subspace and is attenuated" if settings.method == "csulora"
+            else "the module is left unchanged")  # fmt: skip
+    return done, f"{module.name}: base and aligned weights are equal; empty subspace, so {what}"
 
 
 def assemble(
@@ -363,6 +373,7 @@ def precompute_subspaces(
     fan_in_fan_out: bool = False,
     subspaces: SubspaceSource | None = None,
     progress: Progress | None = None,
+    jobs: int | None = None,
 ) -> list[SubspaceRow]:
     """Compute (or find in the cache) the subspace of each linear module of a checkpoint pair, for later runs.
 
@@ -391,12 +402,15 @@ def precompute_subspaces(
     _phase(progress, "reading", 1, aligned)
     params, device, rows = settings.subspace_params(), settings.torch_device(), []
     try:
-        for i, target in enumerate(targets):
-            if progress:
-                progress("subspaces", i, len(targets), target.param)
-            sub, cached = source.get(pair, target, params, device)
-            rows.append(SubspaceRow(target.param[: -len(".weight")], list(pair.aligned.info(target.param).shape),
-                                    sub.k, sub.captured_fraction, cached))  # fmt: skip
+        with fixed_threads():
+            found = ordered(lambda t: source.get(pair, t, params, device), targets,
+                            jobs or default_workers(settings.device))  # fmt: skip
+            for i, (target, (sub, cached)) in enumerate(found):
+                if progress:
+                    progress("subspaces", i + 1, len(targets), target.param)
+                rows.append(SubspaceRow(target.param[: -len(".weight")],
+                                        list(pair.aligned.info(target.param).shape), sub.k, sub.captured_fraction,
+                                        cached))  # fmt: skip
     finally:
         pair.close()
     if progress:

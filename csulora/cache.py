@@ -13,7 +13,8 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ class SubspaceParams:
         return {
             "rank": self.rank, "energy": self.energy, "max_rank": self.max_rank, "exact": self.exact,
             "seed": self.seed,
-            "algorithm": f"rsvd oversample={OVERSAMPLE} niter={NITER} first={FIRST_GUESS}",
+            "algorithm": f"halko rsvd oversample={OVERSAMPLE} niter={NITER} first={FIRST_GUESS}",
         }  # fmt: skip
 
 
@@ -143,6 +144,11 @@ class SubspaceSource:
     cache: SubspaceCache | None
     computed: int = 0
     loaded: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # workers count concurrently
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
 
     @classmethod
     def open(cls, cache_dir: str | Path | None = None, enabled: bool = True) -> SubspaceSource:
@@ -150,24 +156,24 @@ class SubspaceSource:
 
     def get(
         self, pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device,
-        D: torch.Tensor | None = None,
+        displacement: tuple[torch.Tensor, float] | None = None,
     ) -> tuple[Subspace, bool]:
-        """The subspace of one module on ``device``, and whether it came from the cache. ``D``: the module's
-        displacement when the caller has read it already (then a missing entry costs no second read)."""
+        """The subspace of one module on ``device``, and whether it came from the cache. ``displacement``: the
+        module's ``(D, ‖D‖²)`` when the caller has read it already (a missing entry then costs no second read)."""
         shape = pair.aligned.shape(pair.sources(target)[0])
         shape = shape[::-1] if target.transposed else shape
         key = entry_key(pair, target, params) if self.cache else None
         sub = self.cache.load(key, shape) if self.cache else None
         if sub is not None:
-            self.loaded += 1
+            self._count("loaded")
             return Subspace(sub.U.to(device), sub.S.to(device), sub.V.to(device), sub.total_energy,
                             sub.captured_energy), True  # fmt: skip
-        if D is None:
+        if displacement is None:
             sub = compute_subspace(pair, target, params, device)
         else:
             with fixed_threads():
-                sub = subspace_of(D, params)
-        self.computed += 1
+                sub = subspace_of(*displacement, params)
+        self._count("computed")
         if self.cache:
             self.cache.store(key, sub, device.type)
         return sub, False
@@ -176,16 +182,15 @@ class SubspaceSource:
 def compute_subspace(pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device) -> Subspace:
     """Read one module's two weights, form ``D`` on ``device``, take its safety subspace, free ``D``."""
     with fixed_threads():  # the same bytes whatever the thread count (determinism.py), cached or not
-        D = pair.displacement(target, device)
-        sub = subspace_of(D, params)
+        D, total = pair.displacement(target, device)
+        sub = subspace_of(D, total, params)
         del D
     return sub
 
 
-def subspace_of(D: torch.Tensor, params: SubspaceParams) -> Subspace:
-    """The safety subspace (§2) of ``D`` with ``params``, its factors contiguous (ready to store)."""
-    sub = safety_subspace(
-        D, rank=params.rank, energy=params.energy, max_rank=params.max_rank, exact=params.exact, seed=params.seed
-    )
+def subspace_of(D: torch.Tensor, total: float, params: SubspaceParams) -> Subspace:
+    """The safety subspace (§2) of ``D`` (``‖D‖² = total``) with ``params``, its factors contiguous (to store)."""
+    sub = safety_subspace(D, rank=params.rank, energy=params.energy, max_rank=params.max_rank, exact=params.exact,
+                          seed=params.seed, total=total)  # fmt: skip
     return Subspace(sub.U.contiguous(), sub.S.contiguous(), sub.V.contiguous(), sub.total_energy,
                     sub.captured_energy)  # fmt: skip

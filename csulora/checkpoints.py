@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 
 from .errors import CsuloraError
 from .layouts import Source, Target, resolve
-from .subspace import displacement
+from .subspace import displacement, squared_norm
 from .tensorfile import Header, TensorInfo, TensorReader, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -89,7 +91,18 @@ class Checkpoint:
         self.ref, self.folder, self.weight_map, self.revision = ref, folder, weight_map, revision
         self._headers: dict[str, Header] = {}
         self._identities: dict[str, str] = {}
-        self._reader = TensorReader()
+        self._local = threading.local()  # one reader (one open file) per thread that reads (parallel.py)
+        self._readers: list[TensorReader] = []
+        self._lock = threading.Lock()
+
+    @property
+    def _reader(self) -> TensorReader:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = TensorReader()
+            with self._lock:
+                self._readers.append(reader)
+        return reader
 
     @classmethod
     def open(cls, ref: CheckpointRef, needed: list[str] | tuple[str, ...] = ()) -> Checkpoint:
@@ -202,7 +215,9 @@ class Checkpoint:
         return h.hexdigest()
 
     def close(self) -> None:
-        self._reader.close()
+        with self._lock:
+            for reader in self._readers:
+                reader.close()
 
 
 def _local_weight_map(folder: Path) -> dict[str, str]:
@@ -309,12 +324,14 @@ class CheckpointPair:
         a, b = self.sources(target)
         return {"aligned": self.aligned.source_fingerprint(a), "base": self.base.source_fingerprint(b)}
 
-    def displacement(self, target: Target, device: torch.device) -> torch.Tensor:
-        """``D = W_a − W_b`` of one module on ``device`` in ``nn.Linear`` orientation; NaN or Inf is an error."""
+    def displacement(self, target: Target, device: torch.device) -> tuple[torch.Tensor, float]:
+        """``D = W_a − W_b`` of one module on ``device`` in ``nn.Linear`` orientation, and ``‖D‖_F²``; NaN or Inf
+        is an error. The norm is the one pass over ``D`` that also finds them (the subspace needs it anyway)."""
         a, b = self.sources(target)
         w_aligned, w_base = self.aligned.read(a).to(device), self.base.read(b).to(device)
         D = displacement(w_aligned, w_base)
-        if not torch.isfinite(D).all():
+        total = squared_norm(D)
+        if not math.isfinite(total):
             for ckpt, w, source in ((self.aligned, w_aligned, a), (self.base, w_base, b)):
                 if not torch.isfinite(w).all():
                     raise CsuloraError(
@@ -322,7 +339,7 @@ class CheckpointPair:
                         "re-download the checkpoint"
                     )
             raise CsuloraError(f"{target.id}: aligned − base overflows float32; are these checkpoints of one model?")
-        return D.T if target.transposed else D
+        return (D.T if target.transposed else D), total
 
     def close(self) -> None:
         self.aligned.close()

@@ -20,7 +20,7 @@ from .api import precompute_subspaces
 from .api import sanitize as api_sanitize
 from .batch import is_batch, run_batch, summary_table
 from .errors import CsuloraError, GateFailed
-from .options import CACHE, CORRECTION, DEBUG, FORM, INPUT, JSON, METHOD, RUN, SUBSPACE, Options, with_options
+from .options import CACHE, CORRECTION, DEBUG, FORM, INPUT, JOBS, JSON, METHOD, RUN, SUBSPACE, Options, with_options
 from .report import to_table
 from .sweep_render import sweep_table
 
@@ -124,7 +124,7 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
 
 
 @app.command()
-@with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JSON, RUN)
+@with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
 def sanitize(
     adapter: AdaptersOpt = None,
     model: ModelOpt = None,
@@ -159,7 +159,7 @@ def sanitize(
             with _progress(opts["quiet"]) as progress:
                 result = sanitize_model(model, opts["aligned"], opts["base"], output, settings=settings,
                                         target_modules=target_modules, force=force, command=command,
-                                        progress=progress, subspaces=opts.source())  # fmt: skip
+                                        progress=progress, subspaces=opts.source(), jobs=opts.jobs())  # fmt: skip
             _render(result, f"csulora sanitize · {escape(model)}", screen, opts)
             return
         if target_modules is not None:
@@ -168,7 +168,8 @@ def sanitize(
             with _progress(opts["quiet"]) as progress:
                 outcomes = run_batch(
                     adapter, output=output, settings=settings, force=force, skip_existing=skip_existing,
-                    shard=shard, subspaces=opts.source(), command=command, progress=progress, **inputs,
+                    shard=shard, subspaces=opts.source(), command=command, progress=progress, jobs=opts.jobs(),
+                    **inputs,
                 )  # fmt: skip
             screen.print(summary_table(outcomes, title="csulora sanitize · batch"))
             if opts["json_out"]:
@@ -182,7 +183,7 @@ def sanitize(
         with _progress(opts["quiet"]) as progress:
             result = api_sanitize(
                 adapter[0], output=output, settings=settings, force=force, command=command, progress=progress,
-                subspaces=opts.source(), **inputs,
+                subspaces=opts.source(), jobs=opts.jobs(), **inputs,
             )  # fmt: skip
     _render(result, f"csulora sanitize · {escape(str(adapter[0]))}", screen, opts)
 
@@ -197,7 +198,7 @@ def _render(result, title: str, screen: Console, opts: Options) -> None:
 
 
 @app.command()
-@with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JSON, RUN)
+@with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
 def audit(
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")] = (
         None
@@ -254,12 +255,12 @@ def audit(
 
                     result = audit_model(
                         model, opts["aligned"], opts["base"], settings=settings, target_modules=target_modules,
-                        progress=progress, subspaces=source,
+                        progress=progress, subspaces=source, jobs=opts.jobs(),
                     )  # fmt: skip
                 else:
                     result = api_audit(
                         path, opts["aligned"], opts["base"], settings=settings, trust_pickle=opts["trust_pickle"],
-                        progress=progress, subspaces=source,
+                        progress=progress, subspaces=source, jobs=opts.jobs(),
                     )  # fmt: skip
             reports.append(result.report)
             if not opts["quiet"]:
@@ -285,7 +286,7 @@ def _warn(warnings: list[str]) -> None:
 
 
 @app.command()
-@with_options(METHOD, SUBSPACE, CACHE, RUN)
+@with_options(METHOD, SUBSPACE, CACHE, JOBS, RUN)
 def subspace(
     aligned: Annotated[str, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id.")],
     base: Annotated[str, typer.Option(help="Pretrained (unaligned) checkpoint: folder or Hub id.")],
@@ -311,7 +312,7 @@ def subspace(
         modules = [m for item in modules for m in item.split(",") if m] if modules else None
         rows = precompute_subspaces(
             aligned, base, modules, settings=settings, fan_in_fan_out=fan_in_fan_out, subspaces=source,
-            progress=progress,
+            progress=progress, jobs=opts.jobs(),
         )  # fmt: skip
     if not opts["quiet"]:
         table = Table(title=f"csulora subspace · {aligned} − {base}")
@@ -359,7 +360,7 @@ def _grid(text: str | None, option: str) -> list[float]:
 
 
 @app.command()
-@with_options(INPUT, FORM, SUBSPACE, CACHE, JSON, RUN)
+@with_options(INPUT, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
 def sweep(
     adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder of the sweep: one subfolder per point.")],
@@ -411,6 +412,7 @@ def sweep(
                 adapter, opts["aligned"], opts["base"], output, points, eval_cmd=eval_cmd, eval_timeout=eval_timeout,
                 rules=rules, maximize=maximize, skip_existing=skip_existing, force=force,
                 trust_pickle=opts["trust_pickle"], subspaces=opts.source(), progress=progress, plot=axes,
+                jobs=opts.jobs(),
             )  # fmt: skip
     if not opts["quiet"]:
         screen.print(sweep_table(result))
@@ -440,6 +442,7 @@ def sweep(
 # sharded array job writes the cards of one plain run (docs/design-notes.md). Value: whether it takes one.
 NON_CONTENT_OPTIONS = {
     "--shard": True, "--skip-existing": False, "--force": False, "--cache-dir": True, "--no-cache": False,
+    "--jobs": True,
     "--quiet": False, "-q": False, "--json": False, "--debug": False,
 }  # fmt: skip
 

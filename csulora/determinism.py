@@ -19,8 +19,13 @@ MATH_THREADS = 1
 
 @contextmanager
 def fixed_threads(n: int = MATH_THREADS) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads, then restore the caller's setting."""
+    """Run the block with ``n`` intra-op threads, then restore the caller's setting. Nested in a block that set
+    ``n`` already (the module workers of ``parallel.py``), it touches nothing: the pool is not resized while
+    other threads compute."""
     before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
     torch.set_num_threads(n)
     try:
         yield

@@ -24,10 +24,12 @@ from .api import Progress, Result, _describe, _phase, correct_module, default_ou
 from .cache import SubspaceSource
 from .card import model_card
 from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref
+from .determinism import fixed_threads
 from .errors import CsuloraError
 from .layouts import Target, is_block_weight
 from .methods import METHODS, validate
 from .outputs import check_output, write_folder
+from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
 from .settings import Settings
@@ -66,6 +68,7 @@ def sanitize_model(
     command: list[str] | None = None,
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
+    jobs: int | None = None,
 ) -> Result:
     """Sanitize a full fine-tune or merged model and write it (``<model>-sanitized`` by default)."""
     settings = _settings(settings)
@@ -82,7 +85,8 @@ def sanitize_model(
     found: dict = {}
 
     def fill(tmp: Path) -> None:
-        found["report"] = _stream(inputs, settings, progress, subspaces or SubspaceSource.open(), tmp)
+        found["report"] = _stream(inputs, settings, progress, subspaces or SubspaceSource.open(), tmp,
+                                  jobs or default_workers(settings.device))  # fmt: skip
         report = found["report"]
         for f in _copied(inputs.model.folder):
             shutil.copyfile(f, tmp / f.name)
@@ -108,13 +112,15 @@ def audit_model(
     target_modules: str | None = None,
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
+    jobs: int | None = None,
 ) -> Result:
     """The report of ``sanitize_model()`` without writing anything."""
     settings = _settings(settings)
     t0 = time.perf_counter()
     inputs = _load(parse_ref(str(model)), aligned, base, target_modules)
     try:
-        report = _stream(inputs, settings, progress, subspaces or SubspaceSource.open(), None)
+        report = _stream(inputs, settings, progress, subspaces or SubspaceSource.open(), None,
+                         jobs or default_workers(settings.device))  # fmt: skip
     finally:
         inputs.model.close()
         inputs.pair.close()
@@ -207,58 +213,65 @@ def _base(aligned: CheckpointRef, base: str | None) -> tuple[CheckpointRef, str]
 
 
 def _stream(
-    inputs: ModelInputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource, out: Path | None
+    inputs: ModelInputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource, out: Path | None,
+    jobs: int,
 ) -> Report:
-    """Every tensor of the model, shard by shard in file order: a target corrected (its experts one by one), any
-    other compared with the aligned tensor of its name and copied. Writes the shards into ``out`` if given."""
+    """Every tensor of the model, shard by shard in file order: a target corrected (its experts one by one, by
+    ``jobs`` workers ahead of the writer), any other compared with the aligned tensor of its name and copied.
+    Writes the shards into ``out`` if given."""
     model, pair, method = inputs.model, inputs.pair, METHODS[settings.method]
     rows, kept, warnings = [], [], _not_copied(model) if out is not None else []
     metadata = {"format": "pt", "csulora_version": __version__,
                 **{f"csulora_{k}": str(v) for k, v in settings.to_dict().items()}}  # fmt: skip
-    total, done = sum(len(ts) for ts in inputs.targets.values()), 0
+    shards = sorted(set(model.weight_map.values()))
+    order = {s: sorted(model.header(s).tensors, key=lambda k: model.header(s).tensors[k].start) for s in shards}
+    targets = [t for s in shards for key in order[s] for t in inputs.targets.get(key, [])]
 
-    def correct(key: str) -> torch.Tensor | None:
-        nonlocal done
-        if key not in inputs.targets:
-            if model.info(key).dtype not in READABLE_DTYPES:
-                kept.append(Kept(key, list(model.info(key).shape), "not-targeted",
-                                 f"dtype {model.info(key).dtype}: copied byte for byte, not sanitized"))  # fmt: skip
-                return None
-            W = model.get(key)
-            kept.extend(_compare(key, W, pair.aligned))
-            return W
-        W = model.get(key)
-        out_W, changed = W, False
-        for target in inputs.targets[key]:
-            if progress:
-                progress("modules", done, total, target.id)
-            weight = W if target.expert is None else W[target.expert]
-            name = target.id.removesuffix(".weight") if target.expert is None else target.id
-            result = correct_module(DenseModule(name, key, weight, target), pair, settings, subspaces, warnings)
-            done += 1
-            if isinstance(result, Kept):
-                continue  # identical to the aligned weight: nothing to correct
-            method.finish({name: result}, settings)  # per module: Safe LoRA's threshold needs no other score
-            rows.append(result.row)
-            if result.W is not weight:
+    def work(target: Target):
+        weight = model.read(model.source(target))
+        name = target.id.removesuffix(".weight") if target.expert is None else target.id
+        return correct_module(DenseModule(name, target.param, weight, target), pair, settings, subspaces)
+
+    with fixed_threads():  # once for every worker: each module's math on one thread (determinism.py)
+        results = ordered(work, targets, jobs)
+        done = 0
+
+        def produce(key: str) -> torch.Tensor | None:
+            nonlocal done
+            info = model.info(key)
+            if key not in inputs.targets:
+                if info.dtype not in READABLE_DTYPES:
+                    kept.append(Kept(key, list(info.shape), "not-targeted",
+                                     f"dtype {info.dtype}: copied byte for byte, not sanitized"))  # fmt: skip
+                    return None
+                W = model.get(key)
+                kept.extend(_compare(key, W, pair.aligned))
+                return W
+            out_W = None
+            for target in inputs.targets[key]:
+                found, (result, warning) = next(results)
+                assert found == target, (found, target)  # the workers' order is the file's
+                done += 1
+                if progress:
+                    progress("modules", done, len(targets), target.id)
+                warnings.extend([warning] if warning else [])
+                if isinstance(result, Kept):
+                    continue  # identical to the aligned weight: nothing to correct
+                method.finish({result.row.module: result}, settings)  # Safe LoRA's τ needs no other score
+                rows.append(result.row)
                 if target.expert is None:
                     out_W = result.W
                 else:
-                    out_W = out_W.clone() if not changed else out_W
+                    out_W = model.get(key) if out_W is None else out_W
                     out_W[target.expert] = result.W
-                changed = True
-        return out_W if changed else None
+            return out_W
 
-    shards = sorted(set(model.weight_map.values()))
-    for shard in shards:
-        names = [k for k in model.header(shard).tensors]
-        if out is not None:
-            rewrite(model.folder / shard, out / shard, correct, metadata)
-        else:
-            for key in sorted(names, key=lambda k: model.header(shard).tensors[k].start):
-                correct(key)
-    if progress:
-        progress("modules", total, total, "")
+        for shard in shards:
+            if out is not None:
+                rewrite(model.folder / shard, out / shard, produce, metadata)
+            else:
+                for key in order[shard]:
+                    produce(key)
     rows.sort(key=lambda r: r.module)
     if rows and all(r.displacement_norm == 0 for r in rows):
         raise CsuloraError(f"base {pair.base.ref} and aligned {pair.aligned.ref} are identical in every targeted "

@@ -79,6 +79,10 @@ CACHE: Group = {
                                                            "$XDG_CACHE_HOME/csulora, ~/.cache/csulora).")], None),
     "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the subspace cache.")], False),
 }  # fmt: skip
+JOBS: Group = {
+    "jobs": (Annotated[int | None, typer.Option(help="Modules processed at once (default: the usable cores, at most "
+                                                     "8); the output is the same for any value.")], None),
+}  # fmt: skip
 DEBUG: Group = {"debug": (Annotated[bool, typer.Option("--debug", help="Show tracebacks.")], False)}
 RUN: Group = {
     "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")], False),
@@ -111,6 +115,12 @@ class Options(dict):
         settings = Settings(method=method, threshold=values.get("threshold"), **fields)
         validate(settings.resolved())  # bad values fail here, before anything is read
         return settings
+
+    def jobs(self) -> int | None:
+        jobs = self.get("jobs")
+        if jobs is not None and jobs < 1:
+            raise CsuloraError(f"--jobs must be ≥ 1, got {jobs}")
+        return jobs
 
     def source(self, enabled: bool | None = None) -> SubspaceSource:
         return SubspaceSource.open(self.get("cache_dir"), enabled=not self.get("no_cache") if enabled is None else

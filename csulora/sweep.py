@@ -137,6 +137,7 @@ def run_sweep(
     subspaces: SubspaceSource | None = None,
     progress: Progress | None = None,
     plot: tuple[str, str] | None = None,
+    jobs: int | None = None,
 ) -> SweepResult:
     """Write every point (resuming with ``skip_existing``), evaluate it, pick, and write ``OUT/sweep.json``,
     ``OUT/picked/`` and the pictures. Failures of one point are recorded, not raised."""
@@ -166,7 +167,7 @@ def run_sweep(
             if progress:
                 progress("points", i, len(points), point.id)
             result.points.append(_point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_existing,
-                                        force, trust_pickle, source, progress))  # fmt: skip
+                                        force, trust_pickle, source, progress, jobs))  # fmt: skip
             _write_json(out, result)
         if progress:
             progress("points", len(points), len(points), "")
@@ -184,7 +185,7 @@ def run_sweep(
 
 
 def _point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_existing, force, trust_pickle, source,
-           progress) -> dict:  # fmt: skip
+           progress, jobs) -> dict:  # fmt: skip
     folder = out / point.id
     record = {"id": point.id, "method": point.method, "settings": point.grid, "path": point.id, "status": "ok",
               "metrics": {}, "totals": None, "message": ""}  # fmt: skip
@@ -194,7 +195,7 @@ def _point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_exis
             sanitize(adapter, aligned, base, folder, settings=point.settings, force=force or skip_existing,
                      trust_pickle=trust_pickle,
                      command=point_command(adapter, aligned, base, point, folder), progress=progress,
-                     subspaces=source)  # fmt: skip
+                     subspaces=source, jobs=jobs)  # fmt: skip
         except CsuloraError as e:
             return {**record, "status": "failed", "message": str(e)}
         except Exception as e:  # an unexpected failure of one point must not lose the others (as in a batch)

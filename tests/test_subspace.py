@@ -96,7 +96,7 @@ def test_captured_energy_is_exact(exact):
     D64, U, V = D.double(), sub.U.double(), sub.V.double()
     dense = float(((U @ U.T @ D64 @ V @ V.T) ** 2).sum())  # ‖P D Q‖_F² with explicit projectors
     assert sub.captured_energy == pytest.approx(dense, rel=1e-6)
-    assert sub.total_energy == pytest.approx(float((D64**2).sum()), rel=1e-12)
+    assert sub.total_energy == pytest.approx(float((D64**2).sum()), rel=1e-7)  # float32 row norms, float64 sum
     assert sub.captured_fraction == pytest.approx(dense / float((D64**2).sum()), rel=1e-6)
     if exact:
         assert sub.captured_energy == pytest.approx(float((sub.S.double() ** 2).sum()), rel=1e-5)

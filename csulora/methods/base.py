@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import Adapter, DenseModule, LoraModule, cast_back, pattern_value
+from ..adapters import Adapter, DenseModule, LoraModule, pattern_value
 from ..correction import (
     DenseSplit,
     component_energies,
@@ -30,6 +30,7 @@ from ..correction import (
     subspace_block,
 )
 from ..errors import CsuloraError
+from ..precision import cast_back
 from ..report import ModuleRow
 from ..settings import Settings
 from ..subspace import Subspace

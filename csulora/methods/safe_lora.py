@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import LoraModule, cast_back
+from ..adapters import LoraModule
 from ..correction import cosine, dense_energies, dense_split, safe_lora_cosine, safe_lora_project
+from ..precision import cast_back
 from ..settings import Settings
 from ..subspace import Subspace
 from .base import Corrected, DenseUpdate, Method, after, dense_after, dense_row, in_float64, module_row
