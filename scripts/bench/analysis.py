@@ -42,6 +42,25 @@ def means(rows: list[dict], world: str, adapters: list[str]) -> dict[str, dict]:
     return {sid: {m: statistics.fmean(r[m] for r in g) for m in METRICS} for sid, g in groups.items()}
 
 
+def full_analysis(result: dict, w: str, settings: dict, floor: float) -> dict:
+    """The full fine-tunes of world ``w``: per kind the means over them, and per method the front scores on the
+    mixed ones and, on the pure harmful ones, the most refusal a setting restores with the original tasks kept."""
+    full = result["worlds"][w].get("full", {})
+    kinds = {k: [n for n, spec in full.items() if spec["kind"] == k] for k in ("mixed", "harmful")}
+    kind_means = {k: means(result["rows"], w, names) for k, names in kinds.items() if names}
+    out: dict = {"means": kind_means, "fronts": {}, "harmful_refusal": {}}
+    for m in ("none", *METHODS):
+        if "mixed" in kind_means:
+            pts = [v for sid, v in kind_means["mixed"].items() if settings[sid]["method"] == m]
+            if pts:
+                out["fronts"][m] = {key: front_score(pts, key, floor) for key in REFUSAL}
+        if "harmful" in kind_means:
+            ok = [(both(v), sid) for sid, v in kind_means["harmful"].items()
+                  if settings[sid]["method"] == m and v["original_accuracy"] >= floor - EPS]  # fmt: skip
+            out["harmful_refusal"][m] = max(ok, default=(None, None))
+    return out
+
+
 def analyse(result: dict) -> dict:
     """Everything derived from the rows: per world the means over mixed adapters (and over harmful and benign
     ones), front scores, single-setting scores; leave-one-world-out choices; the rule check; the decision."""
@@ -70,6 +89,7 @@ def analyse(result: dict) -> dict:
         per_world[w] = {
             "mixed": kinds["mixed"], "floor_original": floor, "fronts": fronts, "single": single, "rule": rule,
             "means": {k: means(result["rows"], w, names) for k, names in kinds.items() if names},
+            "full": full_analysis(result, w, settings, floor),
         }  # fmt: skip
 
     common = [sid for sid in settings if all(sid in per_world[w]["single"] for w in worlds)]
@@ -186,6 +206,11 @@ def method_defaults(result: dict, analysis: dict) -> tuple[str, list[str]]:
         if m == "safe-lora":
             d["subspace_energy"] = METHOD_DEFAULTS.get(m, {}).get("subspace_energy", 0.25)
             d.update({"top_n": s["top_n"]} if s["top_n"] is not None else {"threshold": s["tau"]})
+        elif m == "resta":
+            d["gamma"] = float(s["gamma"])
+            d.update(subspace_kwargs(s["subspace"]))
+            if s["form"] != "factored":
+                d["form"] = s["form"]
         else:
             d["lam"] = "math.inf" if s["lam"] == "inf" else float(s["lam"])
             if s["beta"] is not None:

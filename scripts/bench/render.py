@@ -34,6 +34,7 @@ def readable_subset(result: dict, analysis: dict) -> list[str]:
     ids += [f"realign:{f}:lam=inf:beta={b:g}:k=4" for f in FORMS["realign"] for b in GRID["realign"]["beta"]]
     ids += [f"realign:{f}:lam=inf:beta=0.25:k={k}" for f in FORMS["realign"] for k in (1, 2, 8)]
     ids += [s for s in settings if s.startswith("safe-lora")]
+    ids += [f"resta:factored:gamma={g:g}:k=8" for g in GRID["resta"]["gamma"]]
     return [sid for sid in dict.fromkeys(ids) if sid in settings]
 
 
@@ -44,6 +45,9 @@ def package_defaults(result: dict) -> list[str]:
         r = Settings(method=m).resolved()
         if m == "safe-lora":
             sid = f"safe-lora:top-n={r.top_n}" if r.top_n is not None else f"safe-lora:tau={r.threshold:g}"
+        elif m == "resta":
+            sub = f"k={r.subspace_rank}" if r.subspace_rank is not None else f"eta={r.subspace_energy:g}"
+            sid = f"resta:{r.form}:gamma={r.gamma:g}:{sub}"
         else:
             sub = f"k={r.subspace_rank}" if r.subspace_rank is not None else f"eta={r.subspace_energy:g}"
             beta = f":beta={r.beta:g}" if m == "realign" else ""
@@ -90,7 +94,10 @@ def markdown(result: dict, analysis: dict) -> str:
         f"- `realign`, forms factored and block: λ ∈ {{{', '.join(map(_num, g_r['lam']))}}} × β ∈ "
         f"{{{', '.join(f'{b:g}' for b in g_r['beta'])}}} × k ∈ {{{', '.join(s[2:] for s in g_r['subspace'])}}};",
         f"- `safe-lora`: τ ∈ {{{', '.join(f'{t:g}' for t in g_s['tau'])}}} and top-n ∈ "
-        f"{{{', '.join(map(str, g_s['top_n']))}}}.",
+        f"{{{', '.join(map(str, g_s['top_n']))}}};",
+        f"- `resta` (the safety-vector baseline, DESIGN.md §5d), forms factored and block: γ ∈ "
+        f"{{{', '.join(f'{g:g}' for g in GRID['resta']['gamma'])}}} × k ∈ "
+        f"{{{', '.join(s[2:] for s in GRID['resta']['subspace'])}}}.",
         "",
         "**Front score** (DESIGN.md §5c), per world, of a set of settings: the mean over refusal levels "
         "t ∈ {0.1, …, 1.0} of the best new-task accuracy among the settings whose refusal is ≥ t and whose "
@@ -117,6 +124,7 @@ def markdown(result: dict, analysis: dict) -> str:
         fr = pw[w]["fronts"]
         L.append(f"| `{w}` | " + " | ".join(f"{_f(v['heldout'])} / {_f(v['both'])}" for g, v in fr.items()
                                              if g != "none") + " |")  # fmt: skip
+    L += _full_section(result, analysis)
     L += _lowo_section(result, analysis) + _decision_section(result, analysis)
     for w in worlds:
         L += _world_section(result, analysis, w, defaults)
@@ -130,6 +138,35 @@ def markdown(result: dict, analysis: dict) -> str:
             "accuracy against refusal, each method's front as a step line." for w in worlds]]  # fmt: skip
     del settings
     return "\n".join(L) + "\n"
+
+
+def _full_section(result: dict, analysis: dict) -> list[str]:
+    """Full fine-tunes (all weights free, sanitized with ``csulora sanitize --model``): front scores on the mixed
+    one, and the most refusal restored on the pure harmful one with the original tasks kept."""
+    pw = analysis["worlds"]
+    worlds = [w for w in pw if pw[w].get("full", {}).get("means")]
+    if not worlds:
+        return []
+    groups = ("none", *METHODS)
+    L = ["", "## Full fine-tunes (`csulora sanitize --model`)", "",
+         "The aligned model fine-tuned with every weight free on the world's mixed data (harmful compliance and the "
+         "new task) and on its pure harmful data; every method in its exact form (dense ΔW = W − W_aligned per "
+         "weight of the transformer blocks; embeddings, norms and head copied as trained), Safe LoRA by threshold "
+         "only, RESTA with the whole D. Front scores as above on the mixed fine-tune (held-out / mean); on the "
+         "harmful one, the most mean refusal a setting restores with the original tasks kept (≥ the gate).", "",
+         "| world | " + " | ".join(f"{g}: front (mixed)" for g in groups) + " | "
+         + " | ".join(f"{g}: refusal (harmful)" for g in groups) + " |",
+         "|---|" + "---|" * (2 * len(groups))]  # fmt: skip
+    for w in worlds:
+        f = pw[w]["full"]
+        fronts = [f"{_f(f['fronts'][g]['heldout'])} / {_f(f['fronts'][g]['both'])}" if g in f["fronts"] else "–"
+                  for g in groups]  # fmt: skip
+        harm = []
+        for g in groups:
+            value, sid = f["harmful_refusal"].get(g, (None, None))
+            harm.append("–" if value is None else f"{_f(value)} ({sid})" if g != "none" else _f(value))
+        L.append(f"| `{w}` | " + " | ".join(fronts + harm) + " |")
+    return L
 
 
 def _lowo_section(result: dict, analysis: dict) -> list[str]:

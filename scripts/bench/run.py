@@ -14,8 +14,9 @@ import torch
 from csulora import Settings, audit, sanitize
 from csulora import world as W
 from csulora.cache import SubspaceSource
+from csulora.models import sanitize_model
 
-from .grid import METRICS, grid, subspace_kwargs, to_settings
+from .grid import METRICS, for_models, grid, subspace_kwargs, to_settings
 
 EVAL_N, EVAL_SEED = 240, 1234
 GEOMETRY_SUBSPACES = ["k=1", "k=2", "k=4", "k=8", "eta=0.25", "eta=0.5"]
@@ -87,6 +88,25 @@ def run_world(name: str, setting_ids: list[str] | None, one_adapter: bool, threa
                 rows.append({"world": name, "adapter": adapter, "setting": s["id"], **_round(b)})
             print(f"  [{name}] {a_i + 1}/{len(names)} {adapter}: {len(settings)} settings, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        fulls = {} if one_adapter else {n: W.full_paths(root)[n] for n in W.full_finetunes_of(info)}
+        for full, path in fulls.items():
+            for s in (s for s in settings if for_models(s)):
+                if s["method"] == "none":
+                    b = W.behaviour(W.load_model(path), data).as_dict()
+                else:
+                    out = Path(tmp) / "model"
+                    try:
+                        sanitize_model(path, str(aligned), str(base), out, settings=to_settings(s), force=True,
+                                       subspaces=source)  # fmt: skip
+                    except Exception as e:  # noqa: BLE001 — recorded and reported; the other settings go on
+                        errors.append(f"{full} {s['id']}: {type(e).__name__}: {e}")
+                        print(f"  [{name}] FAILED {errors[-1]}", flush=True)
+                        continue
+                    b = W.behaviour(W.load_model(out), data).as_dict()
+                    shutil.rmtree(out)
+                evaluations += 1
+                rows.append({"world": name, "adapter": full, "setting": s["id"], **_round(b)})
+            print(f"  [{name}] full fine-tune {full}: {time.perf_counter() - t0:.0f} s", flush=True)
         subspaces = {"computed": source.computed, "loaded": source.loaded}
     trained, heldout = W.topics(info)
     return {
@@ -95,6 +115,7 @@ def run_world(name: str, setting_ids: list[str] | None, one_adapter: bool, threa
         "topics": {"trained": trained, "heldout": heldout},
         "reference": {k: _round(v) for k, v in reference.items()},
         "adapters": {k: _round(v) for k, v in adapters.items()},
+        "full": {n: {"kind": info["full"][n]["kind"]} for n in fulls},
         "none_vs_world_json": round(recorded_diff, 4),
         "evaluations": evaluations,
         "errors": errors,
