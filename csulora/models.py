@@ -13,6 +13,8 @@ import re
 import shlex
 import shutil
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,8 +238,7 @@ def _stream(
         results = ordered(work, targets, jobs)
         done = 0
 
-        def produce(key: str) -> torch.Tensor | None:
-            nonlocal done
+        def produce(key: str) -> torch.Tensor | Iterator[torch.Tensor | None] | None:
             info = model.info(key)
             if key not in inputs.targets:
                 if info.dtype not in READABLE_DTYPES:
@@ -247,31 +248,33 @@ def _stream(
                 W = model.get(key)
                 kept.extend(_compare(key, W, pair.aligned))
                 return W
-            out_W = None
-            for target in inputs.targets[key]:
-                found, (result, warning) = next(results)
-                assert found == target, (found, target)  # the workers' order is the file's
-                done += 1
-                if progress:
-                    progress("modules", done, len(targets), target.id)
-                warnings.extend([warning] if warning else [])
-                if isinstance(result, Kept):
-                    continue  # identical to the aligned weight: nothing to correct
-                method.finish({result.row.module: result}, settings)  # Safe LoRA's τ needs no other score
-                rows.append(result.row)
-                if target.expert is None:
-                    out_W = result.W
-                else:
-                    out_W = model.get(key) if out_W is None else out_W
-                    out_W[target.expert] = result.W
-            return out_W
+            if inputs.targets[key][0].expert is None:
+                return take(inputs.targets[key][0])
+            return (take(t) for t in inputs.targets[key])  # a stack: one expert in memory at a time
+
+        def take(target: Target) -> torch.Tensor | None:
+            """The next worker's result, ``target``'s: its corrected weight, or the weight as it was."""
+            nonlocal done
+            found, (result, warning) = next(results)
+            assert found == target, (found, target)  # the workers' order is the file's
+            done += 1
+            if progress:
+                progress("modules", done, len(targets), target.id)
+            warnings.extend([warning] if warning else [])
+            if isinstance(result, Kept):  # identical to the aligned weight: nothing to correct
+                return None if target.expert is None else model.read(model.source(target))
+            method.finish({result.row.module: result}, settings)  # Safe LoRA's τ needs no other score
+            rows.append(result.row)
+            return result.W
 
         for shard in shards:
             if out is not None:
                 rewrite(model.folder / shard, out / shard, produce, metadata)
             else:
                 for key in order[shard]:
-                    produce(key)
+                    produced = produce(key)
+                    if produced is not None and not isinstance(produced, torch.Tensor):
+                        deque(produced, maxlen=0)  # a stack's experts, one by one
     rows.sort(key=lambda r: r.module)
     if rows and all(r.displacement_norm == 0 for r in rows):
         raise CsuloraError(f"base {pair.base.ref} and aligned {pair.aligned.ref} are identical in every targeted "

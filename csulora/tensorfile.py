@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,12 +236,15 @@ def sha256_file(path: Path) -> str:
 
 
 def rewrite(
-    src: Path, dst: Path, produce: Callable[[str], torch.Tensor | None], metadata: dict[str, str]
+    src: Path,
+    dst: Path,
+    produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor] | None],
+    metadata: dict[str, str],
 ) -> None:
     """Write ``dst`` with ``src``'s tensors in ``src``'s layout (names, dtypes, shapes, offsets), one tensor at a
-    time in file order: each as ``produce(name)`` returns it (same dtype and shape), or, when it returns None,
-    its bytes copied from ``src`` unchanged. The header keeps ``src``'s tensor order; its metadata is
-    ``metadata``."""
+    time in file order: each as ``produce(name)`` returns it (same dtype and shape), or its slices along the first
+    axis one after the other (an expert stack, one expert in memory at a time), or, when it returns None, its
+    bytes copied from ``src`` unchanged. The header keeps ``src``'s tensor order; its metadata is ``metadata``."""
     header = read_header(src)
     entries: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     for name, info in header.tensors.items():
@@ -257,10 +260,16 @@ def rewrite(
                 fin.seek(header.data_offset + info.start)
                 _copy(fin, fout, info.end - info.start)
                 continue
-            if _TORCH_DTYPES.get(t.dtype) != info.dtype or tuple(t.shape) != info.shape:
-                raise ValueError(f"{name}: produced {t.dtype} {list(t.shape)} for {info.dtype} {list(info.shape)}")
-            if t.numel():
-                fout.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+            parts, shape = ([t], info.shape) if isinstance(t, torch.Tensor) else (t, info.shape[1:])
+            count = 0
+            for part in parts:
+                if _TORCH_DTYPES.get(part.dtype) != info.dtype or tuple(part.shape) != shape:
+                    raise ValueError(f"{name}: produced {part.dtype} {list(part.shape)} for {info.dtype} {list(shape)}")
+                if part.numel():
+                    fout.write(part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+                count += 1
+            if not isinstance(t, torch.Tensor) and count != info.shape[0]:
+                raise ValueError(f"{name}: produced {count} slices for {info.shape[0]}")
 
 
 def _copy(fin, fout, size: int, chunk: int = 16 << 20) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import ast
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 DISTRIBUTIONS = {"huggingface_hub": "huggingface_hub", "safetensors": "safetensors", "torch": "torch",

@@ -196,3 +196,31 @@ def test_bad_model_input_exits_2_with_one_line_and_writes_nothing(full, peft_ada
     proc = run_cli("sanitize", *args, "--aligned", full["aligned"], "-o", out, in_process=True)
     assert_one_line_error(proc, needle)
     assert not out.exists() and folder_bytes(full["model"]) == before
+
+
+def test_expert_stacks_of_a_model_are_corrected_one_expert_at_a_time(tmp_path):
+    """A model whose experts are stored as 3-D stacks: every expert is a module, written slice by slice."""
+    from tests.test_adapter_kinds import fused_copy, make_pair
+
+    pair = make_pair(tmp_path, "mixtral")
+    aligned, base = fused_copy(pair["aligned"], tmp_path / "chat-fused"), fused_copy(pair["base"], tmp_path / "b")
+    (aligned / "README.md").write_text(f"---\nbase_model: {base}\n---\n")
+    W_a, W_b = load_file(aligned / "model.safetensors"), load_file(base / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    ft = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in W_a.items()}
+    ft["model.layers.1.mlp.experts.down_proj"][2] = W_a["model.layers.1.mlp.experts.down_proj"][2]  # untouched
+    (tmp_path / "ft").mkdir()
+    save_file(ft, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "ft" / "config.json").write_bytes((aligned / "config.json").read_bytes())
+    settings = Settings(method="realign", subspace_rank=2, exact_svd=True, **METHODS["realign"])
+    result = sanitize_model(tmp_path / "ft", str(aligned), None, tmp_path / "out", settings=settings,
+                            subspaces=NO_CACHE)  # fmt: skip
+    rows = {m.module: m for m in result.report.modules}
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    key = "model.layers.1.mlp.experts.down_proj"
+    assert f"{key}[0]" in rows and f"{key}[2]" not in rows  # the untouched expert is no module
+    assert torch.equal(out[key][2], ft[key][2])
+    for e in (0, 1, 3):
+        dW, D = ft[key][e].double() - W_a[key][e].double(), W_a[key][e].double() - W_b[key][e].double()
+        X = expected_delta("realign", METHODS["realign"], dW, D, rows[f"{key}[{e}]"].k, None, "factored", False)
+        assert float((out[key][e].double() - (W_a[key][e].double() + X)).abs().max()) < 1e-5 * float(dW.abs().max())
