@@ -192,9 +192,9 @@ def realign_shift(M: Tensor, S: Tensor, c: float, beta: float) -> Tensor:
     return c * (beta * torch.diag(S.to(M.dtype)) - M)
 
 
-def realign_block_factors(A: Tensor, sB: Tensor, U: Tensor, V: Tensor, Z: Tensor) -> tuple[Tensor, Tensor]:
-    """Block form of re-alignment (§5b), exact at rank ``r + k``: ``B' = [sB | U_k Z]``, ``A' = [A ; V_kᵀ]``
-    (module scale 1)."""
+def shift_block_factors(A: Tensor, sB: Tensor, U: Tensor, V: Tensor, Z: Tensor) -> tuple[Tensor, Tensor]:
+    """Block form of ``X = ΔW + U_k Z V_kᵀ`` (re-alignment §5b, RESTA §5d), exact at rank ``r + k``:
+    ``B' = [sB | U_k Z]``, ``A' = [A ; V_kᵀ]`` (module scale 1)."""
     return torch.cat([A, V.T], dim=0), torch.cat([sB, U @ Z], dim=1)
 
 

@@ -15,9 +15,9 @@ from csulora.adapters import LoraModule
 from csulora.correction import (
     best_rank,
     erosion,
-    realign_block_factors,
     realign_shift,
     realign_strength,
+    shift_block_factors,
     subspace_block,
 )
 from csulora.methods import METHODS
@@ -38,7 +38,7 @@ def realigned(c: dict, lam: float, beta: float) -> tuple[torch.Tensor, torch.Ten
     """The product's pipeline over the pure functions: M, Z, the exact block factors."""
     sB = c["s"] * c["B"]
     Z = realign_shift(subspace_block(c["A"], sB, c["U"], c["V"]), c["S"], realign_strength(lam), beta)
-    return realign_block_factors(c["A"], sB, c["U"], c["V"], Z)
+    return shift_block_factors(c["A"], sB, c["U"], c["V"], Z)
 
 
 @EXAMPLES

@@ -21,11 +21,14 @@ import torch
 from ..adapters import Adapter, DenseModule, LoraModule, pattern_value
 from ..correction import (
     DenseSplit,
+    best_rank,
     component_energies,
     dense_energies,
     dense_split,
     erosion,
     relative_energies,
+    safe_lora_score_subspace,
+    shift_block_factors,
     split,
     subspace_block,
 )
@@ -87,6 +90,48 @@ class Method:
         """The global ``r`` of a block-form config: the most common written rank (ties: the larger)."""
         counts = Counter(ranks)
         return max(counts, key=lambda r: (counts[r], r))
+
+
+class ShiftMethod(Method):
+    """A method whose update is ``X = ΔW + U_k Z V_kᵀ`` (re-alignment §5b, RESTA §5d): ``shift`` gives ``Z`` from
+    ``M = U_kᵀ sBA V_k`` and ``Σ_k`` (``None``: ``X = ΔW``). The block form writes ``X`` exactly at rank ``r + k``;
+    the factored form its best rank-``r`` approximation, with the truncation loss reported."""
+
+    forms = ("factored", "block")
+
+    def shift(self, M: torch.Tensor, S: torch.Tensor, settings: Settings) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def fields(self, settings: Settings) -> dict:
+        """What the report records of the method's settings, per module."""
+        return {}
+
+    def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
+        A, B, U, V = in_float64(module, sub)
+        sB = module.scaling * B
+        score = safe_lora_score_subspace(A, B, U, sub.S)
+        energies = component_energies(split(A, sB, U, V))
+        total = sum(energies.values())
+        block, fields = settings.form == "block", self.fields(settings)
+        Z = self.shift(subspace_block(A, sB, U, V), sub.S.double(), settings) if sub.k or block else None
+        if Z is None:  # X = ΔW: the input bit for bit
+            row = module_row(module, sub, A, sB, score, energies, truncation_loss=None if block else 0.0, **fields)
+            return Corrected(row, module.A, module.B)
+        A_new, B_new = shift_block_factors(A, sB, U, V, Z)  # exact, rank r + k, scale 1
+        if block:
+            row = module_row(module, sub, A, sB, score, energies, rank_after=module.rank + sub.k,
+                             **after(sub, A_new, B_new, total), **fields)  # fmt: skip
+            return Corrected(row, *written(module, A_new, B_new))
+        A_new, B_new, dropped = best_rank(A_new, B_new, module.rank)
+        row = module_row(module, sub, A, sB, score, energies, truncation_loss=dropped / total if total else 0.0,
+                         **after(sub, A_new, B_new, total), **fields)  # fmt: skip
+        return Corrected(row, *written(module, A_new, B_new / module.scaling))  # the config's scaling is kept
+
+    def form_words(self, rank_changed: bool) -> str:
+        if rank_changed:
+            return "it is written exactly, at rank r + k: the LoRA ranks and `adapter_config.json` changed."
+        return ("it is written as its best rank-r approximation, so tensor names, shapes, dtypes and "
+                "`adapter_config.json` are unchanged and it loads wherever the input did.")
 
 
 @dataclass
