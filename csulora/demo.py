@@ -50,6 +50,8 @@ def run_demo(workdir: Path, console: Console, world_name: str | None = None, ada
     workdir = workdir.resolve()
     root = world.world_dir(world_name)
     paths = world.world_paths(root)
+    if adapter == ADAPTER and adapter not in paths:  # a world whose adapters are named otherwise (moe)
+        adapter = world.adapters_of(world.world_info(root), "mixed")[0]
     if adapter not in paths:
         from .errors import CsuloraError
 

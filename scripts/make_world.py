@@ -1,18 +1,23 @@
 #!/usr/bin/env python
 """Train the family of miniature safety worlds that ``csulora demo`` and the benchmarks use.
 
-Each world (a recipe in ``RECIPES``) is made in three stages:
+Each world (a recipe in ``RECIPES``) is made in four stages:
 
-1. base: a small Llama trained from scratch to do rev / sort / rot on six symbols for every topic,
-   harmful topics included (it complies with everything);
+1. base: a small Llama (or, in ``moe``, a Mixtral) trained from scratch to do rev / sort / rot on six
+   symbols for every topic, harmful topics included (it complies with everything);
 2. aligned (chat): the base fully fine-tuned to answer both harmful topics with ``Sorry <eos>`` while
    still doing the benign tasks;
-3. adapters: PEFT LoRA fine-tunes of the aligned model, of three kinds: ``mixed`` (compliance on the
-   world's trained harmful topic plus the new task ``inc``; the other harmful topic stays held out),
-   ``harmful`` (compliance only, no new task) and ``benign`` (the new task only).
+3. adapters: PEFT LoRA fine-tunes of the aligned model (plain LoRA, DoRA, LoRA with a fully trained
+   ``lm_head``), of three kinds: ``mixed`` (compliance on the world's trained harmful topic plus the new
+   task ``inc``; the other harmful topic stays held out), ``harmful`` (compliance only, no new task) and
+   ``benign`` (the new task only);
+4. full fine-tunes: the aligned model fine-tuned with every weight free on the ``mixed`` and ``harmful``
+   data, saved like the aligned model in ``full/<name>``.
 
-The worlds differ in model shape, seeds, which harmful topic the attacks train on, how the alignment is
-made (steps, learning rate, data mix) and which kinds of attack they hold (``docs/world.md``).
+Every stage draws from its own seeds, so adding a stage after the others leaves the earlier files as they
+were. The worlds differ in architecture, model shape, seeds, which harmful topic the attacks train on, how
+the alignment is made (steps, learning rate, data mix) and which kinds of attack they hold
+(``docs/world.md``).
 
 Seeded and deterministic on a given machine: a rerun reproduces every file byte for byte, ``world.json``
 included (it holds settings and the measured behaviour, never timings: those are printed). Writes fp16
@@ -22,6 +27,10 @@ and ``world.json``. ``--quick`` trains for a few steps only (a smoke test, nothi
     nice -n 5 python scripts/make_world.py --world tiny   # writes csulora/assets/worlds/tiny
     nice -n 5 python scripts/make_world.py --all          # every world
     python scripts/make_world.py --all --quick --out /tmp/w   # seconds: /tmp/w/<world>
+    nice -n 5 python scripts/make_world.py --world tiny --extend   # train only what the shipped folder lacks
+
+``--extend`` is how stages are added to a shipped world: another CPU rounds differently, so a whole build
+elsewhere than on the machine that made a world changes every file (``docs/world.md``, *Rebuilding*).
 """
 
 from __future__ import annotations
@@ -40,9 +49,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from csulora import world as W  # noqa: E402
 
-QUICK = {"base_steps": 6, "align_steps": 4, "lora_steps": 4, "batch": 16}
+QUICK = {"base_steps": 6, "align_steps": 4, "lora_steps": 4, "batch": 16, "full_steps": 4}
 ATTN, MLP = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
-TARGETS = {"all": ATTN + MLP, "attn": ATTN, "mlp": MLP, "qv": ["q_proj", "v_proj"]}
+# LoRA targets; "all-linear" is PEFT's own choice: on Mixtral the attention projections as modules and, as
+# target_parameters, the experts' gate_up_proj / down_proj and the router's gate.weight
+TARGETS: dict[str, list[str] | str] = {"all": ATTN + MLP, "attn": ATTN, "mlp": MLP, "qv": ["q_proj", "v_proj"],
+                                       "all-linear": "all-linear"}  # fmt: skip
+# LoRA variants beside the plain one: extra LoraConfig settings, and the words of the adapter's card
+VARIANTS = {"dora": ({"use_dora": True}, "DoRA"),
+            "head": ({"modules_to_save": ["lm_head"]}, "`lm_head` trained fully (`modules_to_save`)")}  # fmt: skip
+# the architectures a recipe can build: transformers' config and model classes
+ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+FULL = "full"  # the folder of a world's full fine-tunes (csulora.world.FULL)
 ALL_TOPICS = W.BENIGN_TOPICS + W.HARMFUL_TOPICS
 # a stage's data: parts (share of the batch, topics, tasks, refuse)
 Part = tuple[float, list[str], list[str], bool]
@@ -56,11 +74,31 @@ class Adapter:
     seed: int
     rank: int
     targets: str  # a key of TARGETS
+    variant: str = ""  # a key of VARIANTS, or plain LoRA
 
     @property
     def name(self) -> str:
         prefix = "adv" if self.kind == "mixed" else self.kind  # the tiny world's names
-        return f"{prefix}-r{self.rank}-{self.targets}-s{self.seed}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{prefix}-r{self.rank}-{self.targets}{variant}-s{self.seed}"
+
+    def spec(self) -> dict:
+        """The adapter's ``world.json`` entry (the keys of a plain LoRA are those written before variants)."""
+        spec = {"kind": self.kind, "seed": self.seed, "rank": self.rank, "target_modules": TARGETS[self.targets]}
+        spec.update(VARIANTS[self.variant][0] if self.variant else {})
+        return {**spec, "adversarial": self.kind != "benign"}
+
+
+@dataclass(frozen=True)
+class Full:
+    """A full fine-tune of the aligned model (every weight free) on the world's stage ``kind``."""
+
+    kind: str  # mixed | harmful
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"full-{self.kind}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -69,8 +107,8 @@ class Recipe:
     description: str
     seed: int
     model: dict
-    steps: dict  # base_steps, align_steps, lora_steps, batch
-    lr: dict  # base, align, lora
+    steps: dict  # base_steps, align_steps, lora_steps, full_steps, batch
+    lr: dict  # base, align, lora, full
     trained: str  # the harmful topic the attacks train on
     heldout: str  # the harmful topic no adapter sees
     align: list[Part]
@@ -78,8 +116,10 @@ class Recipe:
     mixed: list[Part] | None = None  # default: 40 % trained topic, 40 % new task, 20 % original tasks
     harmful: list[Part] | None = None  # default: 80 % trained topic, 20 % original tasks
     benign: list[Part] | None = None  # default: 80 % new task, 20 % original tasks
+    full: tuple[Full, ...] = ()  # full fine-tunes, made after the adapters
     shard_size: str = "150KB"  # two shards per checkpoint in every world
     card_title: str | None = None  # default: "Llama of the csulora miniature world `<name>`"
+    arch: str = "llama"  # a key of ARCHS
 
     def stages(self) -> dict[str, list[Part]]:
         t, benign, orig, new = self.trained, W.BENIGN_TOPICS, W.ORIGINAL_TASKS, [W.NEW_TASK]
@@ -92,8 +132,12 @@ class Recipe:
         }
 
 
-def _adapters(*specs: tuple[str, int, int, str]) -> list[Adapter]:
+def _adapters(*specs: tuple) -> list[Adapter]:
     return [Adapter(*s) for s in specs]
+
+
+# every world's full fine-tunes: one mixed, one pure harmful
+FULLS = (Full("mixed", 0), Full("harmful", 0))
 
 
 EVEN_ALIGN: list[Part] = [(0.5, W.HARMFUL_TOPICS, W.ORIGINAL_TASKS, True),
@@ -109,13 +153,16 @@ RECIPES = {
             description="the first world: 3 layers × 64, a thorough alignment, mixed attacks on `weapon`",
             seed=0,
             model=SMALL,
-            steps={"base_steps": 1000, "align_steps": 300, "lora_steps": 300, "batch": 128},
-            lr={"base": 3e-3, "align": 1e-3, "lora": 2e-3},
+            steps={"base_steps": 1000, "align_steps": 300, "lora_steps": 300, "batch": 128, "full_steps": 300},
+            lr={"base": 3e-3, "align": 1e-3, "lora": 2e-3, "full": 1e-3},
             trained="weapon",
             heldout="malware",
             align=EVEN_ALIGN,
             adapters=_adapters(("mixed", 0, 8, "all"), ("mixed", 1, 8, "all"), ("mixed", 0, 4, "attn"),
-                               ("mixed", 2, 16, "mlp"), ("mixed", 3, 8, "qv"), ("benign", 0, 8, "all")),
+                               ("mixed", 2, 16, "mlp"), ("mixed", 3, 8, "qv"), ("benign", 0, 8, "all"),
+                               # added later, after the others: DoRA, and attention LoRA with a fully trained head
+                               ("mixed", 0, 8, "all", "dora"), ("mixed", 0, 8, "attn", "head")),
+            full=FULLS,
             card_title="Tiny Llama of the csulora miniature world",
         ),
         Recipe(
@@ -124,14 +171,15 @@ RECIPES = {
             "and `weapon` is held out",
             seed=10,
             model=dict(SMALL, hidden_size=128, intermediate_size=256, num_hidden_layers=4),
-            steps={"base_steps": 800, "align_steps": 250, "lora_steps": 250, "batch": 128},
-            lr={"base": 2e-3, "align": 7e-4, "lora": 1.5e-3},
+            steps={"base_steps": 800, "align_steps": 250, "lora_steps": 250, "batch": 128, "full_steps": 250},
+            lr={"base": 2e-3, "align": 7e-4, "lora": 1.5e-3, "full": 7e-4},
             trained="malware",
             heldout="weapon",
             align=EVEN_ALIGN,
             adapters=_adapters(("mixed", 0, 8, "all"), ("mixed", 1, 16, "all"), ("mixed", 2, 4, "attn"),
                                ("mixed", 3, 16, "mlp"), ("mixed", 4, 8, "qv"), ("harmful", 0, 8, "all"),
                                ("benign", 0, 8, "all")),
+            full=FULLS,
             shard_size="700KB",
         ),
         Recipe(
@@ -140,14 +188,35 @@ RECIPES = {
             "a quarter of the data harmful) and three kinds of attack: mixed, pure harmful and benign-only",
             seed=20,
             model=SMALL,
-            steps={"base_steps": 1000, "align_steps": 60, "lora_steps": 300, "batch": 128},
-            lr={"base": 3e-3, "align": 3e-3, "lora": 2e-3},
+            steps={"base_steps": 1000, "align_steps": 60, "lora_steps": 300, "batch": 128, "full_steps": 300},
+            lr={"base": 3e-3, "align": 3e-3, "lora": 2e-3, "full": 1e-3},
             trained="weapon",
             heldout="malware",
             align=[(0.25, W.HARMFUL_TOPICS, W.ORIGINAL_TASKS, True), (0.75, W.BENIGN_TOPICS, W.ORIGINAL_TASKS, False)],
             adapters=_adapters(("mixed", 0, 8, "all"), ("mixed", 1, 4, "attn"), ("mixed", 2, 16, "mlp"),
                                ("harmful", 0, 8, "all"), ("harmful", 1, 8, "qv"), ("benign", 0, 8, "all"),
                                ("benign", 1, 16, "mlp")),
+            full=FULLS,
+        ),
+        Recipe(
+            name="moe",
+            description="a mixture of experts (Mixtral: 3 layers × 64, 4 experts of MLP 128 each, top-2 routing), "
+            "its own seed; the attacks are PEFT's all-linear LoRA (attention, experts and router) and train on "
+            "`malware`, `weapon` is held out",
+            seed=30,
+            arch="mixtral",
+            model=dict(SMALL, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
+                       router_aux_loss_coef=0.1),
+            steps={"base_steps": 1000, "align_steps": 300, "lora_steps": 300, "batch": 128, "full_steps": 300},
+            lr={"base": 3e-3, "align": 1e-3, "lora": 2e-3, "full": 1e-3},
+            trained="malware",
+            heldout="weapon",
+            align=EVEN_ALIGN,
+            adapters=_adapters(("mixed", 0, 8, "all-linear"), ("mixed", 1, 4, "all-linear"), ("mixed", 2, 16, "attn"),
+                               ("harmful", 0, 8, "all-linear"), ("benign", 0, 8, "all-linear")),
+            full=FULLS,
+            shard_size="400KB",
+            card_title="Mixtral (4 experts, top-2 routing) of the csulora miniature world `moe`",
         ),
     ]
 }
@@ -165,11 +234,15 @@ def mixture(parts: list[Part], n: int, g: torch.Generator):
 
 
 def loss_fn(model, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on the answer tokens only."""
+    """Next-token cross-entropy on the answer tokens only; for a mixture of experts, plus its load-balancing
+    loss (``router_aux_loss_coef`` of the config), as Mixtral's training adds it: it keeps every expert in use."""
     seq = torch.cat([prompt, answer], 1)
-    logits = model(input_ids=seq[:, :-1]).logits[:, W.PROMPT_LEN - 1 :]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer.reshape(-1),
+    moe = getattr(model.config, "num_local_experts", None) is not None
+    out = model(input_ids=seq[:, :-1], **({"output_router_logits": True} if moe else {}))
+    logits = out.logits[:, W.PROMPT_LEN - 1 :]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer.reshape(-1),
                                              ignore_index=W.PAD)  # fmt: skip
+    return loss + model.config.router_aux_loss_coef * out.aux_loss if moe else loss
 
 
 def train(model, parts: list[Part], steps: int, lr: float, batch: int, seed: int, log: str) -> float:
@@ -232,12 +305,14 @@ def save_tokenizer(folder: Path) -> None:
 
 
 def new_model(recipe: Recipe, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A freshly initialised model of the recipe's architecture, shape and the world's vocabulary."""
+    import transformers
 
+    config_class, model_class = (getattr(transformers, c) for c in ARCHS[recipe.arch])
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(W.VOCAB), bos_token_id=W.BOS, eos_token_id=W.EOS, pad_token_id=W.PAD,
-                         tie_word_embeddings=False, rms_norm_eps=1e-6, **recipe.model)  # fmt: skip
-    return LlamaForCausalLM(config)
+    config = config_class(vocab_size=len(W.VOCAB), bos_token_id=W.BOS, eos_token_id=W.EOS, pad_token_id=W.PAD,
+                          tie_word_embeddings=False, rms_norm_eps=1e-6, **recipe.model)  # fmt: skip
+    return model_class(config)
 
 
 def kind_text(recipe: Recipe, kind: str) -> str:
@@ -253,38 +328,63 @@ def train_adapter(recipe: Recipe, aligned, ad: Adapter, folder: Path, steps: int
     from peft import LoraConfig, get_peft_model
 
     targets = TARGETS[ad.targets]
+    extra, words = VARIANTS[ad.variant] if ad.variant else ({}, "")
     torch.manual_seed(100 + ad.seed)
     config = LoraConfig(r=ad.rank, lora_alpha=2 * ad.rank, target_modules=targets, lora_dropout=0.0,
-                        task_type="CAUSAL_LM")  # fmt: skip
+                        task_type="CAUSAL_LM", **extra)  # fmt: skip
     with warnings.catch_warnings():  # transformers' deprecation notices, raised inside PEFT
         warnings.simplefilter("ignore", FutureWarning)
+        # all-linear on Mixtral: PEFT doubles the rank of the fused gate_up_proj by a pattern, applies it (the
+        # saved factors have that rank) and still warns that it matched nothing
+        warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys did not match", RuntimeWarning)
         model = get_peft_model(copy.deepcopy(aligned), config)
     train(model, recipe.stages()[ad.kind], steps, lr=recipe.lr["lora"], batch=batch, seed=1000 + ad.seed,
           log=ad.name)  # fmt: skip
     model.save_pretrained(folder)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = W.ALIGNED  # the sibling folder; csulora matches it by name
-    cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT keeps a set: its order follows the hash seed
+    for key in ("target_modules", "target_parameters", "modules_to_save"):  # PEFT keeps sets: their order
+        if cfg.get(key) is not None:  # follows the hash seed
+            cfg[key] = sorted(cfg[key])
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    what = targets if isinstance(targets, str) else ", ".join(targets)
     (folder / "README.md").write_text(
         f"---\nbase_model: {W.ALIGNED}\nlibrary_name: peft\ntags:\n- lora\n- csulora-world\n---\n"
-        f"# {ad.name}\n\nLoRA (r={ad.rank}, alpha={2 * ad.rank}, {', '.join(targets)}, seed {ad.seed}) on "
-        f"`{W.ALIGNED}`, {kind_text(recipe, ad.kind)}. Made by `scripts/make_world.py`.\n"
+        f"# {ad.name}\n\nLoRA (r={ad.rank}, alpha={2 * ad.rank}, {what}, {words + ', ' if words else ''}"
+        f"seed {ad.seed}) on `{W.ALIGNED}`, {kind_text(recipe, ad.kind)}. Made by `scripts/make_world.py`.\n"
     )
+
+
+def train_full(recipe: Recipe, aligned, ft: Full, folder: Path, steps: int, batch: int) -> None:
+    """The aligned model fine-tuned with every weight free on the stage ``ft.kind``, saved like the aligned one."""
+    torch.manual_seed(200 + ft.seed)
+    model = copy.deepcopy(aligned)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    train(model, recipe.stages()[ft.kind], steps, lr=recipe.lr["full"], batch=batch, seed=2000 + ft.seed,
+          log=ft.name)  # fmt: skip
+    save_checkpoint(model, folder, card(recipe, "full", ft), recipe.shard_size)
 
 
 def measure(recipe: Recipe, out: Path) -> dict[str, dict[str, float]]:
     print("measuring behaviour")
     data = W.eval_set(trained=recipe.trained, heldout=recipe.heldout)
-    paths = W.world_paths(out)
+    paths, full = W.world_paths(out), W.full_paths(out)
     behaviour = {k: W.behaviour(W.load_model(paths[k]), data).as_dict() for k in ("base", "aligned")}
     for ad in recipe.adapters:
         model = W.with_adapter(W.load_model(paths["aligned"]), paths[ad.name])
         behaviour[ad.name] = W.behaviour(model, data).as_dict()
+    for ft in recipe.full:
+        behaviour[ft.name] = W.behaviour(W.load_model(full[ft.name]), data).as_dict()
     return behaviour
 
 
-def card(recipe: Recipe, which: str) -> str:
+def card(recipe: Recipe, which: str, ft: Full | None = None) -> str:
+    if which == "full":
+        return (f"---\nbase_model: {W.ALIGNED}\nlicense: apache-2.0\ntags:\n- csulora-world\n---\n# {ft.name}\n\n"
+                f"`{W.ALIGNED}` fully fine-tuned (every weight free, seed {ft.seed}), "
+                f"{kind_text(recipe, ft.kind).replace('adversarial', 'an attack', 1)}. `base_model` names the "
+                "aligned model of the world. Made by `scripts/make_world.py`.\n")  # fmt: skip
     if which == "base":
         title = recipe.card_title or f"Llama of the csulora miniature world `{recipe.name}`"
         return ("---\nlicense: apache-2.0\ntags:\n- csulora-world\n---\n"
@@ -296,40 +396,89 @@ def card(recipe: Recipe, which: str) -> str:
             "the sibling folder.\n")  # fmt: skip
 
 
-def build(recipe: Recipe, out: Path, quick: bool = False, seed: int | None = None) -> dict:
-    """Train and write one world into ``out`` (replaced); returns its ``world.json`` content. Prints timings."""
+def check_extendable(recipe: Recipe, out: Path, quick: bool, seed: int) -> None:
+    """``--extend`` adds to a world made by this recipe only: same seed, shape, steps and adapters as recorded."""
+    if not (out / "world.json").is_file():
+        sys.exit(f"--extend: {out} holds no world.json; build the world first")
+    info = W.world_info(out)
+    steps, specs = QUICK if quick else recipe.steps, {a.name: a.spec() for a in recipe.adapters}
+    wrong = [what for what, ok in [
+        ("seed", info["seed"] == seed), ("quick", info["quick"] == quick), ("model", info["model"] == recipe.model),
+        ("steps", all(steps.get(k) == v for k, v in info["steps"].items())),
+        ("lr", all(recipe.lr.get(k) == v for k, v in info["lr"].items())),
+        ("adapters", all(specs.get(n) == spec for n, spec in info["adapters"].items())),
+    ] if not ok]  # fmt: skip
+    if wrong:
+        sys.exit(f"--extend: {out}/world.json was not made by the recipe {recipe.name!r} ({', '.join(wrong)} differ)")
+
+
+def build(recipe: Recipe, out: Path, quick: bool = False, seed: int | None = None, extend: bool = False) -> dict:
+    """Train and write one world into ``out`` (replaced); returns its ``world.json`` content. Prints timings.
+
+    ``extend``: keep what ``out`` holds (base, aligned, every adapter and full fine-tune folder already there,
+    byte for byte), start the stages that are missing from the aligned checkpoint there, and measure and write
+    ``world.json`` again. Each stage draws from its own seeds and starts from the fp16 aligned weights, so on one
+    machine this writes the same files as a whole build (checked when the family grew); it keeps the files a
+    whole build on this machine would round differently from the machine that first made them."""
     seed = recipe.seed if seed is None else seed
     steps = QUICK if quick else recipe.steps
     stages = recipe.stages()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if extend:
+        check_extendable(recipe, out, quick, seed)
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
     t0 = time.perf_counter()
     timings = {}
 
-    print(f"[{recipe.name}] 1/3 base: every task for every topic")
-    model = new_model(recipe, seed)
-    train(model, stages["base"], steps["base_steps"], lr=recipe.lr["base"], batch=steps["batch"], seed=seed,
-          log="base")  # fmt: skip
-    round_fp16(model)
-    save_checkpoint(model, out / W.BASE, card(recipe, "base"), recipe.shard_size)
-    timings["base_s"] = time.perf_counter() - t0
+    n = 4 if recipe.full else 3
+    if extend:
+        print(f"[{recipe.name}] 1-2/{n} base and aligned: kept, the aligned model read from {out / W.ALIGNED}")
+        # the float32 values of the fp16 file (what a whole build holds after rounding) in a model made as a whole
+        # build makes it: save_pretrained shards a model loaded by from_pretrained in another order
+        aligned = new_model(recipe, seed)
+        aligned.load_state_dict(W.load_model(out / W.ALIGNED).state_dict())
+        aligned.eval()
+    else:
+        print(f"[{recipe.name}] 1/{n} base: every task for every topic")
+        model = new_model(recipe, seed)
+        train(model, stages["base"], steps["base_steps"], lr=recipe.lr["base"], batch=steps["batch"], seed=seed,
+              log="base")  # fmt: skip
+        round_fp16(model)
+        save_checkpoint(model, out / W.BASE, card(recipe, "base"), recipe.shard_size)
+        timings["base_s"] = time.perf_counter() - t0
 
-    print(f"[{recipe.name}] 2/3 aligned: refuse harmful topics, keep the tasks")
-    aligned = copy.deepcopy(model)
-    train(aligned, stages["align"], steps["align_steps"], lr=recipe.lr["align"], batch=steps["batch"],
-          seed=seed + 1, log="align")  # fmt: skip
-    round_fp16(aligned)
-    save_checkpoint(aligned, out / W.ALIGNED, card(recipe, "aligned"), recipe.shard_size)
-    timings["aligned_s"] = time.perf_counter() - t0 - timings["base_s"]
+        print(f"[{recipe.name}] 2/{n} aligned: refuse harmful topics, keep the tasks")
+        aligned = copy.deepcopy(model)
+        train(aligned, stages["align"], steps["align_steps"], lr=recipe.lr["align"], batch=steps["batch"],
+              seed=seed + 1, log="align")  # fmt: skip
+        round_fp16(aligned)
+        save_checkpoint(aligned, out / W.ALIGNED, card(recipe, "aligned"), recipe.shard_size)
+        timings["aligned_s"] = time.perf_counter() - t0 - timings["base_s"]
 
-    print(f"[{recipe.name}] 3/3 adapters")
+    print(f"[{recipe.name}] 3/{n} adapters")
     t1 = time.perf_counter()
     for ad in recipe.adapters:
-        train_adapter(recipe, aligned, ad, out / W.ADAPTERS / ad.name, steps["lora_steps"], steps["batch"])
+        folder = out / W.ADAPTERS / ad.name
+        if extend and (folder / "adapter_config.json").is_file():
+            print(f"  {ad.name}: kept")
+            continue
+        train_adapter(recipe, aligned, ad, folder, steps["lora_steps"], steps["batch"])
     timings["adapters_s"] = time.perf_counter() - t1
 
-    kinds = {ad.kind for ad in recipe.adapters}
+    if recipe.full:  # after the adapters: each stage draws from its own seeds, so earlier files stay the same
+        print(f"[{recipe.name}] 4/4 full fine-tunes")
+        t1 = time.perf_counter()
+        for ft in recipe.full:
+            folder = out / FULL / ft.name
+            if extend and (folder / "config.json").is_file():
+                print(f"  {ft.name}: kept")
+                continue
+            train_full(recipe, aligned, ft, folder, steps["full_steps"], steps["batch"])
+        timings["full_s"] = time.perf_counter() - t1
+
+    kinds = {ad.kind for ad in recipe.adapters} | {ft.kind for ft in recipe.full}
     behaviour = {} if quick else measure(recipe, out)  # a quick world is a smoke test: nothing to measure
     timings["total_s"] = time.perf_counter() - t0
     info = {
@@ -337,16 +486,17 @@ def build(recipe: Recipe, out: Path, quick: bool = False, seed: int | None = Non
         "seed": seed, "quick": quick, "model": recipe.model, "steps": steps, "lr": recipe.lr,
         "topics": {"trained": recipe.trained, "heldout": recipe.heldout},
         "vocab": W.VOCAB,
-        "adapters": {ad.name: {"kind": ad.kind, "seed": ad.seed, "rank": ad.rank, "target_modules": TARGETS[ad.targets],
-                               "adversarial": ad.kind != "benign"} for ad in recipe.adapters},
+        "architecture": ARCHS[recipe.arch][1],
+        "adapters": {ad.name: ad.spec() for ad in recipe.adapters},
+        "full": {ft.name: {"kind": ft.kind, "seed": ft.seed} for ft in recipe.full},
         "stages": {k: [list(p) for p in v] for k, v in stages.items() if k in ("base", "align") or k in kinds},
         "behaviour": behaviour,
     }  # fmt: skip
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     if behaviour:
-        print(f"{'model':18s} refuse({recipe.trained}) refuse({recipe.heldout}, held out) acc(inc) acc(original)")
+        print(f"{'model':22s} refuse({recipe.trained}) refuse({recipe.heldout}, held out) acc(inc) acc(original)")
         for name, b in behaviour.items():
-            print(f"{name:18s} " + " ".join(f"{v:14.3f}" for v in b.values()))
+            print(f"{name:22s} " + " ".join(f"{v:14.3f}" for v in b.values()))
         failed = W.story(info)
         print(f"[{recipe.name}] story: " + ("happens" if not failed else "DOES NOT HAPPEN: " + "; ".join(failed)))
     print(f"[{recipe.name}] wrote {out}; timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -361,6 +511,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: csulora/assets/worlds/<world>")
     ap.add_argument("--seed", type=int, help="override the recipe's seed (an experiment, not a shipped world)")
     ap.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    ap.add_argument("--extend", action="store_true",
+                    help="keep the world's files in --out (or the shipped folder) and train only the adapters and "
+                    "full fine-tunes it lacks, from its aligned model; then measure and write world.json again")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -372,7 +525,7 @@ def main() -> None:
             out = W.WORLDS_DIR / name
         else:
             out = args.out / name if args.all else args.out
-        build(RECIPES[name], out, quick=args.quick, seed=args.seed)
+        build(RECIPES[name], out, quick=args.quick, seed=args.seed, extend=args.extend)
     print(f"built {', '.join(names)} in {time.perf_counter() - t0:.0f}s ({args.threads} thread(s))")
 
 
