@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_shipped_world_is_complete_small_and_loads(paths):
     assert set(info["adapters"]) <= set(paths) and len(info["adapters"]) >= 5
     assert W.world_dir() == W.WORLD_DIR == W.WORLDS_DIR / W.DEFAULT_WORLD and paths == W.world_paths(W.world_dir())
     files = [f for f in W.WORLDS_DIR.rglob("*") if f.is_file()]
-    assert sum(f.stat().st_size for f in files) < 10 * 2**20  # every world together
+    assert sum(f.stat().st_size for f in files) < 16 * 2**20  # every world together
     assert (paths["aligned"] / "model.safetensors.index.json").is_file()  # sharded, as save_pretrained writes
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -141,7 +142,36 @@ def test_make_world_is_deterministic(tmp_path):
     for name in W.world_names():
         quick, shipped = W.world_info(tmp_path / "a" / name), W.world_info(W.world_dir(name))
         assert quick["quick"] and quick["adapters"] == shipped["adapters"] and quick["topics"] == shipped["topics"]
+        assert quick["full"] == shipped["full"] and quick["architecture"] == shipped["architecture"]
         assert set(W.world_paths(tmp_path / "a" / name)) == set(W.world_paths(W.world_dir(name)))
+        assert set(W.full_paths(tmp_path / "a" / name)) == set(W.full_paths(W.world_dir(name)))
+
+
+def test_make_world_extends_a_world_as_a_whole_build_makes_it(tmp_path):
+    """--extend keeps what the folder holds and trains only what it lacks (how the shipped worlds grew): the
+    same bytes as a whole build, world.json included; and it refuses a world of another recipe."""
+    script = [sys.executable, str(REPO / "scripts" / "make_world.py"), "--world", "tiny", "--quick", "--out"]
+    whole, grown = tmp_path / "whole", tmp_path / "grown"
+    assert subprocess.run([*script, str(whole)], capture_output=True, timeout=300).returncode == 0
+    shutil.copytree(whole, grown)
+    info = W.world_info(grown)
+    added = [n for n, spec in info["adapters"].items() if "use_dora" in spec or "modules_to_save" in spec]
+    assert added and info["full"]
+    for name in added:
+        shutil.rmtree(grown / W.ADAPTERS / name)
+        del info["adapters"][name]
+    shutil.rmtree(grown / W.FULL)
+    del info["full"]
+    (grown / "world.json").write_text(json.dumps(info))
+    kept = _digest(grown / W.ALIGNED)
+    r = subprocess.run([*script, str(grown), "--extend"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "adv-r8-all-s0: kept" in r.stdout and _digest(grown / W.ALIGNED) == kept
+    assert _digest(grown) == _digest(whole)
+    info["seed"] = 99
+    (grown / "world.json").write_text(json.dumps(info))
+    r = subprocess.run([*script, str(grown), "--extend"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "not made by the recipe" in r.stderr and "seed" in r.stderr
 
 
 # ---------------------------------------------------------------- the family
@@ -149,7 +179,7 @@ def test_make_world_is_deterministic(tmp_path):
 
 def test_world_api():
     names = W.world_names()
-    assert names == sorted(names) and W.DEFAULT_WORLD in names and len(names) >= 3
+    assert names == sorted(names) and W.DEFAULT_WORLD in names and len(names) >= 4 and "moe" in names
     with pytest.raises(ValueError, match="no world"):
         W.world_dir("nonesuch")
     old = {"adapters": {"a": {"adversarial": True}, "b": {"adversarial": False}}}  # a world.json without kinds
@@ -158,6 +188,17 @@ def test_world_api():
     assert W.adapters_of(old) == ["a", "b"] and W.adapters_of(old, "harmful") == []
     with pytest.raises(ValueError, match="kind"):
         W.adapters_of(old, "evil")
+    assert W.full_finetunes_of(old) == [] and W.full_paths(Path("/nonexistent")) == {}  # a world without them
+    full = {"full": {"f": {"kind": "mixed"}, "g": {"kind": "harmful"}}}
+    assert W.full_finetunes_of(full) == ["f", "g"] and W.full_finetunes_of(full, "harmful") == ["g"]
+    with pytest.raises(ValueError, match="kind"):
+        W.full_finetunes_of(full, "evil")
+    info = W.world_info()  # the story checks the full fine-tunes too
+    behaviour = json.loads(json.dumps(info["behaviour"]))
+    behaviour["full-mixed-s0"].update(refusal_trained=0.5, new_task_accuracy=0.5)
+    behaviour["full-harmful-s0"]["new_task_accuracy"] = 0.5
+    assert W.story(info) == [] and W.story(info, behaviour) == [
+        "full-mixed-s0 keeps refusing", "full-mixed-s0 misses the new task", "full-harmful-s0 learns the new task"]
     # the default evaluation set is unchanged; swapping the topics swaps the topic tokens only
     default, swapped = W.eval_set(n=16), W.eval_set(n=16, trained="malware", heldout="weapon")
     assert torch.equal(default.harmful_trained, W.eval_set(n=16, trained="weapon", heldout="malware").harmful_trained)
@@ -171,21 +212,24 @@ def test_world_api():
 @pytest.mark.parametrize("name", W.world_names())
 def test_every_world_is_complete_and_loads(name):
     root = W.world_dir(name)
-    info, paths = W.world_info(root), W.world_paths(root)
+    info, paths, full = W.world_info(root), W.world_paths(root), W.full_paths(root)
     assert info["name"] == name and not info["quick"]
     assert "timings" not in info and "machine" not in info  # reproducible byte for byte
     trained, heldout = W.topics(info)
     assert {trained, heldout} == set(W.HARMFUL_TOPICS)
     assert set(info["adapters"]) == set(paths) - {"base", "aligned"}
-    assert set(info["behaviour"]) == set(paths)
+    assert W.full_finetunes_of(info) == list(info["full"]) and set(info["full"]) == set(full)
+    assert set(info["behaviour"]) == set(paths) | set(full)
     for spec in info["adapters"].values():
         assert spec["kind"] in W.KINDS and spec["adversarial"] == (spec["kind"] != "benign")
     assert len(W.adapters_of(info, "mixed")) >= 3 and len(W.adapters_of(info, "benign")) >= 1
     assert {spec["rank"] for spec in info["adapters"].values()} >= {4, 8, 16}
-    for which in ("base", "aligned"):
-        index = json.loads((paths[which] / "model.safetensors.index.json").read_text())
+    assert W.full_finetunes_of(info, "mixed") and W.full_finetunes_of(info, "harmful")  # both kinds, every world
+    for folder in [paths["base"], paths["aligned"], *full.values()]:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) >= 2  # sharded
     model = W.load_model(paths["aligned"])
+    assert type(model).__name__ == info["architecture"]
     assert model.dtype == torch.float32 and model.config.vocab_size == len(W.VOCAB)
     for key, value in info["model"].items():
         assert getattr(model.config, key) == value
@@ -193,13 +237,75 @@ def test_every_world_is_complete_and_loads(name):
     spec = info["adapters"][first]
     peft_model = W.with_adapter(model, paths[first])
     lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
-    assert len(lora) == 2 * len(spec["target_modules"]) * model.config.num_hidden_layers
+    if spec["target_modules"] == "all-linear":  # Mixtral: attention modules, and the experts and router as
+        config = json.loads((paths[first] / "adapter_config.json").read_text())  # target_parameters
+        assert config["target_parameters"] == ["down_proj", "gate.weight", "gate_up_proj"]
+        assert sum(".experts." in n for n in lora) == 4 * model.config.num_hidden_layers  # A and B of 2 stacks
+        assert len(lora) == 2 * (4 + 1 + 2) * model.config.num_hidden_layers
+    else:
+        assert len(lora) == 2 * len(spec["target_modules"]) * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", W.world_names())
+def test_full_finetunes_are_the_aligned_model_with_every_weight_trained(name):
+    """Same architecture, tensors and shapes as the aligned checkpoint, fp16, and every tensor moved."""
+    from safetensors.torch import load_file
+
+    root = W.world_dir(name)
+    aligned_folder = W.world_paths(root)["aligned"]
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    aligned = tensors(aligned_folder)
+    for ft, folder in W.full_paths(root).items():
+        config, reference = (json.loads((f / "config.json").read_text()) for f in (folder, aligned_folder))
+        assert config == reference, ft
+        weights = tensors(folder)
+        assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in aligned.items()}, ft
+        assert all(v.dtype == torch.float16 for v in weights.values()), ft
+        assert [k for k, v in weights.items() if torch.equal(v, aligned[k])] == [], ft
+        assert "base_model: " + W.ALIGNED in (folder / "README.md").read_text()
+
+
+def test_dora_and_modules_to_save_adapters_load_with_peft():
+    """The variants a world ships beside plain LoRA: PEFT loads every saved tensor into the wrapped model (the
+    DoRA magnitudes, the fully trained lm_head), and the head really moved from the aligned one."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    found = set()
+    for name in W.world_names():
+        root = W.world_dir(name)
+        info, paths = W.world_info(root), W.world_paths(root)
+        for adapter, spec in info["adapters"].items():
+            if not (spec.get("use_dora") or spec.get("modules_to_save")):
+                continue
+            config = json.loads((paths[adapter] / "adapter_config.json").read_text())
+            assert config["use_dora"] == bool(spec.get("use_dora"))
+            assert config["modules_to_save"] == spec.get("modules_to_save")
+            model = W.with_adapter(W.load_model(paths["aligned"]), paths[adapter])
+            state = get_peft_model_state_dict(model, save_embedding_layers=False)  # what PEFT saves of it
+            saved = load_file(paths[adapter] / "adapter_model.safetensors")
+            assert set(state) == set(saved), adapter
+            for key, value in saved.items():  # every tensor of the file is in the model, loaded as saved
+                assert torch.equal(state[key], value), key
+            if spec.get("use_dora"):
+                found.add("dora")
+                layers = model.config.num_hidden_layers
+                assert sum("lora_magnitude_vector" in k for k in saved) == len(spec["target_modules"]) * layers
+            if spec.get("modules_to_save"):
+                found.add("head")
+                assert spec["modules_to_save"] == ["lm_head"]
+                head = model.base_model.model.lm_head
+                assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
+    assert found == {"dora", "head"}
 
 
 @pytest.mark.parametrize("name", W.world_names())
 def test_every_world_tells_its_story(name):
-    """Measured on a small evaluation set of its own (not the one world.json was measured on): base, aligned
-    and every adapter behave as the story says (``W.story``), and world.json says so too."""
+    """Measured on a small evaluation set of its own (not the one world.json was measured on): base, aligned,
+    every adapter and every full fine-tune behave as the story says (``W.story``), and world.json says so too."""
     root = W.world_dir(name)
     info, paths = W.world_info(root), W.world_paths(root)
     assert W.story(info) == []
@@ -207,4 +313,6 @@ def test_every_world_tells_its_story(name):
     measured = {k: W.behaviour(W.load_model(paths[k]), data).as_dict() for k in ("base", "aligned")}
     for adapter in W.adapters_of(info):
         measured[adapter] = W.behaviour(W.with_adapter(W.load_model(paths["aligned"]), paths[adapter]), data).as_dict()
+    for ft, folder in W.full_paths(root).items():
+        measured[ft] = W.behaviour(W.load_model(folder), data).as_dict()
     assert W.story(info, measured) == []
