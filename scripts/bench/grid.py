@@ -21,7 +21,7 @@ GRID = {
 }
 QUICK = ["none", "csulora:factored:lam=8:eta=0.25", "csulora:block:lam=64:k=1",
          "realign:factored:lam=inf:beta=0.25:k=4", "realign:block:lam=4:beta=0:k=1", "safe-lora:tau=0.5",
-         "safe-lora:top-n=4"]  # fmt: skip
+         "safe-lora:top-n=4", "resta:factored:gamma=0.1:k=8", "resta:block:gamma=0.5:k=1"]  # fmt: skip
 
 
 def subspace_kwargs(label: str) -> dict:

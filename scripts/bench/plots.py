@@ -8,7 +8,8 @@ from pathlib import Path
 from .analysis import EPS, REFUSAL
 from .grid import FORMS, METHODS
 
-COLOURS = {"none": "black", "csulora": "#2b6cb0", "realign": "#c05621", "safe-lora": "#2f855a"}
+COLOURS = {"none": "black", "csulora": "#2b6cb0", "realign": "#c05621", "safe-lora": "#2f855a",
+           "resta": "#805ad5"}  # fmt: skip
 MARKERS = {"factored": "o", "block": "^", "safe-lora": "s"}
 
 
