@@ -333,7 +333,7 @@ def subspace(
 @with_options(DEBUG)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("csulora-demo"),
-    world: Annotated[str | None, typer.Option(help="A shipped miniature world: tiny (default), wide, brief, moe.")] = None,
+    world: Annotated[str | None, typer.Option(help="A shipped world: tiny (default), wide, brief, moe.")] = None,
     adapter: Annotated[str, typer.Option("--adapter", help="An adapter of that world.")] = "adv-r8-all-s0",
     *,
     opts: Options,
@@ -362,8 +362,13 @@ def _grid(text: str | None, option: str) -> list[float]:
 @app.command()
 @with_options(INPUT, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
 def sweep(
-    adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder of the sweep: one subfolder per point.")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT LoRA adapter folder.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="A full fine-tune or merged model instead: every point is a whole model."),
+    ] = None,
+    target_modules: TargetsOpt = None,
     method: Annotated[
         list[str] | None, typer.Option("--method", help="A method of the ladder; may repeat. Default: the default one.")
     ] = None,
@@ -373,8 +378,8 @@ def sweep(
     gammas: Annotated[str | None, typer.Option(help="γ values, e.g. 0.1,0.25,0.5 (resta).")] = None,
     eval_cmd: Annotated[
         str | None,
-        typer.Option(help="Shell command run once per point, {adapter} replaced by its folder; its last stdout line "
-                     "is one JSON object of numeric metrics (e.g. csulora eval … --adapter {adapter})."),
+        typer.Option(help="Shell command run once per point, {adapter} (or {model}) replaced by its folder; its last "
+                     "stdout line is one JSON object of numeric metrics (e.g. csulora eval … --adapter {adapter})."),
     ] = None,
     eval_timeout: Annotated[float | None, typer.Option(help="Seconds before an evaluation counts as failed.")] = None,
     pick: Annotated[
@@ -400,6 +405,9 @@ def sweep(
 
     screen = err if opts["json_out"] else out
     with _errors(opts["debug"]):
+        _one_input([adapter] if adapter else None, model)
+        if target_modules is not None and model is None:
+            raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
         rules = [parse_rule(r) for r in pick or []]
         axes = tuple(plot.split(",")) if plot else None
         if axes is not None and len(axes) != 2:
@@ -409,10 +417,11 @@ def sweep(
         points = plan(method or [opts.settings().method], opts.settings(), grids)
         with _progress(opts["quiet"]) as progress:
             result = run_sweep(
-                adapter, opts["aligned"], opts["base"], output, points, eval_cmd=eval_cmd, eval_timeout=eval_timeout,
-                rules=rules, maximize=maximize, skip_existing=skip_existing, force=force,
+                adapter or model, opts["aligned"], opts["base"], output, points, eval_cmd=eval_cmd,
+                eval_timeout=eval_timeout, rules=rules, maximize=maximize, skip_existing=skip_existing, force=force,
                 trust_pickle=opts["trust_pickle"], subspaces=opts.source(), progress=progress, plot=axes,
-                jobs=opts.jobs(),
+                jobs=opts.jobs(), model=model is not None, target_modules=target_modules,
+                notice=lambda text: err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True),
             )  # fmt: skip
     if not opts["quiet"]:
         screen.print(sweep_table(result))

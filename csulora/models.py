@@ -105,6 +105,16 @@ def sanitize_model(
     return Result(found["report"], out, {"total_s": time.perf_counter() - t0})
 
 
+def check_model_inputs(model: str | Path, aligned: str, base: str | None = None,
+                       target_modules: str | None = None) -> int:  # fmt: skip
+    """Read the model's and both checkpoints' headers as ``sanitize_model()`` does first (bad input fails here);
+    the bytes of the model's shards, what each sanitized copy takes on disk."""
+    inputs = _load(parse_ref(str(model)), aligned, base, target_modules)
+    inputs.model.close()
+    inputs.pair.close()
+    return sum((inputs.model.folder / s).stat().st_size for s in set(inputs.model.weight_map.values()))
+
+
 def audit_model(
     model: str | Path,
     aligned: str,

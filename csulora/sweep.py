@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .batch import is_complete
 from .cache import SubspaceSource
 from .errors import CsuloraError
 from .methods import METHODS, validate
+from .models import check_model_inputs, sanitize_model
 from .outputs import replace_file, write_folder
 from .settings import Settings
 from .sweep_render import write_pictures
@@ -67,11 +69,14 @@ def plan(methods: list[str], base: Settings, grids: dict[str, list[float]]) -> l
     return points
 
 
-def point_command(adapter: Path, aligned: str, base: str | None, point: Point, out: Path) -> list[str]:
+def point_command(source: Path, aligned: str, base: str | None, point: Point, out: Path, model: bool = False,
+                  target_modules: str | None = None) -> list[str]:  # fmt: skip
     """The ``csulora sanitize`` command that writes this point's folder by itself (its model card says it)."""
     s = point.settings
-    command = ["csulora", "sanitize", "--adapter", str(adapter), "--aligned", aligned,
-               *(["--base", base] if base else []), "--method", s.method, "--form", s.form]  # fmt: skip
+    what = ["--model", str(source), *(["--target-modules", target_modules] if target_modules else [])] if model else [
+        "--adapter", str(source)]  # fmt: skip
+    command = ["csulora", "sanitize", *what, "--aligned", aligned, *(["--base", base] if base else []),
+               "--method", s.method, *([] if model else ["--form", s.form])]  # fmt: skip
     if "lam" in METHODS[s.method].grid:
         command += ["--lambda", _number(s.lam)]
     if "beta" in METHODS[s.method].grid:
@@ -96,7 +101,7 @@ class Evaluation:
 def evaluate(command: str, folder: Path, timeout: float | None = None) -> tuple[Evaluation, str]:
     """Run ``command`` with ``{adapter}`` replaced by the (shell-quoted) folder; the last non-empty line of its
     stdout must be one JSON object of numbers. Returns the evaluation and the tail of its stderr."""
-    cmd = command.replace("{adapter}", shlex.quote(str(folder)))
+    cmd = command.replace("{adapter}", shlex.quote(str(folder))).replace("{model}", shlex.quote(str(folder)))
     try:
         proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -138,9 +143,15 @@ def run_sweep(
     progress: Progress | None = None,
     plot: tuple[str, str] | None = None,
     jobs: int | None = None,
+    model: bool = False,
+    target_modules: str | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Write every point (resuming with ``skip_existing``), evaluate it, pick, and write ``OUT/sweep.json``,
-    ``OUT/picked/`` and the pictures. Failures of one point are recorded, not raised."""
+    ``OUT/picked/`` and the pictures. Failures of one point are recorded, not raised. ``model``: the first
+    argument is a full fine-tune or merged model (``sanitize_model``), and every point is a whole model: a point
+    costs the model's size on disk, which must be free before the first one is written; ``notice`` hears what the
+    sweep will take, before it starts."""
     rules = rules or []
     if rules and maximize is None:
         raise CsuloraError("--pick needs --maximize METRIC: which qualifying point is best")
@@ -153,7 +164,21 @@ def run_sweep(
     if existing and not (skip_existing or force):
         raise CsuloraError(f"{out}: holds a sweep already ({existing[0]}); pass --skip-existing to resume it or "
                            "--force to redo it")  # fmt: skip
-    check_inputs(adapter, aligned, base, trust_pickle)  # bad input is one error, not N failed points
+    if model:  # bad input is one error, not N failed points
+        if any(p.settings.form != "factored" or p.settings.top_n is not None for p in points):
+            raise CsuloraError("--form block and --top-n do not apply to --model: a full model is corrected by each "
+                               "method's exact form, Safe LoRA by --thresholds")  # fmt: skip
+        size = check_model_inputs(adapter, aligned, base, target_modules)
+        todo = [p for p in points if force or not (skip_existing and is_complete(out / p.id))]
+        free = shutil.disk_usage(out if out.exists() else out.parent if out.parent.exists() else Path.cwd()).free
+        need = f"{len(todo)} points × {_size(size)} (the model's size) = {_size(size * len(todo))}"
+        if size * len(todo) > free:
+            raise CsuloraError(f"{out}: {need} needed, and {_size(free)} are free; sweep fewer points or choose "
+                               "another -o")  # fmt: skip
+        if notice:
+            notice(f"every point is a whole model: {need} under {out}")
+    else:
+        check_inputs(adapter, aligned, base, trust_pickle)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -163,11 +188,12 @@ def run_sweep(
         source = subspaces if subspaces is not None else SubspaceSource.open()
         if source.cache is None:  # --no-cache: still one subspace pass for the whole ladder
             source = SubspaceSource.open(scratch)
+        write = _writer(adapter, aligned, base, model, target_modules, force or skip_existing, trust_pickle, source,
+                        progress, jobs)  # fmt: skip
         for i, point in enumerate(points):
             if progress:
                 progress("points", i, len(points), point.id)
-            result.points.append(_point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_existing,
-                                        force, trust_pickle, source, progress, jobs))  # fmt: skip
+            result.points.append(_point(point, out, write, eval_cmd, eval_timeout, skip_existing))
             _write_json(out, result)
         if progress:
             progress("points", len(points), len(points), "")
@@ -184,18 +210,35 @@ def run_sweep(
     return result
 
 
-def _point(point, adapter, aligned, base, out, eval_cmd, eval_timeout, skip_existing, force, trust_pickle, source,
-           progress, jobs) -> dict:  # fmt: skip
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _writer(source_path, aligned, base, model, target_modules, force, trust_pickle, subspaces, progress, jobs):
+    """What writes one point's folder: ``sanitize`` of the adapter, or ``sanitize_model`` of the model, with the
+    ladder's shared inputs and subspace source."""
+
+    def write(point: Point, folder: Path) -> None:
+        command = point_command(source_path, aligned, base, point, folder, model, target_modules)
+        common = dict(settings=point.settings, force=force, command=command, progress=progress, subspaces=subspaces,
+                      jobs=jobs)  # fmt: skip
+        if model:
+            sanitize_model(source_path, aligned, base, folder, target_modules=target_modules, **common)
+        else:
+            sanitize(source_path, aligned, base, folder, trust_pickle=trust_pickle, **common)
+
+    return write
+
+
+def _point(point: Point, out: Path, write, eval_cmd: str | None, eval_timeout: float | None,
+           skip_existing: bool) -> dict:  # fmt: skip
     folder = out / point.id
     record = {"id": point.id, "method": point.method, "settings": point.grid, "path": point.id, "status": "ok",
               "metrics": {}, "totals": None, "message": ""}  # fmt: skip
     done = skip_existing and is_complete(folder)
     if not done:
         try:
-            sanitize(adapter, aligned, base, folder, settings=point.settings, force=force or skip_existing,
-                     trust_pickle=trust_pickle,
-                     command=point_command(adapter, aligned, base, point, folder), progress=progress,
-                     subspaces=source, jobs=jobs)  # fmt: skip
+            write(point, folder)
         except CsuloraError as e:
             return {**record, "status": "failed", "message": str(e)}
         except Exception as e:  # an unexpected failure of one point must not lose the others (as in a batch)

@@ -224,3 +224,31 @@ def test_expert_stacks_of_a_model_are_corrected_one_expert_at_a_time(tmp_path):
         dW, D = ft[key][e].double() - W_a[key][e].double(), W_a[key][e].double() - W_b[key][e].double()
         X = expected_delta("realign", METHODS["realign"], dW, D, rows[f"{key}[{e}]"].k, None, "factored", False)
         assert float((out[key][e].double() - (W_a[key][e].double() + X)).abs().max()) < 1e-5 * float(dW.abs().max())
+
+
+def test_sweep_of_a_model_writes_whole_models_and_picks_one(full, tmp_path, monkeypatch):
+    """``sweep --model``: each point a sanitized copy of the model, evaluated and picked as adapter points are;
+    the disk it needs is said first, and a sweep that would not fit is refused before anything is written."""
+    out = tmp_path / "sweep"
+    metric = ("python -c \"import json, sys, pathlib; r = json.loads((pathlib.Path(sys.argv[1]) / "
+              "'csulora_report.json').read_text()); print(json.dumps({'retained': r['totals']['retained_norm']}))\" "
+              "{model}")  # fmt: skip
+    args = ["sweep", "--model", full["model"], "--aligned", full["aligned"], "--method", "realign", "--method",
+            "resta", "--lambdas", "1,inf", "--gammas", "0.1", "-q"]  # fmt: skip
+    proc = run_cli(*args, "-o", out, "--eval-cmd", metric, "--maximize", "retained", in_process=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "every point is a whole model: 3 points ×" in proc.stderr
+    document = json.loads((out / "sweep.json").read_text())
+    assert [p["status"] for p in document["points"]] == ["ok"] * 3 and document["picked"]
+    for p in document["points"]:
+        assert sorted(f.name for f in (out / p["id"]).glob("*.safetensors")) == sorted(
+            f.name for f in full["model"].glob("*.safetensors"))
+        card = (out / p["id"] / "README.md").read_text()
+        assert "csulora sanitize --model" in card and "--form" not in card
+    assert (out / "picked" / "model.safetensors.index.json").is_file()
+    import csulora.sweep
+
+    monkeypatch.setattr(csulora.sweep.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))
+    refused = run_cli(*args, "-o", tmp_path / "sweep2", in_process=True)
+    assert_one_line_error(refused, "needed", "are free")
+    assert not (tmp_path / "sweep2" / "sweep.json").exists()
