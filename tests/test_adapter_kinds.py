@@ -262,3 +262,28 @@ def test_block_form_is_refused_when_an_embedding_lora_is_kept(tmp_path):
     with pytest.raises(CsuloraError, match="use --form factored"):
         sanitize(adapter, str(pair["aligned"]), str(pair["base"]), tmp_path / "out",
                  settings=Settings(form="block"), subspaces=NO_CACHE)  # fmt: skip
+
+
+def test_block_form_pads_experts_of_different_ranks(mixtral, tmp_path):
+    """With the energy rule the experts of one stack get different k, so different ranks r + k in the block
+    form: each is zero-padded to the stack's largest, PEFT loads it, and every expert merges to §5b exactly."""
+    from tests.test_matrix import World, check
+
+    model = load(mixtral["base"])
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # expert e's displacement has e + 1 equal singular values: k = e + 1 at η = 0.95
+        for p in (layer.mlp.experts.gate_up_proj for layer in model.model.layers):
+            for e in range(p.shape[0]):
+                U, _ = torch.linalg.qr(torch.randn(p.shape[1], e + 1, generator=g))
+                V, _ = torch.linalg.qr(torch.randn(p.shape[2], e + 1, generator=g))
+                p[e] += 0.3 * U @ V.T
+    model.save_pretrained(tmp_path / "chat")
+    out = tmp_path / "block"
+    settings = Settings(method="realign", form="block", lam=4.0, beta=0.5, subspace_energy=0.95, exact_svd=True)
+    result = sanitize(mixtral["adapter"], str(tmp_path / "chat"), str(mixtral["base"]), out, settings=settings,
+                      subspaces=NO_CACHE)  # fmt: skip
+    stack = [m for m in result.report.modules if m.module.startswith("model.layers.0.mlp.experts.gate_up_proj[")]
+    assert len({m.k for m in stack}) > 1, "the rule must give the experts different ranks"
+    assert {m.output_rank for m in stack} == {max(m.rank + m.k for m in stack)}
+    world = World("mixtral", mixtral["base"], tmp_path / "chat", {"lora": mixtral["adapter"]})
+    assert check(world, "lora", "realign", "block", out, {"lam": 4.0, "beta": 0.5}) < 1e-5

@@ -189,9 +189,10 @@ def dora_merged(W, dW, magnitude):
     return magnitude[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True)
 
 
-def check(world: World, kind: str, method: str, form: str, out: Path) -> float:
+def check(world: World, kind: str, method: str, form: str, out: Path, values: dict | None = None) -> float:
     """Load the output in PEFT (no missing or unexpected key), merge it, compare every weight; the worst error
-    relative to the largest entry of its update."""
+    relative to the largest entry of its update. ``values``: the method's settings (default ``METHODS``')."""
+    values = METHODS[method] if values is None else values
     from peft import PeftModel
 
     report = json.loads((out / "csulora_report.json").read_text())
@@ -219,7 +220,7 @@ def check(world: World, kind: str, method: str, form: str, out: Path) -> float:
             flip = module.fan_in_fan_out or name in rows and rows[name]["kind"] == "embedding"  # stored (d_in, d_out)
             lin = (lambda t: t.T) if flip else (lambda t: t)  # noqa: E731
             dW, D = lin(d), lin(a.double() - b.double())
-            X = expected_delta(method, METHODS[method], dW, D, row["k"], row["rank"], form, row["safe_lora_projected"])
+            X = expected_delta(method, values, dW, D, row["k"], row["rank"], form, row["safe_lora_projected"])
             got = merged[param][e] if experts else merged[param]
             if module.use_dora.get("default"):
                 m = module.lora_magnitude_vector["default"].weight.detach().double()
@@ -235,7 +236,7 @@ def check(world: World, kind: str, method: str, form: str, out: Path) -> float:
         param = row["module"].replace(".base_layer", "") + ".weight"
         a, W = W_a[param].double(), saved[param].double()
         dW, D = W - a, a - W_b[param].double()
-        X = expected_delta(method, METHODS[method], dW, D, row["k"], None, form, row["safe_lora_projected"])
+        X = expected_delta(method, values, dW, D, row["k"], None, form, row["safe_lora_projected"])
         err = float((merged[param].double() - (a + X)).abs().max()) / float(dW.abs().max())
         assert err < 1e-5, (world.arch, kind, method, "dense", param, err)
         worst = max(worst, err)
