@@ -252,7 +252,9 @@ def forms(arch: str, method: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_method_loads_and_merges_as_the_spec_says(world, kind, tmp_path):
+def test_every_method_loads_and_merges_as_the_spec_says(world, kind, tmp_path, record_property):
+    """(The worst relative error of each pair is recorded: ``pytest tests/test_matrix.py --junitxml=FILE``.)"""
+    worst = 0.0
     for method, values in METHODS.items():
         for form in forms(world.arch, method):
             settings = Settings(method=method, form=form, subspace_rank=K, exact_svd=True, **values)
@@ -260,4 +262,5 @@ def test_every_method_loads_and_merges_as_the_spec_says(world, kind, tmp_path):
             result = sanitize(world.adapters[kind], str(world.aligned), str(world.base), out, settings=settings,
                               subspaces=SubspaceSource.open(enabled=False))  # fmt: skip
             assert result.report.modules, (world.arch, kind)
-            check(world, kind, method, form, out)
+            worst = max(worst, check(world, kind, method, form, out))
+    record_property("worst_error", worst)
