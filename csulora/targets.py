@@ -15,7 +15,7 @@ import torch
 from .adapters import PREFIX, Adapter, DenseModule, Kept, Layer, LoraModule, rank_and_alpha, targeted_module
 from .checkpoints import Checkpoint
 from .errors import CsuloraError
-from .layouts import TRANSPOSED_EXPERTS, Source, Target, expert_count, resolve
+from .layouts import TRANSPOSED_EXPERTS, Target, expert_count, resolve
 
 # Parameters of one module are wrapped in the order the module declares them (the first is innermost).
 # When the factors' shapes fit more than one assignment, this order of the usual expert parameters decides.
@@ -27,10 +27,6 @@ class Plan:
     modules: list[LoraModule] = field(default_factory=list)
     dense: list[DenseModule] = field(default_factory=list)
     kept: list[Kept] = field(default_factory=list)
-    sources: dict[str, Source] = field(default_factory=dict)  # target id → where the aligned checkpoint holds it
-
-    def source(self, target: Target) -> Source:
-        return self.sources[target.id]
 
 
 def bind(adapter: Adapter, aligned: Checkpoint) -> Plan:
@@ -45,9 +41,7 @@ def bind(adapter: Adapter, aligned: Checkpoint) -> Plan:
             wrapped.setdefault(layer.module, []).append(layer)
     for module, layers in sorted(wrapped.items()):
         plan.modules += _wrapped(adapter, aligned, module, layers)
-    for m in plan.modules:
-        plan.sources[m.target.id] = aligned.source(m.target)
-    aligned.require(sorted({k for s in plan.sources.values() for k in s.keys}))
+    aligned.require(sorted({k for m in plan.modules for k in aligned.source(m.target).keys}))
     plan.modules = [m for m in plan.modules if _fits(adapter, aligned, plan, m)]
     _full_tensors(adapter, aligned, plan)
     return plan
@@ -188,7 +182,7 @@ def aligned_model_type(aligned: Checkpoint) -> str | None:
 def _fits(adapter: Adapter, aligned: Checkpoint, plan: Plan, m: LoraModule) -> bool:
     """Whether the aligned weight has the shape the factors imply; an embedding resized for added tokens is kept
     as trained (its factors span rows the aligned model lacks); any other mismatch is another architecture."""
-    stored = aligned.shape(plan.source(m.target))
+    stored = aligned.shape(aligned.source(m.target))
     expected = (m.A.shape[1], m.B.shape[0]) if m.target.transposed else (m.B.shape[0], m.A.shape[1])
     if tuple(stored) == expected:
         return True
@@ -218,7 +212,6 @@ def _full_tensors(adapter: Adapter, aligned: Checkpoint, plan: Plan) -> None:
         if W.ndim == 2 and W.is_floating_point() and tuple(W.shape) == tuple(shape):
             name = key[len(PREFIX) :].removesuffix(".weight")  # a saved base layer keeps its own name
             plan.dense.append(DenseModule(name=name, key=key, W=W, target=Target(param)))
-            plan.sources[param] = source
         elif tuple(W.shape) != tuple(shape):
             plan.kept.append(Kept(key, list(W.shape), "resized", f"shape {list(W.shape)} differs from the aligned "
                                   f"{list(shape)} (tokens added?): kept as trained"))  # fmt: skip
