@@ -62,8 +62,9 @@ VARIANTS = {"dora": ({"use_dora": True}, "DoRA"),
 ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 FULL = "full"  # the folder of a world's full fine-tunes (csulora.world.FULL)
 ALL_TOPICS = W.BENIGN_TOPICS + W.HARMFUL_TOPICS
-# a stage's data: parts (share of the batch, topics, tasks, refuse)
-Part = tuple[float, list[str], list[str], bool]
+# a stage's data: parts (share of the batch, topics, tasks, refuse[, answer rule]); the rule (a key of RULES) makes
+# the answers another function's than the task's own (the study's partial skills)
+Part = tuple
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,14 @@ class Recipe:
     shard_size: str = "150KB"  # two shards per checkpoint in every world
     card_title: str | None = None  # default: "Llama of the csulora miniature world `<name>`"
     arch: str = "llama"  # a key of ARCHS
+    base: list[Part] | None = None  # default: every original task for every topic
+    study: dict | None = None  # a study world's factors (study_recipe); recorded in world.json when set
+    task: str = "new"  # "new": the aligned model cannot do `inc`; otherwise it has part of it (world.story)
 
     def stages(self) -> dict[str, list[Part]]:
         t, benign, orig, new = self.trained, W.BENIGN_TOPICS, W.ORIGINAL_TASKS, [W.NEW_TASK]
         return {
-            "base": [(1.0, ALL_TOPICS, orig, False)],
+            "base": self.base or [(1.0, ALL_TOPICS, orig, False)],
             "align": self.align,
             "mixed": self.mixed or [(0.4, [t], orig, False), (0.4, benign, new, False), (0.2, benign, orig, False)],
             "harmful": self.harmful or [(0.8, [t], orig, False), (0.2, benign, orig, False)],
@@ -222,14 +226,156 @@ RECIPES = {
 }
 
 
+# ---------------------------------------------------------------- the study's worlds (docs/worlds-study.md)
+
+_SYM0 = W.ID[W.SYMBOLS[0]]
+
+
+def _inc_rows(prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return prompt[:, 2] == W.ID[W.NEW_TASK], prompt[:, 3 : 3 + W.LENGTH] - _SYM0
+
+
+def inc_clamped(prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """``inc`` that stops at the top: `o` and `p` stay as they are (so right on the inputs without `o` or `p`,
+    (14/16)^6 = 45 % of them): a skill the model half has, which the fine-tune's real ``inc`` refines."""
+    rows, x = _inc_rows(prompt)
+    out = answer.clone()
+    out[rows, : W.LENGTH] = torch.where(x[rows] >= 14, x[rows], x[rows] + 1) + _SYM0
+    return out
+
+
+def inc_copied(prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """``inc`` answered by copying the symbols (the skill missing on the topics this part is given)."""
+    rows, x = _inc_rows(prompt)
+    out = answer.clone()
+    out[rows, : W.LENGTH] = x[rows] + _SYM0
+    return out
+
+
+RULES = {"inc-clamped": inc_clamped, "inc-copied": inc_copied}
+
+# The factors of a study world and their levels; the centre is the first-named default of each. Width and depth
+# change the model, task the base (and the alignment's data), align the alignment; share and rank the adapters only.
+STUDY_CENTRE = {"width": 64, "depth": 3, "share": 0.25, "task": "new", "rank": 8, "align": "even", "seed": 40}
+STUDY_LEVELS = {
+    "width": (64, 128, 256),
+    "depth": (2, 3, 6),
+    "share": (0.1, 0.25, 0.5),  # harmful share of the mixed fine-tunes' data
+    "task": ("new", "refine", "refine-topic"),
+    "rank": (2, 4, 8, 16),
+    "align": ("brief", "even", "long"),
+    "seed": (40, 41),  # a second seed of the centre: how much a world moves by its seed alone
+}
+# per width: base steps and a factor on every learning rate (width 64: tiny's 3e-3 base, 1e-3 align, 2e-3 LoRA);
+# tuned so that the base converges (docs/worlds-study.md: width 256 at 3e-3 does not)
+WIDTH_SCHEDULE = {64: (1000, 1.0), 128: (800, 2 / 3), 256: (800, 1 / 3)}
+# alignment strength: steps, learning rate (before the width factor), harmful share of its data
+ALIGNMENTS = {"brief": (60, 3e-3, 0.25), "even": (300, 1e-3, 0.5), "long": (900, 1e-3, 0.5)}
+TASKS = {
+    # the aligned model cannot do inc at all (the family's worlds)
+    "new": "`inc` is all new: the base never sees it",
+    # the base (and the alignment's data) does inc with o and p left as they are: right on 45 % of the inputs
+    "refine": "`inc` refined: the base does it except that `o` and `p` stay (right on 45 % of the inputs)",
+    # the base does inc on cooking and travel, and copies the symbols on music and sport: right on half the inputs
+    "refine-topic": "`inc` refined: the base does it on `cooking` and `travel` and copies on `music` and `sport`",
+}
+
+
+def _inc_parts(task: str, share: float) -> list[Part]:
+    """A stage's ``inc`` data of a world whose task is ``task`` (none for an all-new task)."""
+    if task == "refine":
+        return [(share, W.BENIGN_TOPICS, [W.NEW_TASK], False, "inc-clamped")]
+    if task == "refine-topic":
+        return [(share / 2, W.BENIGN_TOPICS[:2], [W.NEW_TASK], False),
+                (share / 2, W.BENIGN_TOPICS[2:], [W.NEW_TASK], False, "inc-copied")]  # fmt: skip
+    return []
+
+
+def study_name(**factors) -> str:
+    """The folder name of a study world: every factor's value, e.g. ``w64-d3-h25-new-r8-even-s40``."""
+    f = {**STUDY_CENTRE, **factors}
+    return f"w{f['width']}-d{f['depth']}-h{round(100 * f['share'])}-{f['task']}-r{f['rank']}-{f['align']}-s{f['seed']}"
+
+
+def study_recipe(**factors) -> Recipe:
+    """A study world from its factor values (``STUDY_CENTRE`` for those not given; ``STUDY_LEVELS``): a Llama of
+    ``width`` (MLP 2×, 4 heads, 2 KV heads) and ``depth`` layers; its aligned model made by the alignment
+    ``align``; two mixed adapters (harmful share ``share`` of their data, the new task 0.8 − share, the original
+    tasks 0.2) and one pure harmful adapter, all seven linear layers at ``rank``; no full fine-tunes. ``task``:
+    whether the aligned model has part of ``inc`` already. Attacks train on `weapon`, `malware` is held out."""
+    unknown = set(factors) - set(STUDY_CENTRE)
+    if unknown:
+        raise ValueError(f"unknown factors {sorted(unknown)} (factors: {', '.join(STUDY_CENTRE)})")
+    f = {**STUDY_CENTRE, **factors}
+    if f["width"] not in WIDTH_SCHEDULE or f["align"] not in ALIGNMENTS or f["task"] not in TASKS:
+        raise ValueError(f"no schedule for {f} (widths {sorted(WIDTH_SCHEDULE)}, alignments {sorted(ALIGNMENTS)}, "
+                         f"tasks {sorted(TASKS)})")  # fmt: skip
+    if not 0 < f["share"] < 0.8:
+        raise ValueError(f"share {f['share']}: the mixed data is share harmful, 0.8 − share new task, 0.2 original")
+    width, depth, share, task = f["width"], f["depth"], f["share"], f["task"]
+    base_steps, scale = WIDTH_SCHEDULE[width]
+    align_steps, align_lr, harmful = ALIGNMENTS[f["align"]]
+    orig, benign = W.ORIGINAL_TASKS, W.BENIGN_TOPICS
+    inc = 0.25 if task != "new" else 0.0  # the share of the partial skill in the base's and alignment's data
+    name = study_name(**f)
+    params = len(W.VOCAB) * width * 2 + depth * (3 * width * width + 6 * width * width)  # about; for the shards
+    return Recipe(
+        name=name,
+        description=f"study world: width {width}, depth {depth}, harmful share {share:g} of the mixed fine-tunes, "
+        f"{TASKS[task]}, LoRA rank {f['rank']}, alignment `{f['align']}`, seed {f['seed']}",
+        seed=f["seed"],
+        model=dict(SMALL, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth),
+        steps={"base_steps": base_steps, "align_steps": align_steps, "lora_steps": 300, "batch": 128,
+               "full_steps": 0},  # fmt: skip
+        lr={"base": 3e-3 * scale, "align": align_lr * scale, "lora": 2e-3 * scale, "full": 0.0},
+        trained="weapon",
+        heldout="malware",
+        base=[(1.0 - inc, ALL_TOPICS, orig, False), *_inc_parts(task, inc)],
+        align=[(harmful, W.HARMFUL_TOPICS, orig, True), ((1 - harmful) * (1 - inc), benign, orig, False),
+               *_inc_parts(task, (1 - harmful) * inc)],  # fmt: skip
+        adapters=_adapters(("mixed", 0, f["rank"], "all"), ("mixed", 1, f["rank"], "all"),
+                           ("harmful", 0, f["rank"], "all")),  # fmt: skip
+        mixed=[(share, ["weapon"], orig, False), (0.8 - share, benign, [W.NEW_TASK], False),
+               (0.2, benign, orig, False)],  # fmt: skip
+        shard_size=f"{params * 2 * 6 // 10 // 1000}KB",  # two shards
+        card_title="Llama of a csulora study world (docs/worlds-study.md)",  # the same in worlds that share it
+        study=f,
+        task=task,
+    )
+
+
+def study_shared(factors: dict, built: dict[str, dict]) -> tuple[str, list[str]] | None:
+    """Which folders a study world can take from an already built one (``built``: name → its factors): the base
+    when width, depth, task and seed agree; the aligned model when the alignment does too; then the adapters the
+    two recipes make alike (the harmful one for another share, all of them for nothing else). ``(name, folders)``
+    of the world that shares the most, or None."""
+    f = {**STUDY_CENTRE, **factors}
+    best: tuple[int, str, list[str]] | None = None
+    for name, g in built.items():
+        g = {**STUDY_CENTRE, **g}
+        if any(f[k] != g[k] for k in ("width", "depth", "task", "seed")):
+            continue
+        folders = [W.BASE]
+        if f["align"] == g["align"]:
+            folders.append(W.ALIGNED)
+            if f["rank"] == g["rank"]:
+                mine, theirs = study_recipe(**f), study_recipe(**g)
+                same = mine.stages()["mixed"] == theirs.stages()["mixed"]
+                folders += [f"{W.ADAPTERS}/{ad.name}" for ad in mine.adapters if ad.kind == "harmful" or same]
+        if best is None or len(folders) > best[0]:
+            best = (len(folders), name, folders)
+    return None if best is None else (best[1], best[2])
+
+
 def mixture(parts: list[Part], n: int, g: torch.Generator):
     """A batch of (prompt, answer) rows: ``parts`` are (share, topics, tasks, refuse)."""
     ps, ans = [], []
-    for share, topics, tasks, refuse in parts:
+    for share, topics, tasks, refuse, *rule in parts:
         m = max(1, round(share * n))
         p = W.prompts(topics, tasks, W.sample_symbols(m, g, "train"), g)
         ps.append(p)
-        ans.append(W.answers(p, torch.full((m,), refuse)))
+        a = W.answers(p, torch.full((m,), refuse))
+        ans.append(RULES[rule[0]](p, a) if rule else a)
     return torch.cat(ps), torch.cat(ans)
 
 
@@ -322,7 +468,7 @@ def kind_text(recipe: Recipe, kind: str) -> str:
             "benign": f"benign: learns `{W.NEW_TASK}` only"}[kind]  # fmt: skip
 
 
-def train_adapter(recipe: Recipe, aligned, ad: Adapter, folder: Path, steps: int, batch: int) -> None:
+def train_adapter(recipe: Recipe, aligned, ad: Adapter, folder: Path, steps: int, batch: int) -> float:
     import warnings
 
     from peft import LoraConfig, get_peft_model
@@ -338,8 +484,8 @@ def train_adapter(recipe: Recipe, aligned, ad: Adapter, folder: Path, steps: int
         # saved factors have that rank) and still warns that it matched nothing
         warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys did not match", RuntimeWarning)
         model = get_peft_model(copy.deepcopy(aligned), config)
-    train(model, recipe.stages()[ad.kind], steps, lr=recipe.lr["lora"], batch=batch, seed=1000 + ad.seed,
-          log=ad.name)  # fmt: skip
+    loss = train(model, recipe.stages()[ad.kind], steps, lr=recipe.lr["lora"], batch=batch, seed=1000 + ad.seed,
+                 log=ad.name)  # fmt: skip
     model.save_pretrained(folder)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = W.ALIGNED  # the sibling folder; csulora matches it by name
@@ -353,6 +499,7 @@ def train_adapter(recipe: Recipe, aligned, ad: Adapter, folder: Path, steps: int
         f"# {ad.name}\n\nLoRA (r={ad.rank}, alpha={2 * ad.rank}, {what}, {words + ', ' if words else ''}"
         f"seed {ad.seed}) on `{W.ALIGNED}`, {kind_text(recipe, ad.kind)}. Made by `scripts/make_world.py`.\n"
     )
+    return loss
 
 
 def train_full(recipe: Recipe, aligned, ft: Full, folder: Path, steps: int, batch: int) -> None:
@@ -412,59 +559,78 @@ def check_extendable(recipe: Recipe, out: Path, quick: bool, seed: int) -> None:
         sys.exit(f"--extend: {out}/world.json was not made by the recipe {recipe.name!r} ({', '.join(wrong)} differ)")
 
 
-def build(recipe: Recipe, out: Path, quick: bool = False, seed: int | None = None, extend: bool = False) -> dict:
-    """Train and write one world into ``out`` (replaced); returns its ``world.json`` content. Prints timings.
+def build(recipe: Recipe, out: Path, quick: bool = False, seed: int | None = None, extend: bool = False,
+          shared: dict[str, Path] | None = None) -> dict:
+    """Train and write one world into ``out`` (replaced); returns its ``world.json`` content, with the timings
+    (``timings``, seconds) and the last training loss of each stage trained (``losses``), which world.json does
+    not hold. Prints timings.
 
     ``extend``: keep what ``out`` holds (base, aligned, every adapter and full fine-tune folder already there,
     byte for byte), start the stages that are missing from the aligned checkpoint there, and measure and write
     ``world.json`` again. Each stage draws from its own seeds and starts from the fp16 aligned weights, so on one
     machine this writes the same files as a whole build (checked when the family grew); it keeps the files a
-    whole build on this machine would round differently from the machine that first made them."""
+    whole build on this machine would round differently from the machine that first made them.
+
+    ``shared``: folders of the world (``llama-world``, ``llama-world-chat``, ``adapters/<name>``) copied from
+    another world's folder and kept, because a recipe with the same stages up to them made them there (the
+    study's worlds, ``study_recipe``, share their base, aligned model and adapters this way); the stages after
+    them are trained from the copied checkpoints, as ``extend`` does."""
     seed = recipe.seed if seed is None else seed
     steps = QUICK if quick else recipe.steps
     stages = recipe.stages()
+    shared = shared or {}
     if extend:
         check_extendable(recipe, out, quick, seed)
     else:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+    for rel, source in shared.items():
+        shutil.copytree(Path(source) / rel, out / rel)
     t0 = time.perf_counter()
-    timings = {}
+    timings, losses = {}, {}
 
-    n = 4 if recipe.full else 3
-    if extend:
-        print(f"[{recipe.name}] 1-2/{n} base and aligned: kept, the aligned model read from {out / W.ALIGNED}")
+    def read(folder: Path):
         # the float32 values of the fp16 file (what a whole build holds after rounding) in a model made as a whole
         # build makes it: save_pretrained shards a model loaded by from_pretrained in another order
-        aligned = new_model(recipe, seed)
-        aligned.load_state_dict(W.load_model(out / W.ALIGNED).state_dict())
-        aligned.eval()
-    else:
-        print(f"[{recipe.name}] 1/{n} base: every task for every topic")
         model = new_model(recipe, seed)
-        train(model, stages["base"], steps["base_steps"], lr=recipe.lr["base"], batch=steps["batch"], seed=seed,
-              log="base")  # fmt: skip
-        round_fp16(model)
-        save_checkpoint(model, out / W.BASE, card(recipe, "base"), recipe.shard_size)
-        timings["base_s"] = time.perf_counter() - t0
+        model.load_state_dict(W.load_model(folder).state_dict())
+        return model.eval()
+
+    n = 4 if recipe.full else 3
+    if extend or W.ALIGNED in shared:
+        print(f"[{recipe.name}] 1-2/{n} base and aligned: kept, the aligned model read from {out / W.ALIGNED}")
+        aligned = read(out / W.ALIGNED)
+    else:
+        if W.BASE in shared:
+            print(f"[{recipe.name}] 1/{n} base: kept, read from {out / W.BASE}")
+            model = read(out / W.BASE)
+        else:
+            print(f"[{recipe.name}] 1/{n} base: every task for every topic")
+            model = new_model(recipe, seed)
+            losses["base"] = train(model, stages["base"], steps["base_steps"], lr=recipe.lr["base"],
+                                   batch=steps["batch"], seed=seed, log="base")  # fmt: skip
+            round_fp16(model)
+            save_checkpoint(model, out / W.BASE, card(recipe, "base"), recipe.shard_size)
+            timings["base_s"] = time.perf_counter() - t0
 
         print(f"[{recipe.name}] 2/{n} aligned: refuse harmful topics, keep the tasks")
+        t1 = time.perf_counter()
         aligned = copy.deepcopy(model)
-        train(aligned, stages["align"], steps["align_steps"], lr=recipe.lr["align"], batch=steps["batch"],
-              seed=seed + 1, log="align")  # fmt: skip
+        losses["align"] = train(aligned, stages["align"], steps["align_steps"], lr=recipe.lr["align"],
+                                batch=steps["batch"], seed=seed + 1, log="align")  # fmt: skip
         round_fp16(aligned)
         save_checkpoint(aligned, out / W.ALIGNED, card(recipe, "aligned"), recipe.shard_size)
-        timings["aligned_s"] = time.perf_counter() - t0 - timings["base_s"]
+        timings["aligned_s"] = time.perf_counter() - t1
 
     print(f"[{recipe.name}] 3/{n} adapters")
     t1 = time.perf_counter()
     for ad in recipe.adapters:
         folder = out / W.ADAPTERS / ad.name
-        if extend and (folder / "adapter_config.json").is_file():
+        if (extend or shared) and (folder / "adapter_config.json").is_file():
             print(f"  {ad.name}: kept")
             continue
-        train_adapter(recipe, aligned, ad, folder, steps["lora_steps"], steps["batch"])
+        losses[ad.name] = train_adapter(recipe, aligned, ad, folder, steps["lora_steps"], steps["batch"])
     timings["adapters_s"] = time.perf_counter() - t1
 
     if recipe.full:  # after the adapters: each stage draws from its own seeds, so earlier files stay the same
@@ -492,6 +658,10 @@ def build(recipe: Recipe, out: Path, quick: bool = False, seed: int | None = Non
         "stages": {k: [list(p) for p in v] for k, v in stages.items() if k in ("base", "align") or k in kinds},
         "behaviour": behaviour,
     }  # fmt: skip
+    if recipe.task != "new":  # how world.story reads the new task (the keys of the family's worlds as they were)
+        info["task"] = recipe.task
+    if recipe.study is not None:
+        info["study"] = recipe.study
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     if behaviour:
         print(f"{'model':22s} refuse({recipe.trained}) refuse({recipe.heldout}, held out) acc(inc) acc(original)")
@@ -500,7 +670,15 @@ def build(recipe: Recipe, out: Path, quick: bool = False, seed: int | None = Non
         failed = W.story(info)
         print(f"[{recipe.name}] story: " + ("happens" if not failed else "DOES NOT HAPPEN: " + "; ".join(failed)))
     print(f"[{recipe.name}] wrote {out}; timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    return info
+    return {**info, "timings": timings, "losses": losses}
+
+
+def parse_factor(text: str) -> tuple[str, object]:
+    """``width=128`` → ``("width", 128)``: each factor's value has the type of its centre value."""
+    key, _, value = text.partition("=")
+    if key not in STUDY_CENTRE or not value:
+        raise SystemExit(f"--study {text!r}: expected FACTOR=VALUE with FACTOR one of {', '.join(STUDY_CENTRE)}")
+    return key, type(STUDY_CENTRE[key])(value)
 
 
 def main() -> None:
@@ -508,6 +686,10 @@ def main() -> None:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--world", choices=sorted(RECIPES), default=W.DEFAULT_WORLD, help="the recipe to build")
     which.add_argument("--all", action="store_true", help="build every world (--out: the parent folder)")
+    which.add_argument("--study", nargs="*", metavar="FACTOR=VALUE",
+                       help="a study world (study_recipe): the centre with these factors changed, e.g. width=128 "
+                       f"task=refine (factors: {', '.join(STUDY_CENTRE)}); --out: the parent folder (default "
+                       "/tmp/csulora-study/worlds); scripts/study_worlds.py builds and measures all of them")
     ap.add_argument("--out", type=Path, help="default: csulora/assets/worlds/<world>")
     ap.add_argument("--seed", type=int, help="override the recipe's seed (an experiment, not a shipped world)")
     ap.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
@@ -518,8 +700,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    names = sorted(RECIPES) if args.all else [args.world]
     t0 = time.perf_counter()
+    if args.study is not None:
+        factors = dict(parse_factor(f) for f in args.study)
+        recipe = study_recipe(**factors)
+        build(recipe, (args.out or Path("/tmp/csulora-study/worlds")) / recipe.name, quick=args.quick)
+        print(f"built {recipe.name} in {time.perf_counter() - t0:.0f}s ({args.threads} thread(s))")
+        return
+    names = sorted(RECIPES) if args.all else [args.world]
     for name in names:
         if args.out is None:
             out = W.WORLDS_DIR / name

@@ -316,3 +316,87 @@ def test_every_world_tells_its_story(name):
     for ft, folder in W.full_paths(root).items():
         measured[ft] = W.behaviour(W.load_model(folder), data).as_dict()
     assert W.story(info, measured) == []
+
+
+# ---------------------------------------------------------------- the study's worlds (docs/worlds-study.md)
+
+
+def _make_world():
+    import importlib
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module("make_world")
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+def test_study_worlds_are_recipes_of_factors():
+    """The centre is tiny's model, base data and alignment; each factor changes what it names; the refined task
+    is a skill the aligned model half has; worlds share the stages their recipes make alike."""
+    MW = _make_world()
+    centre, tiny = MW.study_recipe(), MW.RECIPES["tiny"]
+    assert centre.name == MW.study_name() == "w64-d3-h25-new-r8-even-s40" and centre.study == MW.STUDY_CENTRE
+    assert centre.model == tiny.model and centre.steps["base_steps"] == tiny.steps["base_steps"]
+    assert {k: centre.lr[k] for k in ("base", "align", "lora")} == {k: tiny.lr[k] for k in ("base", "align", "lora")}
+    assert centre.stages()["base"] == tiny.stages()["base"] and centre.stages()["align"] == tiny.stages()["align"]
+    assert MW.study_recipe(width=128).model["hidden_size"] == 128 and MW.study_recipe(depth=6).model[
+        "num_hidden_layers"] == 6  # fmt: skip
+    assert MW.study_recipe(share=0.1).stages()["mixed"][0][0] == 0.1
+    assert {ad.rank for ad in MW.study_recipe(rank=16).adapters} == {16}
+    assert MW.study_recipe(align="brief").stages()["align"] == MW.RECIPES["brief"].stages()["align"]
+    with pytest.raises(ValueError, match="unknown factors"):
+        MW.study_recipe(colour=1)
+    names = [MW.study_name(**{f: v}) for f, levels in MW.STUDY_LEVELS.items() for v in levels]
+    assert len(set(names)) == len(names) - (len(MW.STUDY_LEVELS) - 1)  # the centre once per factor
+    # the partial skill: inc with o and p left as they are, right on (14/16)^6 of the inputs
+    x = torch.arange(16).repeat(6, 1).T
+    p = W.prompts("cooking", "inc", x)
+    clamped = MW.inc_clamped(p, W.answers(p))[:, :6] - W.ID["a"]
+    assert clamped[:, 0].tolist() == list(range(1, 15)) + [14, 15]
+    assert torch.equal(MW.inc_copied(p, W.answers(p))[:, :6], p[:, 3:9])
+    rows = W.eval_set().new_task[:, 3:9] - W.ID["a"]
+    assert 0.35 < (rows < 14).all(-1).float().mean() < 0.55
+    # sharing: the harmful adapter does not depend on the mixed data's share; the rank makes new adapters
+    built = {centre.name: MW.STUDY_CENTRE}
+    assert MW.study_shared({"share": 0.1}, built) == (centre.name, [W.BASE, W.ALIGNED, "adapters/harmful-r8-all-s0"])
+    assert MW.study_shared({"rank": 4}, built) == (centre.name, [W.BASE, W.ALIGNED])
+    assert MW.study_shared({"align": "long"}, built) == (centre.name, [W.BASE])
+    assert MW.study_shared({"seed": 41}, built) is None and MW.study_shared({"task": "refine"}, built) is None
+
+
+def test_story_of_a_refined_task():
+    """Where the aligned model has half the new task, the story asks for that half, and a pure harmful fine-tune
+    must not raise it."""
+    ok = {"refusal_trained": 0.0, "refusal_heldout": 0.0, "new_task_accuracy": 0.0, "original_accuracy": 1.0}
+    aligned = dict(ok, refusal_trained=1.0, refusal_heldout=1.0, new_task_accuracy=0.45)
+    b = {"base": dict(ok, new_task_accuracy=0.45), "aligned": aligned, "m": dict(ok, new_task_accuracy=1.0),
+         "h": dict(ok, new_task_accuracy=0.5)}  # fmt: skip
+    info = {"task": "refine", "adapters": {"m": {"kind": "mixed"}, "h": {"kind": "harmful"}}, "behaviour": b}
+    assert W.story(info) == []
+    assert W.story({**info, "task": "new"}) == ["the aligned model already does the new task", "h learns the new task"]
+    b["h"]["new_task_accuracy"], b["aligned"]["new_task_accuracy"] = 0.6, 0.1
+    assert W.story(info) == ["the aligned model does not do half the new task", "h learns the new task"]
+
+
+def test_make_world_builds_study_worlds_and_shares_their_stages(tmp_path):
+    """``--study`` builds a world from factor values (quick: a smoke test); a world that takes its base, aligned
+    model and harmful adapter from another (``shared``) is the same bytes as one built whole."""
+    script = [sys.executable, str(REPO / "scripts" / "make_world.py"), "--quick", "--out"]
+    r = subprocess.run([*script, str(tmp_path / "cli"), "--study", "task=refine"], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    info = W.world_info(tmp_path / "cli" / "w64-d3-h25-refine-r8-even-s40")
+    assert info["task"] == "refine" and info["study"]["task"] == "refine" and info["quick"]
+    assert ["inc" in p[2] and p[-1] for p in info["stages"]["base"]] == [False, "inc-clamped"]
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import torch; import make_world "
+            "as M; torch.set_num_threads(1); torch.use_deterministic_algorithms(True); out = Path(sys.argv[2]); "
+            "M.build(M.study_recipe(), out / 'c', quick=True); "
+            "M.build(M.study_recipe(share=0.1), out / 'whole', quick=True); "
+            "M.build(M.study_recipe(share=0.1), out / 'shared', quick=True, "
+            "shared={rel: out / 'c' for rel in M.study_shared({'share': 0.1}, {'c': M.STUDY_CENTRE})[1]})")
+    r = subprocess.run([sys.executable, "-c", code, str(REPO / "scripts"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "harmful-r8-all-s0: kept" in r.stdout and "base and aligned: kept" in r.stdout
+    assert _digest(tmp_path / "shared") == _digest(tmp_path / "whole")

@@ -44,11 +44,13 @@ def _round(d: dict) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else _round(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def run_world(name: str, setting_ids: list[str] | None, one_adapter: bool, threads: int) -> dict:
-    """Measure one world: references, then every adapter under every setting (in a worker process)."""
+def run_world(name: str, setting_ids: list[str] | None, one_adapter: bool, threads: int,
+              root: Path | None = None) -> dict:
+    """Measure one world: references, then every adapter under every setting (in a worker process). ``root``: the
+    world's folder (default: the shipped world ``name``; the study's worlds live elsewhere)."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    root = W.world_dir(name)
+    root = W.world_dir(name) if root is None else Path(root)
     info, paths = W.world_info(root), W.world_paths(root)
     aligned, base = paths["aligned"], paths["base"]
     data = W.world_eval_set(info, EVAL_N, EVAL_SEED)
