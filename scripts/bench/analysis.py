@@ -98,9 +98,13 @@ def analyse(result: dict) -> dict:
         """``agg``: how a setting's scores on the worlds ``ws`` combine (their mean; ``min``: its worst world)."""
         other = "heldout" if crit == "both" else "both"
         mixed = [per_world[w]["means"]["mixed"][sid] for w in ws]
-        # scores compared to 2 decimals: a smaller difference is a prompt or two of one adapter, not a preference
+        # scores compared to 2 decimals: a smaller difference is a prompt or two of one adapter, not a preference;
+        # among equal scores (all 0, say) a setting that keeps the original tasks on every world comes first, so
+        # that "most refusal" cannot pick a setting that breaks the model
+        floors = [per_world[w]["floor_original"] for w in ws]
+        keeps = all(m["original_accuracy"] >= f - EPS for m, f in zip(mixed, floors, strict=True))
         return (round(agg([per_world[w]["single"][sid][crit] for w in ws]), 2),
-                round(agg([per_world[w]["single"][sid][other] for w in ws]), 2),
+                round(agg([per_world[w]["single"][sid][other] for w in ws]), 2), keeps,
                 statistics.fmean(both(m) for m in mixed), statistics.fmean(m["new_task_accuracy"] for m in mixed),
                 -order[sid])  # fmt: skip
 

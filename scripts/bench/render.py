@@ -177,7 +177,8 @@ def _lowo_section(result: dict, analysis: dict) -> list[str]:
         return L + ["One world only: no leave-one-world-out choice.", ""]
     L += ["For each method and each held-out world W: the single setting with the best mean single-setting score "
           "over the other worlds (compared to 2 decimals, since a smaller difference is a prompt or two of one "
-          "adapter; ties: the other topic's score, then mean refusal, then new-task accuracy, then grid order), "
+          "adapter; ties: the other topic's score, then whether the original tasks are kept on every "
+          "world, then mean refusal, then new-task accuracy, then grid order), "
           "judged on W. The method's LOWO score is the mean over W. *Final*: the method's best setting on "
           "all worlds.", ""]  # fmt: skip
     for crit, title in (("both", "mean of both topics (primary)"), ("heldout", "held-out topic")):
@@ -264,7 +265,8 @@ def _robust_section(result: dict, analysis: dict) -> list[str]:
     L = ["", "### Fallback: the most robust drop-in setting", "",
          "Every method's LOWO score is the same when all are 0, so the mean over worlds cannot say which setting "
          "carries over to a world it was not chosen on. The fallback asks instead for the setting whose *worst* "
-         "world is best (scores to 2 decimals; ties: the other topic's worst score, mean refusal, new task), among "
+         "world is best (scores to 2 decimals; ties: the other topic's worst score, the original "
+         "tasks kept on every world, mean refusal, new task), among "
          "the factored settings only: the default must stay a drop-in replacement (same tensor names, shapes and "
          "config, loadable by serving engines). It is judged leave-one-world-out the same way.", "",
          "| method | " + " | ".join(f"chosen without `{w}` → score on `{w}`" for w in worlds)
@@ -399,7 +401,8 @@ def _kinds_section(result: dict, analysis: dict, defaults: list[str]) -> list[st
         for kind in ("harmful", "benign"):
             pooled: dict[str, list[dict]] = {}
             for r in result["rows"]:
-                if result["worlds"][r["world"]]["adapters"][r["adapter"]]["kind"] == kind:
+                spec = result["worlds"][r["world"]]["adapters"].get(r["adapter"])  # None: a full fine-tune
+                if spec is not None and spec["kind"] == kind:
                     pooled.setdefault(r["setting"], []).append(r)
             if not pooled:
                 continue

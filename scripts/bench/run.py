@@ -45,16 +45,17 @@ def _round(d: dict) -> dict:
 
 
 def run_world(name: str, setting_ids: list[str] | None, one_adapter: bool, threads: int,
-              root: Path | None = None) -> dict:
+              root: Path | None = None, settings: list[dict] | None = None) -> dict:
     """Measure one world: references, then every adapter under every setting (in a worker process). ``root``: the
-    world's folder (default: the shipped world ``name``; the study's worlds live elsewhere)."""
+    world's folder (default: the shipped world ``name``; the study's worlds live elsewhere); ``settings``: settings
+    of the grid's form to measure instead of the grid's (``setting_ids`` then picks among them)."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     root = W.world_dir(name) if root is None else Path(root)
     info, paths = W.world_info(root), W.world_paths(root)
     aligned, base = paths["aligned"], paths["base"]
     data = W.world_eval_set(info, EVAL_N, EVAL_SEED)
-    settings = [s for s in grid() if setting_ids is None or s["id"] in setting_ids]
+    settings = [s for s in (grid() if settings is None else settings) if setting_ids is None or s["id"] in setting_ids]
     names = W.adapters_of(info, "mixed")[:1] if one_adapter else [n for k in W.KINDS for n in W.adapters_of(info, k)]
     reference = {k: W.behaviour(W.load_model(paths[k]), data).as_dict() for k in ("base", "aligned")}
     rows, adapters, evaluations, recorded_diff, errors = [], {}, 0, 0.0, []
