@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .subspace import squared_norm
+
 COMPONENTS = ("F", "H_in", "H_out", "O")
 
 
@@ -224,18 +226,20 @@ def best_rank(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor, float]:
 @dataclass(frozen=True)
 class DenseSplit:
     """A dense update ``ΔW`` seen from the subspace: ``UᵀΔW`` ``(k, d_in)``, ``ΔW V`` ``(d_out, k)`` and
-    ``M = UᵀΔW V`` ``(k, k)``, so that ``PΔW = U (UᵀΔW)``, ``ΔWQ = (ΔW V) Vᵀ`` and ``F = U M Vᵀ``."""
+    ``M = UᵀΔW V`` ``(k, k)``, so that ``PΔW = U (UᵀΔW)``, ``ΔWQ = (ΔW V) Vᵀ`` and ``F = U M Vᵀ``; and ``‖ΔW‖²``."""
 
     dW: Tensor
     UtW: Tensor
     WV: Tensor
     M: Tensor
+    total: float
 
 
 def dense_split(dW: Tensor, U: Tensor, V: Tensor) -> DenseSplit:
-    """Decomposition (§3) of a dense ``ΔW`` by its products with ``U`` and ``V``: no ``d × d`` matrix."""
+    """Decomposition (§3) of a dense ``ΔW`` by its products with ``U`` and ``V``: no ``d × d`` matrix. ``‖ΔW‖²``
+    is taken once here, in the one-pass way of ``‖D‖²`` (the energies and the score both need it)."""
     UtW = U.T @ dW
-    return DenseSplit(dW=dW, UtW=UtW, WV=dW @ V, M=UtW @ V)
+    return DenseSplit(dW=dW, UtW=UtW, WV=dW @ V, M=UtW @ V, total=squared_norm(dW))
 
 
 def dense_energies(sp: DenseSplit) -> dict[str, float]:
@@ -245,7 +249,7 @@ def dense_energies(sp: DenseSplit) -> dict[str, float]:
     def sq(x: Tensor) -> float:
         return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
 
-    total, pw, wq, f = sq(sp.dW), sq(sp.UtW), sq(sp.WV), sq(sp.M)
+    total, pw, wq, f = sp.total, sq(sp.UtW), sq(sp.WV), sq(sp.M)
     return {"F": f, "H_in": max(pw - f, 0.0), "H_out": max(wq - f, 0.0), "O": max(total - pw - wq + f, 0.0)}
 
 
@@ -260,7 +264,7 @@ def dense_block(sp: DenseSplit, U: Tensor, V: Tensor, gamma_h: float, gamma_o: f
 
 def realign_dense(dW: Tensor, U: Tensor, V: Tensor, Z: Tensor) -> Tensor:
     """Re-alignment (§5b) of a dense ``ΔW``: ``X* = ΔW + U_k Z V_kᵀ`` with ``Z = c (β Σ_k − M)``."""
-    return dW + (U @ Z) @ V.T
+    return torch.addmm(dW, U @ Z, V.T)  # one d_out × d_in result, not two
 
 
 def safe_lora_score_dense(sp: DenseSplit, S: Tensor) -> float:
@@ -271,7 +275,7 @@ def safe_lora_score_dense(sp: DenseSplit, S: Tensor) -> float:
     S2 = (S.double() ** 2)[:, None]
     UtW = sp.UtW.double()
     inner = float((S2 * UtW * UtW).sum())
-    norms = float(torch.linalg.vector_norm(S2 * UtW)) * float(torch.linalg.vector_norm(sp.dW, dtype=torch.float64))
+    norms = float(torch.linalg.vector_norm(S2 * UtW)) * math.sqrt(sp.total)
     return inner / norms if norms > 0 else 0.0
 
 
@@ -293,4 +297,4 @@ def resta_shift(S: Tensor, gamma: float) -> Tensor:
 
 def resta_dense(dW: Tensor, D: Tensor, gamma: float) -> Tensor:
     """RESTA on a full weight (§5d): ``X = ΔW + γ D``."""
-    return dW + gamma * D
+    return torch.add(dW, D, alpha=gamma)

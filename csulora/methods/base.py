@@ -33,7 +33,7 @@ from ..correction import (
     subspace_block,
 )
 from ..errors import CsuloraError
-from ..precision import cast_back
+from ..precision import cast_back, widen
 from ..report import ModuleRow
 from ..settings import Settings
 from ..subspace import Subspace
@@ -145,8 +145,8 @@ class DenseUpdate:
 
     @classmethod
     def of(cls, module: DenseModule, W_a: torch.Tensor, device: torch.device) -> DenseUpdate:
-        W_a = W_a.to(device, torch.float32)
-        return cls(module, W_a, module.W.to(device, torch.float32) - W_a)
+        W_a = widen(W_a).to(device)
+        return cls(module, W_a, widen(module.W).to(device).sub_(W_a))
 
     def written(self, X: torch.Tensor | None) -> torch.Tensor:
         """The weight to write: ``W_a + X`` cast once to the saved dtype; ``None``: the saved weight itself."""
