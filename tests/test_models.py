@@ -119,6 +119,25 @@ def test_bf16_and_fp32_copies_give_the_same_weights_up_to_one_bf16_rounding(full
         assert torch.equal(a[key].to(torch.bfloat16), b[key]), key
 
 
+def test_the_number_of_workers_does_not_change_a_byte(full, peft_adapter, tmp_path):
+    """``--jobs``: modules corrected side by side, each on one intra-op thread (parallel.py, determinism.py), give
+    the bytes of one worker, for a model and for an adapter (randomized SVD, every module's own seeded draw)."""
+    from csulora import sanitize
+
+    settings = Settings(subspace_energy=0.6)
+    for jobs in (1, 3):
+        sanitize_model(full["model"], str(full["aligned"]), str(full["base"]), tmp_path / f"model-{jobs}",
+                       settings=settings, subspaces=NO_CACHE, jobs=jobs)  # fmt: skip
+        sanitize(peft_adapter, str(full["aligned"]), str(full["base"]), tmp_path / f"adapter-{jobs}",
+                 settings=settings, subspaces=NO_CACHE, jobs=jobs)  # fmt: skip
+    for what in ("model", "adapter"):
+        one, three = (folder_bytes(tmp_path / f"{what}-{j}") for j in (1, 3))
+        weights = [name for name in one if name.endswith(".safetensors")]
+        assert weights and all(one[name] == three[name] for name in weights), what
+        modules = [json.loads(b["csulora_report.json"])["modules"] for b in (one, three)]
+        assert modules[0] == modules[1] and any(0 < m["k"] for m in modules[0]), what
+
+
 def test_audit_model_gates_without_writing(full, tmp_path):
     result = audit_model(full["model"], str(full["aligned"]), subspaces=NO_CACHE)
     assert result.output is None and len(result.report.modules) == 14
