@@ -27,6 +27,7 @@ from ..correction import (
     dense_split,
     erosion,
     relative_energies,
+    safe_lora_score_dense,
     safe_lora_score_subspace,
     shift_block_factors,
     split,
@@ -126,6 +127,25 @@ class ShiftMethod(Method):
         row = module_row(module, sub, A, sB, score, energies, truncation_loss=dropped / total if total else 0.0,
                          **after(sub, A_new, B_new, total), **fields)  # fmt: skip
         return Corrected(row, *written(module, A_new, B_new / module.scaling))  # the config's scaling is kept
+
+    def correct_dense(
+        self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
+    ) -> Corrected:
+        """The exact form on a full weight, whatever ``--form`` (DESIGN.md §6b): ``X`` from ``dense_shift``."""
+        sp = dense_split(update.dW, sub.U, sub.V)
+        energies = dense_energies(sp)
+        fields = self.fields(settings)
+        X = self.dense_shift(sp, sub, settings, D)
+        if X is not None:
+            fields.update(dense_after(sub, X, sum(energies.values())))
+        row = dense_row(update, sub, sp, safe_lora_score_dense(sp, sub.S), energies, **fields)
+        return Corrected(row, W=update.written(X))
+
+    def dense_shift(
+        self, sp: DenseSplit, sub: Subspace, settings: Settings, D: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The method's ``X`` for the dense update ``sp.dW`` (``None``: ``X = ΔW``, written bit for bit)."""
+        raise NotImplementedError
 
     def form_words(self, rank_changed: bool) -> str:
         if rank_changed:

@@ -9,17 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..correction import (
-    dense_energies,
-    dense_split,
-    realign_dense,
-    realign_shift,
-    realign_strength,
-    safe_lora_score_dense,
-)
+from ..correction import DenseSplit, realign_dense, realign_shift, realign_strength
 from ..settings import Settings
 from ..subspace import Subspace
-from .base import Corrected, DenseUpdate, ShiftMethod, dense_after, dense_row, lambda_words
+from .base import ShiftMethod, lambda_words
 
 
 class Realign(ShiftMethod):
@@ -35,19 +28,12 @@ class Realign(ShiftMethod):
     def fields(self, settings: Settings) -> dict:
         return {"c": realign_strength(settings.lam), "beta": settings.beta}
 
-    def correct_dense(
-        self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
-    ) -> Corrected:
-        """``X* = ΔW + U_k Z V_kᵀ`` exactly (§5b), whatever ``--form``."""
-        sp = dense_split(update.dW, sub.U, sub.V)
-        energies = dense_energies(sp)
-        fields = self.fields(settings)
+    def dense_shift(
+        self, sp: DenseSplit, sub: Subspace, settings: Settings, D: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``X* = ΔW + U_k Z V_kᵀ`` exactly (§5b)."""
         Z = self.shift(sp.M.double(), sub.S.double(), settings) if sub.k > 0 else None
-        X = None if Z is None else realign_dense(update.dW, sub.U, sub.V, Z.to(sp.M.dtype))
-        if X is not None:
-            fields.update(dense_after(sub, X, sum(energies.values())))
-        row = dense_row(update, sub, sp, safe_lora_score_dense(sp, sub.S), energies, **fields)
-        return Corrected(row, W=update.written(X))
+        return None if Z is None else realign_dense(sp.dW, sub.U, sub.V, Z.to(sp.M.dtype))
 
     def words(self, settings: dict, form: str) -> str:
         return (f"re-alignment ({form} form, λ = {lambda_words(settings['lambda'])}, β = {settings['beta']:g}: the "

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..correction import dense_energies, dense_split, resta_dense, resta_shift, safe_lora_score_dense
+from ..correction import DenseSplit, resta_dense, resta_shift
 from ..settings import Settings
 from ..subspace import Subspace
-from .base import Corrected, DenseUpdate, ShiftMethod, dense_after, dense_row
+from .base import ShiftMethod
 
 
 class Resta(ShiftMethod):
@@ -28,18 +28,11 @@ class Resta(ShiftMethod):
     def fields(self, settings: Settings) -> dict:
         return {"gamma_resta": settings.gamma}
 
-    def correct_dense(
-        self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
-    ) -> Corrected:
-        """``X = ΔW + γ D`` exactly, whatever ``--form``."""
-        sp = dense_split(update.dW, sub.U, sub.V)
-        energies = dense_energies(sp)
-        fields = self.fields(settings)
-        X = resta_dense(update.dW, D, settings.gamma) if settings.gamma > 0.0 and D is not None else None
-        if X is not None:
-            fields.update(dense_after(sub, X, sum(energies.values())))
-        row = dense_row(update, sub, sp, safe_lora_score_dense(sp, sub.S), energies, **fields)
-        return Corrected(row, W=update.written(X))
+    def dense_shift(
+        self, sp: DenseSplit, sub: Subspace, settings: Settings, D: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``X = ΔW + γ D`` exactly (§5d)."""
+        return resta_dense(sp.dW, D, settings.gamma) if settings.gamma > 0.0 and D is not None else None
 
     def words(self, settings: dict, form: str) -> str:
         return (f"the RESTA safety vector ({form} form, γ = {settings['gamma']:g}: γ times the aligned displacement "
