@@ -333,7 +333,7 @@ def subspace(
 @with_options(DEBUG)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("csulora-demo"),
-    world: Annotated[str | None, typer.Option(help="A shipped world: tiny (default), wide, brief, moe.")] = None,
+    world: Annotated[str | None, typer.Option(help="A shipped world: tiny (default), wide, brief, moe, topic.")] = None,
     adapter: Annotated[str, typer.Option("--adapter", help="An adapter of that world.")] = "adv-r8-all-s0",
     *,
     opts: Options,

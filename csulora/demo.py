@@ -91,14 +91,18 @@ def run_demo(workdir: Path, console: Console, world_name: str | None = None, ada
         say("what these numbers mean and where each method wins and loses: docs/defaults.md; every setting on "
             "every world: docs/safety_benchmark.md")  # fmt: skip
     say("\nnext, pick the setting by measurement (on your own model: your own --eval-cmd):")
-    say(sweep_command(paths, adapter, prompts, workdir / "sweep"))
+    before = world.world_info(root)["behaviour"]
+    aligned, tuned = before["aligned"]["new_task_accuracy"], before[adapter]["new_task_accuracy"]
+    say(sweep_command(paths, adapter, prompts, workdir / "sweep", keep=round(aligned + (tuned - aligned) / 2, 2)))
 
 
 def sweep_command(paths: dict[str, Path], adapter: str, prompts: dict[str, Path], out: Path,
                   methods: tuple[str, ...] = ("realign", "csulora"), lambdas: str = "4,inf",
-                  betas: str = "0.25,0.5", subspace_rank: int = 4) -> str:  # fmt: skip
+                  betas: str = "0.25,0.5", subspace_rank: int = 4, keep: float = 0.5) -> str:  # fmt: skip
     """A ``csulora sweep`` over the world's adapter that ``csulora eval`` measures with the world's prompts: the
-    default's neighbours at a smaller subspace, which on the demo's adapter beat the cross-world default."""
+    default's neighbours at a smaller subspace, which on the demo's adapter beat the cross-world default. It picks
+    the most refusal with new-task accuracy ≥ ``keep`` (the demo: half the fine-tune's gain over the aligned
+    model, 0.5 where the aligned model cannot do the task at all)."""
     evaluation = shlex.join(["csulora", "eval", "--aligned", str(paths["aligned"]), "--adapter", "ADAPTER",
                              "--harmful", str(prompts["harmful"]), "--utility", str(prompts["utility"]),
                              "--harmful-tokens", "1", "--max-new-tokens", str(world.ANSWER_LEN), "--match", "exact",
@@ -106,7 +110,7 @@ def sweep_command(paths: dict[str, Path], adapter: str, prompts: dict[str, Path]
     return shlex.join(["csulora", "sweep", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]),
                        "-o", str(out), *(a for m in methods for a in ("--method", m)), "--lambdas", lambdas,
                        "--betas", betas, "--subspace-rank", str(subspace_rank), "--eval-cmd", evaluation,
-                       "--pick", "utility>=0.5", "--maximize", "refusal"])  # fmt: skip
+                       "--pick", f"utility>={keep:g}", "--maximize", "refusal"])  # fmt: skip
 
 
 def _printer(console: Console):
