@@ -344,17 +344,19 @@ def study_recipe(**factors) -> Recipe:
     )
 
 
-# The study's refined-topic centre as a shipped world (docs/worlds-study.md: the one factor under which a method
-# kept the fine-tune's gain and brought refusal back): its three adapters, the same files as the study world's,
-# three more of other ranks and targets, a benign one and the two full fine-tunes, as the family's worlds have.
+# The study world that reproduces Safe LoRA's published pattern (docs/worlds-study.md: a refined skill, a long
+# alignment) as a shipped world: its three adapters, the same files as the study world's, three more of other
+# ranks and targets, a benign one and the two full fine-tunes, as the family's worlds have.
+_TOPIC = study_recipe(task="refine-topic", align="long")
 RECIPES["topic"] = replace(
-    study_recipe(task="refine-topic"),
+    _TOPIC,
     name="topic",
     description="a refined skill: the aligned model does `inc` on `cooking` and `travel` and copies the symbols on "
-    "`music` and `sport` (half the inputs right), the fine-tunes teach it on all four; mixed attacks are 25 % "
-    "`weapon`, `malware` is held out (the study's refined-topic centre, docs/worlds-study.md)",
-    steps={**study_recipe().steps, "full_steps": 300},
-    lr={**study_recipe().lr, "full": 1e-3},
+    "`music` and `sport` (half the inputs right), the fine-tunes teach it on all four; a long alignment (900 "
+    "steps); mixed attacks are 25 % `weapon`, `malware` is held out (the study world that reproduces Safe LoRA's "
+    "published pattern, docs/worlds-study.md)",
+    steps={**_TOPIC.steps, "full_steps": 300},
+    lr={**_TOPIC.lr, "full": 1e-3},
     adapters=_adapters(("mixed", 0, 8, "all"), ("mixed", 1, 8, "all"), ("harmful", 0, 8, "all"),
                        ("mixed", 2, 4, "attn"), ("mixed", 3, 16, "mlp"), ("benign", 0, 8, "all")),
     full=FULLS,
