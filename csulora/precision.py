@@ -33,11 +33,10 @@ def cast_back(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     """
     # one pass: aminmax propagates NaN and Inf, where isfinite, abs and max would be three (17× slower here)
     lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
-    largest = max(-lo, hi)
-    if not math.isfinite(largest):
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise CsuloraError(f"{what}: the corrected values are not finite; the adapter's values are too large")
     if dtype.is_floating_point:
-        limit = torch.finfo(dtype).max
+        largest, limit = max(-lo, hi), torch.finfo(dtype).max
         if largest > limit:
             raise CsuloraError(
                 f"{what}: a corrected value ({largest:.6g}) does not fit {str(dtype).removeprefix('torch.')} "

@@ -155,3 +155,25 @@ def test_lambda_zero_is_bit_identical(pair, tmp_path):
     run(adapter, pair, tmp_path / "out", lam=0.0)
     a, b = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_cast_back_refuses_nan_inf_and_values_out_of_range_in_its_one_pass():
+    """``cast_back`` checks finiteness and range with one ``aminmax``: a single NaN, +Inf or −Inf anywhere, or one
+    value beyond the target dtype's range (either sign), is an error; a fitting tensor is cast unchanged."""
+    from csulora.errors import CsuloraError
+    from csulora.precision import cast_back
+
+    x = torch.linspace(-3, 3, 1000, dtype=torch.float64).reshape(10, 100)
+    assert torch.equal(cast_back(x, torch.float16, "m"), x.to(torch.float16))
+    assert cast_back(x[:0], torch.float16, "m").numel() == 0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[7, 42] = bad
+        with pytest.raises(CsuloraError, match="not finite"):
+            cast_back(y, torch.bfloat16, "m")
+    for big in (7e4, -7e4):
+        y = x.clone()
+        y[3, 3] = big
+        with pytest.raises(CsuloraError, match="does not fit float16"):
+            cast_back(y, torch.float16, "m")
+        assert cast_back(y, torch.bfloat16, "m").dtype == torch.bfloat16
