@@ -293,18 +293,19 @@ def correct_module(
     kept, unchanged. Safe to run for several modules at once (``parallel.ordered``)."""
     method, device = METHODS[settings.method], settings.torch_device()
     with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
-        update = None
+        update, W_a = None, None
         if isinstance(module, DenseModule):
-            W_a = pair.aligned.read(pair.sources(module.target)[0])
-            if torch.equal(W_a, module.W):  # e.g. the base layer PEFT saves beside an embedding LoRA
+            read = pair.aligned.read(pair.sources(module.target)[0])
+            if torch.equal(read, module.W):  # e.g. the base layer PEFT saves beside an embedding LoRA
                 copy = Kept(module.key, list(module.W.shape), "aligned-copy",
                             "identical to the aligned weight: written back unchanged", identical=True)  # fmt: skip
                 return copy, None
-            update = DenseUpdate.of(module, W_a, device)
-            del W_a
+            update = DenseUpdate.of(module, read, device)
+            W_a = update.W_a  # widened exactly: D is formed from it, not from a second read
+            del read
         needs_D = method.dense_reads_displacement if update is not None else method.reads_displacement
-        found = pair.displacement(module.target, device) if needs_D else None  # D itself, not only its subspace
-        sub, _ = subspaces.get(pair, module.target, settings.subspace_params(), device, found)
+        found = pair.displacement(module.target, device, W_a) if needs_D else None  # D itself, not its subspace
+        sub, _ = subspaces.get(pair, module.target, settings.subspace_params(), device, found, aligned=W_a)
         D = found[0] if found else None
         if update is not None:
             done = method.correct_dense(update, sub, settings, D)

@@ -156,10 +156,11 @@ class SubspaceSource:
 
     def get(
         self, pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device,
-        displacement: tuple[torch.Tensor, float] | None = None,
+        displacement: tuple[torch.Tensor, float] | None = None, aligned: torch.Tensor | None = None,
     ) -> tuple[Subspace, bool]:
         """The subspace of one module on ``device``, and whether it came from the cache. ``displacement``: the
-        module's ``(D, ‖D‖²)`` when the caller has read it already (a missing entry then costs no second read)."""
+        module's ``(D, ‖D‖²)`` when the caller has read it already (a missing entry then costs no second read);
+        ``aligned``: its aligned weight, likewise (``CheckpointPair.displacement``)."""
         shape = pair.aligned.shape(pair.sources(target)[0])
         shape = shape[::-1] if target.transposed else shape
         key = entry_key(pair, target, params) if self.cache else None
@@ -169,7 +170,7 @@ class SubspaceSource:
             return Subspace(sub.U.to(device), sub.S.to(device), sub.V.to(device), sub.total_energy,
                             sub.captured_energy), True  # fmt: skip
         if displacement is None:
-            sub = compute_subspace(pair, target, params, device)
+            sub = compute_subspace(pair, target, params, device, aligned)
         else:
             with fixed_threads():
                 sub = subspace_of(*displacement, params)
@@ -179,10 +180,14 @@ class SubspaceSource:
         return sub, False
 
 
-def compute_subspace(pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device) -> Subspace:
-    """Read one module's two weights, form ``D`` on ``device``, take its safety subspace, free ``D``."""
+def compute_subspace(
+    pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device,
+    aligned: torch.Tensor | None = None,
+) -> Subspace:
+    """Read one module's two weights (the aligned one unless given), form ``D`` on ``device``, take its safety
+    subspace, free ``D``."""
     with fixed_threads():  # the same bytes whatever the thread count (determinism.py), cached or not
-        D, total = pair.displacement(target, device)
+        D, total = pair.displacement(target, device, aligned)
         sub = subspace_of(D, total, params)
         del D
     return sub

@@ -324,11 +324,16 @@ class CheckpointPair:
         a, b = self.sources(target)
         return {"aligned": self.aligned.source_fingerprint(a), "base": self.base.source_fingerprint(b)}
 
-    def displacement(self, target: Target, device: torch.device) -> tuple[torch.Tensor, float]:
+    def displacement(
+        self, target: Target, device: torch.device, aligned: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
         """``D = W_a − W_b`` of one module on ``device`` in ``nn.Linear`` orientation, and ``‖D‖_F²``; NaN or Inf
-        is an error. The norm is the one pass over ``D`` that also finds them (the subspace needs it anyway)."""
+        is an error. The norm is the one pass over ``D`` that also finds them (the subspace needs it anyway).
+        ``aligned``: ``W_a`` as the caller read it already (the file's orientation; any float dtype), not read
+        again."""
         a, b = self.sources(target)
-        w_aligned, w_base = self.aligned.read(a).to(device), self.base.read(b).to(device)
+        w_aligned = (self.aligned.read(a) if aligned is None else aligned).to(device)
+        w_base = self.base.read(b).to(device)
         D = displacement(w_aligned, w_base)
         total = squared_norm(D)
         if not math.isfinite(total):
