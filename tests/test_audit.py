@@ -227,9 +227,11 @@ def test_ci_example_fails_over_threshold_and_sanitizes_otherwise(tmp_path, adapt
         return subprocess.run(["bash", str(script)], env={**env, "OUT_DIR": str(out), **limits},
                               capture_output=True, text=True, timeout=300)  # fmt: skip
 
-    failed = run(tmp_path / "gate-failed", MAX_LAYER_OFF_ENERGY="0.3")
+    failed = run(tmp_path / "gate-failed", MAX_LAYER_OFF_ENERGY="0.3", MIN_EROSION="1")
     assert failed.returncode == 1 and "nothing sanitized" in failed.stderr
-    assert not json.loads((tmp_path / "gate-failed" / "audit.json").read_text())["passed"]
+    document = json.loads((tmp_path / "gate-failed" / "audit.json").read_text())
+    assert not document["passed"]
+    assert {v["threshold"] for v in document["violations"]} == {"max_layer_off_energy", "min_erosion"}
     assert not (tmp_path / "gate-failed" / "one").exists()
 
     passed = run(tmp_path / "gate-passed", MAX_OFF_ENERGY="0.99")

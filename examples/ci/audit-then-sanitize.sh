@@ -6,7 +6,10 @@
 #   ALIGNED       the safety-aligned checkpoint: local folder or Hub id org/name[@revision]
 #   BASE          optional: the pretrained checkpoint (default: from the adapter config / aligned model card)
 #   OUT_DIR       where the sanitized adapters and the audit JSON go (default: ./sanitized)
-#   MAX_OFF_ENERGY, MAX_LAYER_OFF_ENERGY, MIN_SAFE_LORA_SCORE   the thresholds (docs/audit.md); empty = not checked
+#   MIN_EROSION   the gate's threshold on the erosion coefficient, e.g. -0.113 (docs/audit.md: measured on the
+#                 shipped worlds, it passed 32 % of harmful fine-tunes; calibrate it on adapters you trust)
+#   MAX_OFF_ENERGY, MAX_LAYER_OFF_ENERGY, MIN_SAFE_LORA_SCORE   other thresholds (docs/audit.md: on the shipped
+#                 worlds they fail benign adapters before harmful ones); empty = not checked
 #   CSULORA       the command to run (default: csulora)
 #
 # Exit codes: 0 all adapters passed and were sanitized; 1 a threshold was exceeded; 2 bad input.
@@ -32,6 +35,7 @@ fi
 common=(--aligned "$ALIGNED")
 [ -n "${BASE:-}" ] && common+=(--base "$BASE")
 gate=()
+[ -n "${MIN_EROSION:-}" ] && gate+=(--min-erosion "$MIN_EROSION")
 [ -n "${MAX_OFF_ENERGY:-}" ] && gate+=(--max-off-energy "$MAX_OFF_ENERGY")
 [ -n "${MAX_LAYER_OFF_ENERGY:-}" ] && gate+=(--max-layer-off-energy "$MAX_LAYER_OFF_ENERGY")
 [ -n "${MIN_SAFE_LORA_SCORE:-}" ] && gate+=(--min-safe-lora-score "$MIN_SAFE_LORA_SCORE")
