@@ -379,7 +379,7 @@ def plot(result: dict, path: Path) -> None:
     handles = [Line2D([], [], marker="o", ls="", c="#c0392b", label="harmful adapter"),
                Line2D([], [], marker="s", ls="", c="#c0392b", label="harmful full fine-tune"),
                Line2D([], [], marker="D", ls="", c="#c0392b", label="harmful adapter trained on benign data"),
-               Line2D([], [], marker="o", ls="", c="#2471a3", mec="k", label="benign adapter"),
+               Line2D([], [], marker="D", ls="", c="#2471a3", mec="k", label="benign adapter"),
                Line2D([], [], c="k", ls="-", label="threshold chosen on the other worlds: balanced"),
                Line2D([], [], c="k", ls=":", label="… no false pass")]  # fmt: skip
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
