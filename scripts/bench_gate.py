@@ -387,7 +387,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"Data-free audit statistics, harmful (mean refusal < {fraction} × aligned) vs benign, "
                  "per world; black: thresholds chosen leave-one-world-out", fontsize=10)  # fmt: skip
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
