@@ -109,6 +109,7 @@ def run_batch(
     command: list[str] | None = None,
     progress: Progress | None = None,
     jobs: int | None = None,
+    allow_swapped: bool = False,
 ) -> list[Outcome]:
     """Sanitize each adapter into ``output/<name>/``; failures are recorded in the outcomes, not raised."""
     settings = settings or Settings()
@@ -127,20 +128,20 @@ def run_batch(
             if progress:
                 progress("adapters", i, len(items), name)
             outcomes.append(_one(name, path, root / name, aligned, base, settings, force, skip_existing,
-                                 trust_pickle, source, command, progress, jobs))  # fmt: skip
+                                 trust_pickle, source, command, progress, jobs, allow_swapped))  # fmt: skip
         if progress:
             progress("adapters", len(items), len(items), "")
     return outcomes
 
 
 def _one(name, path, out, aligned, base, settings, force, skip_existing, trust_pickle, source, command, progress,
-         jobs):  # fmt: skip
+         jobs, allow_swapped):  # fmt: skip
     if skip_existing and is_complete(out):
         return Outcome(name, path, "skipped", out, "output exists")
     try:
         result = sanitize(
             path, aligned, base, out, settings=settings, force=force, trust_pickle=trust_pickle,
-            command=command, progress=progress, subspaces=source, jobs=jobs,
+            command=command, progress=progress, subspaces=source, jobs=jobs, allow_swapped=allow_swapped,
         )  # fmt: skip
     except OutputExists as e:
         if skip_existing and is_complete(out):  # a concurrent batch finished this one first
