@@ -49,6 +49,11 @@ KEPT_REASONS = {
 }
 
 
+# A full model's tensor that no method corrects (DESIGN.md §10: embeddings, the head, norms, biases): listed, but
+# `audit --fail-on-kept` does not fail on it, since `sanitize --model` could not have changed it (docs/models.md).
+OUTSIDE_METHOD = "outside-method"
+
+
 @dataclass(frozen=True)
 class Kept:
     """A saved tensor written back as trained, not sanitized: why, and whether it merely repeats the aligned

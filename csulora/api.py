@@ -21,7 +21,7 @@ from .layouts import Target, is_block_weight
 from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate
 from .outputs import check_output, write_folder
-from .pair_order import check_pair_order, names_checkpoint
+from .pair_order import check_pair_order, names_checkpoint, weight_hint
 from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
@@ -275,6 +275,8 @@ def _run(
         description=method.words(settings.to_dict(), settings.form),
         kept=sorted(kept, key=lambda k: k.key),
     )
+    hint = weight_hint(inputs.order, report.totals()["erosion_before"], full_model=False)
+    report.warnings += [hint] if hint else []
     config = None
     if report.rank_changed:
         written = [r.output_rank for r in rows if r.rank is not None]

@@ -239,7 +239,7 @@ def audit(
         bool,
         typer.Option("--fail-on-kept", help="Fail when the adapter saves tensors that are kept as trained, not "
                      "sanitized (DoRA magnitudes, biases, resized embeddings, trainable tokens; copies of the aligned "
-                     "weights pass)."),
+                     "weights pass); --model: weights left out by --target-modules (norms, embeddings, head pass)."),
     ] = False,
     html: Annotated[Path | None, typer.Option(help="Also write the HTML report to this file (one adapter).")] = None,
     *,

@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import CONFIG, DenseModule, Kept
+from .adapters import CONFIG, OUTSIDE_METHOD, DenseModule, Kept
 from .api import Progress, Result, _describe, _phase, correct_module, default_output
 from .cache import SubspaceSource
 from .card import model_card
-from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref
+from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, public_name
 from .determinism import fixed_threads
 from .errors import CsuloraError
 from .layouts import Target, is_block_weight
 from .methods import METHODS, validate
 from .outputs import check_output, write_folder
-from .pair_order import check_pair_order
+from .pair_order import check_pair_order, weight_hint
 from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
@@ -96,7 +96,7 @@ def sanitize_model(
         report = found["report"]
         for f in _copied(inputs.model.folder):
             shutil.copyfile(f, tmp / f.name)
-        (tmp / "README.md").write_text(model_card(report, inputs.model.ref.spec, command_line, _form_words()))
+        (tmp / "README.md").write_text(model_card(report, inputs.pair.aligned.ref.spec, command_line, _form_words()))
         (tmp / "csulora_report.json").write_text(report.to_json())
         (tmp / "csulora_report.md").write_text(to_markdown(report))
         (tmp / "csulora_report.html").write_text(to_html(report))
@@ -187,7 +187,7 @@ def _load(ref: CheckpointRef, aligned: str, base: str | None, target_modules: st
         raise CsuloraError(f"--model {ref} is the aligned checkpoint itself; pass the fine-tuned model")
     base_ref, source = _base(aligned_ref, base)
     order = check_pair_order(aligned_ref, base_ref, source, trained_on=card_base_model(ref),
-                             trained_on_what=f"the base_model of {ref}'s card",
+                             trained_on_what=f"the base_model of {public_name(ref.spec)}'s card",
                              allow_swapped=allow_swapped)  # fmt: skip
     pair = CheckpointPair(Checkpoint.open(aligned_ref), Checkpoint.open(base_ref))
     try:
@@ -261,7 +261,8 @@ def _stream(
             info = model.info(key)
             if key not in inputs.targets:
                 if info.dtype not in READABLE_DTYPES:
-                    kept.append(Kept(key, list(info.shape), "not-targeted",
+                    kind = "not-targeted" if is_block_weight(key) and len(info.shape) in (2, 3) else OUTSIDE_METHOD
+                    kept.append(Kept(key, list(info.shape), kind,
                                      f"dtype {info.dtype}: copied byte for byte, not sanitized"))  # fmt: skip
                     return None
                 W = model.get(key)
@@ -298,11 +299,14 @@ def _stream(
     if rows and all(r.displacement_norm == 0 for r in rows):
         raise CsuloraError(f"base {pair.base.ref} and aligned {pair.aligned.ref} are identical in every targeted "
                            "tensor; pass the pretrained (unaligned) checkpoint as --base")  # fmt: skip
-    return Report(
+    report = Report(
         tool_version=__version__, method=settings.method, form="exact", settings=settings.to_dict(),
         inputs=inputs.describe(), modules=rows, warnings=warnings,
         description=method.words(settings.to_dict(), "exact"), kept=sorted(kept, key=lambda k: k.key),
     )  # fmt: skip
+    hint = weight_hint(inputs.order, report.totals()["erosion_before"], full_model=True)
+    report.warnings += [hint] if hint else []
+    return report
 
 
 def _compare(key: str, W: torch.Tensor, aligned: Checkpoint) -> list[Kept]:
@@ -312,7 +316,8 @@ def _compare(key: str, W: torch.Tensor, aligned: Checkpoint) -> list[Kept]:
     aligned.require([key])
     if tuple(aligned.info(key).shape) == tuple(W.shape) and torch.equal(aligned.get(key), W):
         return []
-    why = "not a weight of the transformer blocks (embedding, head, norm, bias)" if not is_block_weight(key) or \
-        W.ndim not in (2, 3) else "excluded by --target-modules"  # fmt: skip
-    return [Kept(key, list(W.shape), "not-targeted", f"{why}: copied as trained, not sanitized")]
+    if not is_block_weight(key) or W.ndim not in (2, 3):
+        return [Kept(key, list(W.shape), OUTSIDE_METHOD, "not a weight of the transformer blocks (embedding, head, "
+                     "norm, bias), which no method corrects: copied as trained")]  # fmt: skip
+    return [Kept(key, list(W.shape), "not-targeted", "excluded by --target-modules: copied as trained, not sanitized")]
 
