@@ -49,6 +49,11 @@ KEPT_REASONS = {
 }
 
 
+# A full model's tensor that no method corrects (DESIGN.md §10: embeddings, the head, norms, biases): listed, but
+# `audit --fail-on-kept` does not fail on it, since `sanitize --model` could not have changed it (docs/models.md).
+OUTSIDE_METHOD = "outside-method"
+
+
 @dataclass(frozen=True)
 class Kept:
     """A saved tensor written back as trained, not sanitized: why, and whether it merely repeats the aligned
@@ -181,6 +186,40 @@ def targeted_module(config: dict, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets or ())
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
+
+
+def peft_wraps(config: dict, module: str, embedding: bool = False) -> bool:
+    """Whether PEFT, loading this config, puts a LoRA layer on ``module`` (``check_target_module_exists`` of the
+    installed peft): not excluded (``exclude_modules``, ``modules_to_save``), then ``target_modules`` — a string
+    matched with ``re.fullmatch`` (``"all-linear"``: any linear layer but the head), a list by the exact name or a
+    ``.``-suffix — narrowed by ``layers_to_transform``. Saved factors of a module it does not wrap are ignored."""
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, str) and re.fullmatch(excluded, module):
+        return False
+    if isinstance(excluded, list) and any(module == e or module.endswith("." + e) for e in excluded):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or ()):
+        return False
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return not embedding and module.rsplit(".", 1)[-1] not in ("lm_head", "embed_out", "output")
+    if not isinstance(targets, list):
+        return targeted_module(config, module)
+    found = targeted_module(config, module)
+    layers = config.get("layers_to_transform")
+    if found and module not in targets and layers not in (None, []):
+        patterns = config.get("layers_pattern") or []
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None) \
+            if patterns else re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)  # fmt: skip
+        if match is None:
+            return False
+        index = int(match["idx"])
+        return index == layers if isinstance(layers, int) else index in layers
+    return found
+
+
 def read_adapter(path: Path, trust_pickle: bool = False) -> Adapter:
     """Read and validate a PEFT LoRA adapter folder; refuse what cannot be sanitized, naming it."""
     if not path.is_dir():
@@ -200,6 +239,7 @@ def read_adapter(path: Path, trust_pickle: bool = False) -> Adapter:
     _check_config(config, config_file)
     weights_file, tensors = _read_weights(path, trust_pickle)
     layers, full, kept, dora = _sort(tensors, weights_file)
+    _check_dora(config, config_file, layers, dora)
     return Adapter(
         path=path,
         config=config,
@@ -214,8 +254,26 @@ def read_adapter(path: Path, trust_pickle: bool = False) -> Adapter:
     )
 
 
+def _check_dora(config: dict, where: Path, layers: list[Layer], dora: set[str]) -> None:
+    """``use_dora`` and the saved magnitude vectors agree: PEFT builds DoRA layers from the config, so a DoRA
+    config without magnitudes loads them from the base weights (not the math csulora applied), and magnitudes
+    under a plain config are ignored."""
+    if config.get("use_dora", False):
+        lacking = [layer.path for layer in layers if layer.depth == 0 and layer.path not in dora]
+        if lacking:
+            raise CsuloraError(f"{where}: use_dora is true but the weights hold no lora_magnitude_vector for "
+                               f"{lacking[0]} (and {len(lacking) - 1} more); PEFT would load it as DoRA with other "
+                               "magnitudes: re-save the adapter, or set use_dora false for a plain LoRA")  # fmt: skip
+    elif dora:
+        raise CsuloraError(f"{where}: the weights hold DoRA magnitude vectors ({sorted(dora)[0]}…) but use_dora is "
+                           "false, so PEFT would ignore them; set use_dora to true or re-save the adapter")  # fmt: skip
+
+
 def _check_config(config: dict, where: Path) -> None:
-    peft_type = config.get("peft_type", "LORA")
+    if "peft_type" not in config:
+        raise CsuloraError(f"{where}: names no peft_type, so PEFT cannot load it; add \"peft_type\": \"LORA\" if it "
+                           "is a LoRA adapter")  # fmt: skip
+    peft_type = config["peft_type"]
     if peft_type != "LORA":
         raise CsuloraError(f"{where}: peft_type is {peft_type!r}, another PEFT tuner; csulora sanitizes LoRA "
                            "adapters (plain, DoRA, MoE experts, embeddings, modules_to_save) only")  # fmt: skip

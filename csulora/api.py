@@ -21,6 +21,7 @@ from .layouts import Target, is_block_weight
 from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate
 from .outputs import check_output, write_folder
+from .pair_order import check_pair_order, names_checkpoint, weight_hint
 from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
@@ -45,6 +46,7 @@ class _Inputs:
     plan: Plan
     pair: CheckpointPair
     base_source: str
+    order: dict = field(default_factory=dict)  # what the metadata said of the pair's order (pair_order.py)
 
     @property
     def aligned(self) -> Checkpoint:
@@ -62,8 +64,9 @@ class _Inputs:
                 "weights_sha256": self.adapter.weights_sha256,
                 "base_model_name_or_path": self.adapter.base_model,
             },
-            "aligned": _describe(self.aligned),
+            "aligned": {**_describe(self.aligned), "source": "--aligned"},
             "base": {**_describe(self.base), "source": self.base_source},
+            "pair_order": self.order,
         }
 
 
@@ -87,12 +90,14 @@ def sanitize(
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
     jobs: int | None = None,
+    allow_swapped: bool = False,
 ) -> Result:
     """Sanitize one adapter and write the result folder (``<adapter>-sanitized`` by default).
 
     ``subspaces``: where module subspaces come from; default the disk cache at ``default_cache_dir()``
     (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder).
     ``jobs``: modules processed at once (default: the usable cores); the output is the same for any value.
+    ``allow_swapped``: run even when the metadata says aligned and base are swapped (``pair_order.py``).
     """
     settings = settings.resolved()
     validate(settings)
@@ -101,7 +106,7 @@ def sanitize(
     check_output(out, force, [adapter_path])
     t0 = time.perf_counter()
     _phase(progress, "reading", 0, str(adapter_path))
-    inputs = _load(adapter_path, aligned, base, trust_pickle)
+    inputs = _load(adapter_path, aligned, base, trust_pickle, allow_swapped)
     check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
     _phase(progress, "reading", 1, str(adapter_path))
     t1 = time.perf_counter()
@@ -139,13 +144,14 @@ def audit(
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
     jobs: int | None = None,
+    allow_swapped: bool = False,
 ) -> Result:
     """Compute the same decomposition and report as ``sanitize()`` without writing anything."""
     settings = settings.resolved()
     validate(settings)
     t0 = time.perf_counter()
     _phase(progress, "reading", 0, str(adapter))
-    inputs = _load(Path(adapter), aligned, base, trust_pickle)
+    inputs = _load(Path(adapter), aligned, base, trust_pickle, allow_swapped)
     _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
     report, _, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
@@ -168,20 +174,23 @@ def _api_call(adapter, aligned, base, settings: Settings) -> str:
     return f"csulora.sanitize({str(adapter)!r}, {aligned!r}, base={base!r}, settings={settings!r})"
 
 
-def check_inputs(adapter: str | Path, aligned: str, base: str | None = None, trust_pickle: bool = False) -> None:
+def check_inputs(adapter: str | Path, aligned: str, base: str | None = None, trust_pickle: bool = False,
+                 allow_swapped: bool = False) -> None:  # fmt: skip
     """Read the adapter and both checkpoints' headers as ``sanitize()`` does first: bad input fails here."""
-    _load(Path(adapter), aligned, base, trust_pickle).pair.close()
+    _load(Path(adapter), aligned, base, trust_pickle, allow_swapped).pair.close()
 
 
-def _load(adapter_path: Path, aligned: str, base: str | None, trust_pickle: bool) -> _Inputs:
+def _load(adapter_path: Path, aligned: str, base: str | None, trust_pickle: bool, allow_swapped: bool) -> _Inputs:
     adapter = read_adapter(adapter_path, trust_pickle)
     aligned_ref = parse_ref(aligned)
     base_ref, source = resolve_base(adapter, aligned_ref, base)
+    order = check_pair_order(aligned_ref, base_ref, source, trained_on=adapter.base_model,
+                             allow_swapped=allow_swapped)  # fmt: skip
     aligned_ckpt = Checkpoint.open(aligned_ref)
     plan = bind(adapter, aligned_ckpt)
     pair = CheckpointPair(aligned_ckpt, Checkpoint.open(base_ref))
     pair.prepare([m.target for m in plan.modules] + [d.target for d in plan.dense])
-    return _Inputs(adapter, plan, pair, source)
+    return _Inputs(adapter, plan, pair, source, order)
 
 
 def resolve_base(adapter: Adapter, aligned: CheckpointRef, base: str | None) -> tuple[CheckpointRef, str]:
@@ -192,7 +201,7 @@ def resolve_base(adapter: Adapter, aligned: CheckpointRef, base: str | None) -> 
         named = adapter.base_model
         if named is None:
             raise CsuloraError(f"{adapter.path / CONFIG}: names no base_model_name_or_path; pass --base")
-        if _names_checkpoint(named, aligned):
+        if names_checkpoint(named, aligned):
             card_base = card_base_model(aligned)
             if card_base is None:
                 raise CsuloraError(
@@ -213,18 +222,6 @@ def resolve_base(adapter: Adapter, aligned: CheckpointRef, base: str | None) -> 
             "pass the pretrained (unaligned) checkpoint as --base"
         )
     return ref, source
-
-
-def _names_checkpoint(named: str, ref: CheckpointRef) -> bool:
-    """Whether an adapter's ``base_model_name_or_path`` names ``ref``: the same reference, or the same last
-    path component (a Hub id ``org/llama-chat`` names a local copy ``/models/llama-chat``)."""
-    try:
-        if parse_ref(named).same_as(ref):
-            return True
-    except CsuloraError:
-        pass
-    own = ref.path.name if ref.path is not None else ref.repo_id.split("/")[-1]
-    return Path(named.partition("@")[0].rstrip("/")).name.lower() == own.lower()
 
 
 def _run(
@@ -278,6 +275,8 @@ def _run(
         description=method.words(settings.to_dict(), settings.form),
         kept=sorted(kept, key=lambda k: k.key),
     )
+    hint = weight_hint(inputs.order, report.totals()["erosion_before"], full_model=False)
+    report.warnings += [hint] if hint else []
     config = None
     if report.rank_changed:
         written = [r.output_rank for r in rows if r.rank is not None]
@@ -375,6 +374,7 @@ def precompute_subspaces(
     subspaces: SubspaceSource | None = None,
     progress: Progress | None = None,
     jobs: int | None = None,
+    allow_swapped: bool = False,
 ) -> list[SubspaceRow]:
     """Compute (or find in the cache) the subspace of each linear module of a checkpoint pair, for later runs.
 
@@ -389,6 +389,7 @@ def precompute_subspaces(
     aligned_ref, base_ref = parse_ref(aligned), parse_ref(base)
     if base_ref.same_as(aligned_ref):
         raise CsuloraError(f"base {base} is the aligned checkpoint itself; pass the pretrained checkpoint as --base")
+    check_pair_order(aligned_ref, base_ref, "--base", allow_swapped=allow_swapped)
     _phase(progress, "reading", 0, aligned)
     names = [k[: -len(".weight")] for k in Checkpoint.open(aligned_ref).weight_map if k.endswith(".weight")]
     wanted = [n for n in names if (is_block_weight(f"{n}.weight") if modules is None else

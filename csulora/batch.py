@@ -17,8 +17,10 @@ from rich.table import Table
 from .adapters import CONFIG, WEIGHTS
 from .api import Progress, Settings, default_output, sanitize
 from .cache import SubspaceSource
+from .checkpoints import parse_ref
 from .errors import CsuloraError, OutputExists
 from .methods import validate
+from .pair_order import check_pair_order
 from .report import Report
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
@@ -109,6 +111,7 @@ def run_batch(
     command: list[str] | None = None,
     progress: Progress | None = None,
     jobs: int | None = None,
+    allow_swapped: bool = False,
 ) -> list[Outcome]:
     """Sanitize each adapter into ``output/<name>/``; failures are recorded in the outcomes, not raised."""
     settings = settings or Settings()
@@ -116,6 +119,7 @@ def run_batch(
     if force and skip_existing:
         raise CsuloraError("--force and --skip-existing contradict each other; pass one")
     index, count = parse_shard(shard)
+    _check_pair(aligned, base, allow_swapped)
     items = select_shard(find_adapters(adapters), index, count)
     root = output if output is not None else default_batch_output(adapters)
     with tempfile.TemporaryDirectory(prefix="csulora-cache-") as scratch:
@@ -127,20 +131,32 @@ def run_batch(
             if progress:
                 progress("adapters", i, len(items), name)
             outcomes.append(_one(name, path, root / name, aligned, base, settings, force, skip_existing,
-                                 trust_pickle, source, command, progress, jobs))  # fmt: skip
+                                 trust_pickle, source, command, progress, jobs, allow_swapped))  # fmt: skip
         if progress:
             progress("adapters", len(items), len(items), "")
     return outcomes
 
 
+def _check_pair(aligned: str, base: str | None, allow_swapped: bool) -> None:
+    """A swapped pair the checkpoints' own cards reveal is one error for the batch (exit 2), not N failed adapters;
+    what each adapter's config says is checked per adapter."""
+    if base is None:
+        return
+    try:
+        refs = parse_ref(aligned), parse_ref(base)
+    except CsuloraError:
+        return  # each adapter reports it
+    check_pair_order(*refs, "--base", allow_swapped=allow_swapped)
+
+
 def _one(name, path, out, aligned, base, settings, force, skip_existing, trust_pickle, source, command, progress,
-         jobs):  # fmt: skip
+         jobs, allow_swapped):  # fmt: skip
     if skip_existing and is_complete(out):
         return Outcome(name, path, "skipped", out, "output exists")
     try:
         result = sanitize(
             path, aligned, base, out, settings=settings, force=force, trust_pickle=trust_pickle,
-            command=command, progress=progress, subspaces=source, jobs=jobs,
+            command=command, progress=progress, subspaces=source, jobs=jobs, allow_swapped=allow_swapped,
         )  # fmt: skip
     except OutputExists as e:
         if skip_existing and is_complete(out):  # a concurrent batch finished this one first

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 
-from .report import Report, kept_words, pct, rank_warning
+from .checkpoints import public_name
+from .report import Report, kept_words, pct, provenance_words, rank_warning
 from .settings import DEFAULT_METHOD, METHOD_NOTES
+
+# A local absolute path in a command line (``/…``, ``~/…``), alone or after ``--option=``; not a URL's ``//``.
+_LOCAL_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)[^\s'\"]*")
 
 
 def model_card(report: Report, base_model: str | None, command: str, form_words: str) -> str:
-    """``form_words``: how the result is written (an adapter's method says it: ``Method.form_words``)."""
+    """The card of a sanitized adapter or model. ``base_model``: what the result loads on (an adapter's
+    ``base_model_name_or_path``; for a full model, the aligned model it is a fine-tune of); ``form_words``: how the
+    result is written (an adapter's method says it: ``Method.form_words``). The card is meant to be published: it
+    names local checkpoints and folders by their folder name, never by their path."""
     kind, path = report.subject
     front = ["---"]
     if base_model:
-        front.append(f"base_model: {json.dumps(base_model)}")
+        front.append(f"base_model: {json.dumps(public_name(base_model))}")
     tags = ["library_name: peft", "tags:", "- lora", "- peft"] if kind == "adapter" else ["library_name: transformers",
                                                                                           "tags:"]  # fmt: skip
     front += [*tags, "- csulora", "- safety", "---"]
@@ -23,14 +32,14 @@ def model_card(report: Report, base_model: str | None, command: str, form_words:
         "# Sanitized LoRA adapter" if kind == "adapter" else "# Sanitized model",
         "",
         *([kept_words(report), ""] if report.kept else []),
-        f"This {kind} is `{path}` after {report.description}, made with "
-        f"csulora {report.tool_version}. The safety subspace of each layer was estimated from "
-        f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}`; {form_words}",
+        f"This {kind} is `{public_name(path)}` after {report.description}, made with "
+        f"csulora {report.tool_version}. The safety subspace of each layer was estimated from aligned − base: "
+        f"{provenance_words(report, public_name)}; {form_words}",
         "",
         *_method_note(report),
         *([f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []),
         "```",
-        command,
+        public_command(command),
         "```",
         "",
         "| | before | after |",
@@ -45,6 +54,25 @@ def model_card(report: Report, base_model: str | None, command: str, form_words:
         "Per-module details: `csulora_report.md`, `csulora_report.json` and `csulora_report.html` (a picture).",
     ]
     return "\n".join(front + body) + "\n"
+
+
+def public_command(command: str) -> str:
+    """The command with every local absolute path replaced by its last component (``/home/me/run/out`` → ``out``):
+    word by word for a shell command line (paths with spaces), else (an API call) by pattern."""
+
+    def name(path: str) -> str:
+        return path.rstrip("/").rsplit("/", 1)[-1] or path
+
+    def word(w: str) -> str:
+        option, eq, value = w.partition("=") if w.startswith("--") else ("", "", w)
+        return option + eq + (name(value) if value.startswith(("/", "~")) else value)
+
+    if command.startswith("csulora "):
+        try:
+            return shlex.join(word(w) for w in shlex.split(command))
+        except ValueError:
+            pass
+    return _LOCAL_PATH.sub(lambda m: name(m[0]), command)
 
 
 def _method_note(report: Report) -> list[str]:

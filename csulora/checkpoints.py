@@ -57,6 +57,15 @@ def parse_ref(spec: str) -> CheckpointRef:
     return CheckpointRef(spec=spec, repo_id=repo, revision=revision or None)
 
 
+def public_name(spec: str) -> str:
+    """What a published file may say of a checkpoint or folder: a Hub id ``org/name[@revision]`` as it is, a local
+    path by its last component (a card must not show the user's directory layout)."""
+    path = Path(spec).expanduser()
+    if not spec.startswith((".", "/", "~")) and _HUB_ID.fullmatch(spec.partition("@")[0]) and not path.exists():
+        return spec
+    return path.name or spec
+
+
 @contextlib.contextmanager
 def _hub_errors(ref: CheckpointRef) -> Iterator[None]:
     """Turn huggingface_hub failures into one line that says what to do."""

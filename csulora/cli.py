@@ -20,7 +20,21 @@ from .api import precompute_subspaces
 from .api import sanitize as api_sanitize
 from .batch import is_batch, run_batch, summary_table
 from .errors import CsuloraError, GateFailed
-from .options import CACHE, CORRECTION, DEBUG, FORM, INPUT, JOBS, JSON, METHOD, RUN, SUBSPACE, Options, with_options
+from .options import (
+    CACHE,
+    CORRECTION,
+    DEBUG,
+    FORM,
+    INPUT,
+    JOBS,
+    JSON,
+    METHOD,
+    PAIR_ORDER,
+    RUN,
+    SUBSPACE,
+    Options,
+    with_options,
+)
 from .report import to_table
 from .sweep_render import sweep_table
 
@@ -124,7 +138,7 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
 
 
 @app.command()
-@with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
+@with_options(INPUT, PAIR_ORDER, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
 def sanitize(
     adapter: AdaptersOpt = None,
     model: ModelOpt = None,
@@ -147,7 +161,8 @@ def sanitize(
     Several --adapter, or a folder of adapter folders, make a batch: -o OUT receives OUT/<name>/ each."""
     command = card_command(sys.argv[1:])
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
-    inputs = {"aligned": opts["aligned"], "base": opts["base"], "trust_pickle": opts["trust_pickle"]}
+    inputs = {"aligned": opts["aligned"], "base": opts["base"], "trust_pickle": opts["trust_pickle"],
+              "allow_swapped": opts["allow_swapped"]}  # fmt: skip
     with _errors(opts["debug"]):
         _one_input(adapter, model)
         settings = opts.settings()
@@ -159,7 +174,8 @@ def sanitize(
             with _progress(opts["quiet"]) as progress:
                 result = sanitize_model(model, opts["aligned"], opts["base"], output, settings=settings,
                                         target_modules=target_modules, force=force, command=command,
-                                        progress=progress, subspaces=opts.source(), jobs=opts.jobs())  # fmt: skip
+                                        progress=progress, subspaces=opts.source(), jobs=opts.jobs(),
+                                        allow_swapped=opts["allow_swapped"])  # fmt: skip
             _render(result, f"csulora sanitize · {escape(model)}", screen, opts)
             return
         if target_modules is not None:
@@ -198,7 +214,7 @@ def _render(result, title: str, screen: Console, opts: Options) -> None:
 
 
 @app.command()
-@with_options(INPUT, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
+@with_options(INPUT, PAIR_ORDER, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
 def audit(
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")] = (
         None
@@ -223,7 +239,7 @@ def audit(
         bool,
         typer.Option("--fail-on-kept", help="Fail when the adapter saves tensors that are kept as trained, not "
                      "sanitized (DoRA magnitudes, biases, resized embeddings, trainable tokens; copies of the aligned "
-                     "weights pass)."),
+                     "weights pass); --model: weights left out by --target-modules (norms, embeddings, head pass)."),
     ] = False,
     html: Annotated[Path | None, typer.Option(help="Also write the HTML report to this file (one adapter).")] = None,
     *,
@@ -255,12 +271,12 @@ def audit(
 
                     result = audit_model(
                         model, opts["aligned"], opts["base"], settings=settings, target_modules=target_modules,
-                        progress=progress, subspaces=source, jobs=opts.jobs(),
+                        progress=progress, subspaces=source, jobs=opts.jobs(), allow_swapped=opts["allow_swapped"],
                     )  # fmt: skip
                 else:
                     result = api_audit(
                         path, opts["aligned"], opts["base"], settings=settings, trust_pickle=opts["trust_pickle"],
-                        progress=progress, subspaces=source, jobs=opts.jobs(),
+                        progress=progress, subspaces=source, jobs=opts.jobs(), allow_swapped=opts["allow_swapped"],
                     )  # fmt: skip
             reports.append(result.report)
             if not opts["quiet"]:
@@ -286,7 +302,7 @@ def _warn(warnings: list[str]) -> None:
 
 
 @app.command()
-@with_options(METHOD, SUBSPACE, CACHE, JOBS, RUN)
+@with_options(PAIR_ORDER, METHOD, SUBSPACE, CACHE, JOBS, RUN)
 def subspace(
     aligned: Annotated[str, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id.")],
     base: Annotated[str, typer.Option(help="Pretrained (unaligned) checkpoint: folder or Hub id.")],
@@ -312,7 +328,7 @@ def subspace(
         modules = [m for item in modules for m in item.split(",") if m] if modules else None
         rows = precompute_subspaces(
             aligned, base, modules, settings=settings, fan_in_fan_out=fan_in_fan_out, subspaces=source,
-            progress=progress, jobs=opts.jobs(),
+            progress=progress, jobs=opts.jobs(), allow_swapped=opts["allow_swapped"],
         )  # fmt: skip
     if not opts["quiet"]:
         table = Table(title=f"csulora subspace · {aligned} − {base}")
@@ -360,7 +376,7 @@ def _grid(text: str | None, option: str) -> list[float]:
 
 
 @app.command()
-@with_options(INPUT, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
+@with_options(INPUT, PAIR_ORDER, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
 def sweep(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder of the sweep: one subfolder per point.")],
     adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT LoRA adapter folder.")] = None,
@@ -421,6 +437,7 @@ def sweep(
                 eval_timeout=eval_timeout, rules=rules, maximize=maximize, skip_existing=skip_existing, force=force,
                 trust_pickle=opts["trust_pickle"], subspaces=opts.source(), progress=progress, plot=axes,
                 jobs=opts.jobs(), model=model is not None, target_modules=target_modules,
+                allow_swapped=opts["allow_swapped"],
                 notice=lambda text: err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True),
             )  # fmt: skip
     if not opts["quiet"]:

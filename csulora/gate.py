@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .adapters import OUTSIDE_METHOD
 from .errors import CsuloraError, GateFailed
 from .report import SCHEMA_VERSION, ModuleRow, Report
 
@@ -21,7 +22,7 @@ class Thresholds:
     max_layer_off_energy: float | None = None  # each module's ρ_O
     min_safe_lora_score: float | None = None  # each module's Safe LoRA score
     min_erosion: float | None = None  # adapter erosion coefficient Σ⟨ΔW, D_k⟩ / Σ‖D_k‖² (§5b)
-    fail_on_kept: bool = False  # any saved tensor kept as trained that differs from the aligned model's (§6b)
+    fail_on_kept: bool = False  # any tensor kept as trained, differing from the aligned one, a method could correct
 
     def validate(self) -> None:
         for name in ("max_off_energy", "max_layer_off_energy"):
@@ -73,7 +74,7 @@ def violations(report: Report, limits: Thresholds) -> list[dict]:
             share = report.erosion_shares()  # each module's contribution: these add up to the adapter's value
             worst = sorted((m for m in report.modules if share[m.module] < 0), key=lambda m: share[m.module])
             found.append(_violation(adapter, "min_erosion", limits.min_erosion, value, worst, share))
-    kept = report.unsanitized()
+    kept = [k for k in report.unsanitized() if k.kind != OUTSIDE_METHOD]  # what sanitize could have corrected
     if limits.fail_on_kept and kept:
         found.append({"adapter": adapter, "threshold": "fail_on_kept", "limit": 0, "value": len(kept),
                       "modules": [{"module": k.key, "value": 1.0, "reason": k.reason} for k in kept]})  # fmt: skip

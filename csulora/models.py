@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import CONFIG, DenseModule, Kept
+from .adapters import CONFIG, OUTSIDE_METHOD, DenseModule, Kept
 from .api import Progress, Result, _describe, _phase, correct_module, default_output
 from .cache import SubspaceSource
 from .card import model_card
-from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref
+from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, public_name
 from .determinism import fixed_threads
 from .errors import CsuloraError
 from .layouts import Target, is_block_weight
 from .methods import METHODS, validate
 from .outputs import check_output, write_folder
+from .pair_order import check_pair_order, weight_hint
 from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
@@ -49,12 +50,14 @@ class ModelInputs:
     targets: dict[str, list[Target]]  # model tensor → its modules (one; one per expert of a 3-D stack)
     base_source: str
     skipped: list[str] = field(default_factory=list)  # files of the model folder not copied, and why
+    order: dict = field(default_factory=dict)  # what the metadata said of the pair's order (pair_order.py)
 
     def describe(self) -> dict:
         return {
             "model": {**_describe(self.model), "path": self.model.ref.spec},
-            "aligned": _describe(self.pair.aligned),
+            "aligned": {**_describe(self.pair.aligned), "source": "--aligned"},
             "base": {**_describe(self.pair.base), "source": self.base_source},
+            "pair_order": self.order,
         }
 
 
@@ -71,6 +74,7 @@ def sanitize_model(
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
     jobs: int | None = None,
+    allow_swapped: bool = False,
 ) -> Result:
     """Sanitize a full fine-tune or merged model and write it (``<model>-sanitized`` by default)."""
     settings = _settings(settings)
@@ -80,7 +84,7 @@ def sanitize_model(
         check_output(out, force, [ref.path])
     t0 = time.perf_counter()
     _phase(progress, "reading", 0, str(model))
-    inputs = _load(ref, aligned, base, target_modules)
+    inputs = _load(ref, aligned, base, target_modules, allow_swapped)
     check_output(out, force, [inputs.model.folder, inputs.pair.aligned.folder, inputs.pair.base.folder])
     _phase(progress, "reading", 1, str(model))
     command_line = shlex.join(command) if command else f"csulora.sanitize_model({str(model)!r}, {aligned!r}, ...)"
@@ -92,7 +96,7 @@ def sanitize_model(
         report = found["report"]
         for f in _copied(inputs.model.folder):
             shutil.copyfile(f, tmp / f.name)
-        (tmp / "README.md").write_text(model_card(report, inputs.model.ref.spec, command_line, _form_words()))
+        (tmp / "README.md").write_text(model_card(report, inputs.pair.aligned.ref.spec, command_line, _form_words()))
         (tmp / "csulora_report.json").write_text(report.to_json())
         (tmp / "csulora_report.md").write_text(to_markdown(report))
         (tmp / "csulora_report.html").write_text(to_html(report))
@@ -106,10 +110,10 @@ def sanitize_model(
 
 
 def check_model_inputs(model: str | Path, aligned: str, base: str | None = None,
-                       target_modules: str | None = None) -> int:  # fmt: skip
+                       target_modules: str | None = None, allow_swapped: bool = False) -> int:  # fmt: skip
     """Read the model's and both checkpoints' headers as ``sanitize_model()`` does first (bad input fails here);
     the bytes of the model's shards, what each sanitized copy takes on disk."""
-    inputs = _load(parse_ref(str(model)), aligned, base, target_modules)
+    inputs = _load(parse_ref(str(model)), aligned, base, target_modules, allow_swapped)
     inputs.model.close()
     inputs.pair.close()
     return sum((inputs.model.folder / s).stat().st_size for s in set(inputs.model.weight_map.values()))
@@ -125,11 +129,12 @@ def audit_model(
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
     jobs: int | None = None,
+    allow_swapped: bool = False,
 ) -> Result:
     """The report of ``sanitize_model()`` without writing anything."""
     settings = _settings(settings)
     t0 = time.perf_counter()
-    inputs = _load(parse_ref(str(model)), aligned, base, target_modules)
+    inputs = _load(parse_ref(str(model)), aligned, base, target_modules, allow_swapped)
     try:
         report = _stream(inputs, settings, progress, subspaces or SubspaceSource.open(), None,
                          jobs or default_workers(settings.device))  # fmt: skip
@@ -171,7 +176,8 @@ def _form_words() -> str:
             "ΔW = W − W_aligned; every other tensor, the shard files, the index and config.json are as they were.")
 
 
-def _load(ref: CheckpointRef, aligned: str, base: str | None, target_modules: str | None) -> ModelInputs:
+def _load(ref: CheckpointRef, aligned: str, base: str | None, target_modules: str | None,
+          allow_swapped: bool = False) -> ModelInputs:  # fmt: skip
     if ref.path is not None and (ref.path / CONFIG).is_file():
         raise CsuloraError(f"{ref.path}: is a PEFT adapter folder ({CONFIG}); pass it with --adapter, not --model")
     model = Checkpoint.open(ref)
@@ -180,6 +186,9 @@ def _load(ref: CheckpointRef, aligned: str, base: str | None, target_modules: st
     if ref.same_as(aligned_ref):
         raise CsuloraError(f"--model {ref} is the aligned checkpoint itself; pass the fine-tuned model")
     base_ref, source = _base(aligned_ref, base)
+    order = check_pair_order(aligned_ref, base_ref, source, trained_on=card_base_model(ref),
+                             trained_on_what=f"the base_model of {public_name(ref.spec)}'s card",
+                             allow_swapped=allow_swapped)  # fmt: skip
     pair = CheckpointPair(Checkpoint.open(aligned_ref), Checkpoint.open(base_ref))
     try:
         pattern = re.compile(target_modules) if target_modules else None
@@ -205,7 +214,7 @@ def _load(ref: CheckpointRef, aligned: str, base: str | None, target_modules: st
             if stored != expected:
                 raise CsuloraError(f"{key}: {ref} has shape {list(stored)} but the aligned {aligned_ref} has "
                                    f"{list(expected)}; the model is not a fine-tune of the aligned model")  # fmt: skip
-    return ModelInputs(model, pair, targets, source)
+    return ModelInputs(model, pair, targets, source, order=order)
 
 
 def _base(aligned: CheckpointRef, base: str | None) -> tuple[CheckpointRef, str]:
@@ -252,7 +261,8 @@ def _stream(
             info = model.info(key)
             if key not in inputs.targets:
                 if info.dtype not in READABLE_DTYPES:
-                    kept.append(Kept(key, list(info.shape), "not-targeted",
+                    kind = "not-targeted" if is_block_weight(key) and len(info.shape) in (2, 3) else OUTSIDE_METHOD
+                    kept.append(Kept(key, list(info.shape), kind,
                                      f"dtype {info.dtype}: copied byte for byte, not sanitized"))  # fmt: skip
                     return None
                 W = model.get(key)
@@ -289,11 +299,14 @@ def _stream(
     if rows and all(r.displacement_norm == 0 for r in rows):
         raise CsuloraError(f"base {pair.base.ref} and aligned {pair.aligned.ref} are identical in every targeted "
                            "tensor; pass the pretrained (unaligned) checkpoint as --base")  # fmt: skip
-    return Report(
+    report = Report(
         tool_version=__version__, method=settings.method, form="exact", settings=settings.to_dict(),
         inputs=inputs.describe(), modules=rows, warnings=warnings,
         description=method.words(settings.to_dict(), "exact"), kept=sorted(kept, key=lambda k: k.key),
     )  # fmt: skip
+    hint = weight_hint(inputs.order, report.totals()["erosion_before"], full_model=True)
+    report.warnings += [hint] if hint else []
+    return report
 
 
 def _compare(key: str, W: torch.Tensor, aligned: Checkpoint) -> list[Kept]:
@@ -303,7 +316,8 @@ def _compare(key: str, W: torch.Tensor, aligned: Checkpoint) -> list[Kept]:
     aligned.require([key])
     if tuple(aligned.info(key).shape) == tuple(W.shape) and torch.equal(aligned.get(key), W):
         return []
-    why = "not a weight of the transformer blocks (embedding, head, norm, bias)" if not is_block_weight(key) or \
-        W.ndim not in (2, 3) else "excluded by --target-modules"  # fmt: skip
-    return [Kept(key, list(W.shape), "not-targeted", f"{why}: copied as trained, not sanitized")]
+    if not is_block_weight(key) or W.ndim not in (2, 3):
+        return [Kept(key, list(W.shape), OUTSIDE_METHOD, "not a weight of the transformer blocks (embedding, head, "
+                     "norm, bias), which no method corrects: copied as trained")]  # fmt: skip
+    return [Kept(key, list(W.shape), "not-targeted", "excluded by --target-modules: copied as trained, not sanitized")]
 

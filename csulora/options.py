@@ -74,6 +74,11 @@ INPUT: Group = {
     "trust_pickle": (Annotated[bool, typer.Option("--trust-pickle", help="Allow adapter_model.bin (loaded "
                                                                          "weights-only).")], False),
 }  # fmt: skip
+# A swapped --aligned/--base pair is refused on the metadata's word (pair_order.py); this lets a user overrule it.
+PAIR_ORDER: Group = {
+    "allow_swapped": (Annotated[bool, typer.Option("--allow-swapped", help="Run even when the metadata says --aligned "
+                                                   "and --base are swapped.", rich_help_panel="Inputs")], False),
+}  # fmt: skip
 CACHE: Group = {
     "cache_dir": (Annotated[Path | None, typer.Option(help="Subspace cache folder (default $CSULORA_CACHE, "
                                                            "$XDG_CACHE_HOME/csulora, ~/.cache/csulora).")], None),

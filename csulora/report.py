@@ -316,8 +316,7 @@ def to_markdown(report: Report) -> str:
         f"- subspace: {_subspace_words(s)}",
         f"- Safe LoRA score: {safe_lora_score_basis(report.method)}",
         "- {}: `{}`".format(*report.subject),
-        f"- aligned: `{report.inputs['aligned']['ref']}`, base: `{report.inputs['base']['ref']}` "
-        f"(from {report.inputs['base']['source']})",
+        f"- {provenance_words(report)}",
         *(f"- {line}" for line in _summary_lines(report)),
         "",
         "| " + " | ".join(columns(report)) + " |",
@@ -328,6 +327,20 @@ def to_markdown(report: Report) -> str:
     if report.warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in report.warnings)]
     return "\n".join(lines) + "\n"
+
+
+def provenance_words(report: Report, name=lambda ref: ref) -> str:
+    """Which checkpoint was the aligned one and which the base, where each came from (a flag, the adapter's config,
+    the aligned model's card), and what the metadata said of their order (``pair_order.py``): a reviewer can spot a
+    swap. ``name``: how a reference is shown (a card shows no local path)."""
+    aligned, base = report.inputs["aligned"], report.inputs["base"]
+    words = (f"aligned `{name(aligned['ref'])}` (from {aligned.get('source', '--aligned')}), "
+             f"base `{name(base['ref'])}` (from {base['source']})")  # fmt: skip
+    order = report.inputs.get("pair_order")
+    if order:
+        words += f"; their order: {order['verdict']}" + (f" ({'; '.join(order['evidence'])})" if order["evidence"]
+                                                         else "")  # fmt: skip
+    return words
 
 
 def _subspace_words(s: dict) -> str:

@@ -8,7 +8,17 @@ import re
 from html import escape
 
 from .correction import COMPONENTS
-from .report import Report, _subspace_words, _summary_lines, cells, columns, expert_layer, grouped, rank_warning
+from .report import (
+    Report,
+    _subspace_words,
+    _summary_lines,
+    cells,
+    columns,
+    expert_layer,
+    grouped,
+    provenance_words,
+    rank_warning,
+)
 
 COLORS = {"F": "#2f855a", "H_in": "#d4a017", "H_out": "#e07b24", "O": "#c53030"}
 LABELS = {"F": "F (fully aligned)", "H_in": "H_in (input side leaves)", "H_out": "H_out (output side leaves)",
@@ -179,9 +189,14 @@ table.modules tbody tr:hover { background: #f7fafc; }
 """
 
 
+def _code(text: str) -> str:
+    """Markdown's `x` as <code>x</code> (on escaped text)."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
+
+
 def to_html(report: Report) -> str:
     """The report as one self-contained HTML page."""
-    s, inputs = report.settings, report.inputs
+    s = report.settings
     method = report.description
     warn = ""
     if report.rank_changed:
@@ -198,8 +213,7 @@ def to_html(report: Report) -> str:
 <body>
 <h1>csulora report</h1>
 <p class="meta">{report.subject[0]} <code>{escape(report.subject[1])}</code>
-· aligned <code>{escape(inputs['aligned']['ref'])}</code>
-· base <code>{escape(inputs['base']['ref'])}</code><br>method: {escape(method)} · subspace:
+· {_code(escape(provenance_words(report)))}<br>method: {escape(method)} · subspace:
 {escape(_subspace_words(s))} · csulora {escape(report.tool_version)}</p>
 {warn}
 <ul class="summary">{"".join(f"<li>{escape(line)}</li>" for line in _summary_lines(report))}</ul>

@@ -70,7 +70,7 @@ def plan(methods: list[str], base: Settings, grids: dict[str, list[float]]) -> l
 
 
 def point_command(source: Path, aligned: str, base: str | None, point: Point, out: Path, model: bool = False,
-                  target_modules: str | None = None) -> list[str]:  # fmt: skip
+                  target_modules: str | None = None, allow_swapped: bool = False) -> list[str]:  # fmt: skip
     """The ``csulora sanitize`` command that writes this point's folder by itself (its model card says it)."""
     s = point.settings
     what = ["--model", str(source), *(["--target-modules", target_modules] if target_modules else [])] if model else [
@@ -88,7 +88,8 @@ def point_command(source: Path, aligned: str, base: str | None, point: Point, ou
     rule = (["--subspace-rank", str(s.subspace_rank)] if s.subspace_rank else
             ["--subspace-energy", f"{s.subspace_energy:g}"])  # fmt: skip
     command += [*rule, "--max-subspace-rank", str(s.max_subspace_rank), "--seed", str(s.seed)]
-    return command + (["--exact-svd"] if s.exact_svd else []) + ["-o", str(out)]
+    return command + (["--exact-svd"] if s.exact_svd else []) + (["--allow-swapped"] if allow_swapped else []) + [
+        "-o", str(out)]  # fmt: skip
 
 
 @dataclass
@@ -146,6 +147,7 @@ def run_sweep(
     model: bool = False,
     target_modules: str | None = None,
     notice: Callable[[str], None] | None = None,
+    allow_swapped: bool = False,
 ) -> SweepResult:
     """Write every point (resuming with ``skip_existing``), evaluate it, pick, and write ``OUT/sweep.json``,
     ``OUT/picked/`` and the pictures. Failures of one point are recorded, not raised. ``model``: the first
@@ -168,7 +170,7 @@ def run_sweep(
         if any(p.settings.form != "factored" or p.settings.top_n is not None for p in points):
             raise CsuloraError("--form block and --top-n do not apply to --model: a full model is corrected by each "
                                "method's exact form, Safe LoRA by --thresholds")  # fmt: skip
-        size = check_model_inputs(adapter, aligned, base, target_modules)
+        size = check_model_inputs(adapter, aligned, base, target_modules, allow_swapped)
         todo = [p for p in points if force or not (skip_existing and is_complete(out / p.id))]
         free = shutil.disk_usage(out if out.exists() else out.parent if out.parent.exists() else Path.cwd()).free
         need = f"{len(todo)} points × {_size(size)} (the model's size) = {_size(size * len(todo))}"
@@ -178,7 +180,7 @@ def run_sweep(
         if notice:
             notice(f"every point is a whole model: {need} under {out}")
     else:
-        check_inputs(adapter, aligned, base, trust_pickle)
+        check_inputs(adapter, aligned, base, trust_pickle, allow_swapped)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -189,7 +191,7 @@ def run_sweep(
         if source.cache is None:  # --no-cache: still one subspace pass for the whole ladder
             source = SubspaceSource.open(scratch)
         write = _writer(adapter, aligned, base, model, target_modules, force or skip_existing, trust_pickle, source,
-                        progress, jobs)  # fmt: skip
+                        progress, jobs, allow_swapped)  # fmt: skip
         for i, point in enumerate(points):
             if progress:
                 progress("points", i, len(points), point.id)
@@ -214,14 +216,15 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _writer(source_path, aligned, base, model, target_modules, force, trust_pickle, subspaces, progress, jobs):
+def _writer(source_path, aligned, base, model, target_modules, force, trust_pickle, subspaces, progress, jobs,
+            allow_swapped):  # fmt: skip
     """What writes one point's folder: ``sanitize`` of the adapter, or ``sanitize_model`` of the model, with the
     ladder's shared inputs and subspace source."""
 
     def write(point: Point, folder: Path) -> None:
-        command = point_command(source_path, aligned, base, point, folder, model, target_modules)
+        command = point_command(source_path, aligned, base, point, folder, model, target_modules, allow_swapped)
         common = dict(settings=point.settings, force=force, command=command, progress=progress, subspaces=subspaces,
-                      jobs=jobs)  # fmt: skip
+                      jobs=jobs, allow_swapped=allow_swapped)  # fmt: skip
         if model:
             sanitize_model(source_path, aligned, base, folder, target_modules=target_modules, **common)
         else:

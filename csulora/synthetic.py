@@ -266,7 +266,7 @@ def write_pair(
 def write_adapter(
     folder: Path,
     shapes: Shapes,
-    base_model: str = "base",
+    base_model: str = "aligned",  # adapters are trained on the aligned model (write_pair's root/aligned)
     *,
     r: int | Mapping[str, int] = 4,
     alpha: float = 8,

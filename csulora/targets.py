@@ -12,7 +12,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import PREFIX, Adapter, DenseModule, Kept, Layer, LoraModule, rank_and_alpha, targeted_module
+from .adapters import (
+    CONFIG,
+    PREFIX,
+    Adapter,
+    DenseModule,
+    Kept,
+    Layer,
+    LoraModule,
+    peft_wraps,
+    rank_and_alpha,
+    targeted_module,
+)
 from .checkpoints import Checkpoint
 from .errors import CsuloraError
 from .layouts import TRANSPOSED_EXPERTS, Target, expert_count, resolve
@@ -36,6 +47,7 @@ def bind(adapter: Adapter, aligned: Checkpoint) -> Plan:
     params = adapter.config.get("target_parameters") or []
     for layer in adapter.layers:
         if layer.embedding or (layer.depth == 0 and (not params or targeted_module(adapter.config, layer.module))):
+            _check_targeted(adapter, layer)
             plan.modules.append(_module(adapter, layer))
         else:
             wrapped.setdefault(layer.module, []).append(layer)
@@ -45,6 +57,16 @@ def bind(adapter: Adapter, aligned: Checkpoint) -> Plan:
     plan.modules = [m for m in plan.modules if _fits(adapter, aligned, plan, m)]
     _full_tensors(adapter, aligned, plan)
     return plan
+
+
+def _check_targeted(adapter: Adapter, layer: Layer) -> None:
+    """Factors of a module that PEFT would not wrap are bad input: PEFT loads the adapter without them, so the
+    update csulora would sanitize is not the one that runs."""
+    if not peft_wraps(adapter.config, layer.path, layer.embedding):
+        targets = adapter.config.get("target_modules")
+        raise CsuloraError(f"{adapter.path / CONFIG}: target_modules {targets!r} does not match {layer.path}, whose "
+                           "factors the weights hold, so PEFT would load the adapter without them; fix target_modules "
+                           "or re-save the adapter")  # fmt: skip
 
 
 def _module(adapter: Adapter, layer: Layer) -> LoraModule:

@@ -128,7 +128,7 @@ def test_grid_writes_a_folder_per_point_and_sweep_json(tmp_path, pair, adapter, 
         report = json.loads((folder / "csulora_report.json").read_text())
         assert report["method"] == p["method"] and p["totals"] == report["totals"]
         card = (folder / "README.md").read_text()
-        assert f"--method {p['method']}" in card and f"-o {folder}" in card  # the sanitize command of this point
+        assert f"--method {p['method']}" in card and f"-o {folder.name}" in card  # this point's command, by names
     by_id = {p["id"]: p for p in document["points"]}
     assert by_id["realign-lambdainf-beta0.25"]["settings"] == {"lambda": "inf", "beta": 0.25}  # JSON has no ∞
     assert by_id["safe-lora-tau0.3"]["settings"] == {"tau": 0.3}
