@@ -18,7 +18,7 @@ method and form, no defense), the defaults chosen leave-one-world-out, the rule 
     python scripts/bench_safety.py --quick                # a few settings, one world, one adapter (a temp folder)
     python scripts/bench_safety.py --render               # recompute the scores and redraw from the saved json
     python scripts/bench_safety.py --worlds wide --merge  # measure one world again, keep the others' rows
-    python scripts/bench_safety.py --settings 'realign:factored:*:beta=0.75:*' --merge  # add settings to the json
+    python scripts/bench_safety.py --settings 'realign:factored:*:beta=0.75:*' --kinds mixed --merge  # add settings
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--settings", help="comma-separated glob patterns of setting ids: measure only those (with "
                     "--merge: replace or add their rows, keep every other row of the saved json)")
+    ap.add_argument("--kinds", default=",".join(W.KINDS),
+                    help="comma-separated adapter kinds to measure (full fine-tunes only with all of them)")
     ap.add_argument("--merge", action="store_true", help="keep the saved json's other worlds, replace these")
     ap.add_argument("--out", type=Path, help="output stem (default docs/safety_benchmark; --quick: a temp folder)")
     args = ap.parse_args()
@@ -128,6 +130,9 @@ def main() -> None:
         ids = [s["id"] for s in grid() if any(fnmatch(s["id"], p) for p in patterns) and s["id"] in (ids or [s["id"]])]
         if not ids:
             raise SystemExit(f"--settings {args.settings!r}: no setting of the grid matches")
+    kinds = tuple(k for k in W.KINDS if k in args.kinds.split(","))
+    if not kinds:
+        raise SystemExit(f"--kinds {args.kinds!r}: expected some of {', '.join(W.KINDS)}")
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"worlds {', '.join(names)}; {len(ids) if ids else len(grid())} settings; {args.jobs} job(s)", flush=True)
     t0 = time.perf_counter()
@@ -135,10 +140,10 @@ def main() -> None:
     todo = sorted(names, key=lambda n: -W.world_info(W.world_dir(n))["model"].get("hidden_size", 0))
     if args.jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {n: pool.submit(run_world, n, ids, args.quick, args.threads) for n in todo}
+            futures = {n: pool.submit(run_world, n, ids, args.quick, args.threads, kinds=kinds) for n in todo}
             measured = {n: f.result() for n, f in futures.items()}
     else:
-        measured = {n: run_world(n, ids, args.quick, args.threads) for n in todo}
+        measured = {n: run_world(n, ids, args.quick, args.threads, kinds=kinds) for n in todo}
     wall = time.perf_counter() - t0
     command = "python scripts/bench_safety.py " + shlex.join(sys.argv[1:])
     code = _code()
