@@ -97,7 +97,7 @@ def measure(work: Path, threads: int) -> dict:
         out["builds"][recipe.name] = {"factors": factors, "build_s": round(time.perf_counter() - t0, 1)}
         print(f"=== measure {recipe.name}", flush=True)
         out["refined"][recipe.name] = run_world(recipe.name, None, False, threads, root=root,
-                                                settings=realign_settings())  # fmt: skip
+                                                settings=realign_settings(), kinds=("mixed",))  # fmt: skip
         out["features"][recipe.name] = world_features(root)
     for name in W.world_names():
         out["features"][name] = world_features(W.world_dir(name))
@@ -168,7 +168,7 @@ def fixed(ws: Worlds, sids: list[str]) -> dict:
                                          statistics.fmean(per[s][w]["refusal"] for w in train)))  # fmt: skip
 
     folds = [{"heldout": h, "setting": (c := best([w for w in ws.refined if w != h])), **per[c][h]}
-             for h in ws.refined]  # fmt: skip
+             for h in (ws.refined if len(ws.refined) > 1 else [])]  # fmt: skip
     return {"per": per, "gated": gated, "folds": folds, "final": best(ws.refined)}
 
 
@@ -207,7 +207,7 @@ def per_adapter(ws: Worlds, sids: list[str], weak: str) -> dict:
                                          statistics.fmean(c[1][w]["refusal"] for w in train), -c[2]))  # fmt: skip
 
     folds = []
-    for h in ws.refined:
+    for h in ws.refined if len(ws.refined) > 1 else []:
         rule, means, _ = best([w for w in ws.refined if w != h])
         folds.append({"heldout": h, "rule": rule, **means[h]})
     rule, means, switched = best(ws.refined)
@@ -256,6 +256,7 @@ def render(bench: dict, measured: dict, command: str) -> str:
     ws, S, fx, rl = A["worlds"], A["settings"], A["fixed"], A["rule"]
     weak = A["weak"]
     L = ["# The data-free default, re-chosen on the refined worlds (generated)", "",
+         "![every factored realign setting on the refined worlds](default_choice.png)", "",
          f"Made by `{command}` (the refined worlds) from [safety_benchmark.json](safety_benchmark.json) (the shipped "
          "worlds); redraw with `python scripts/choose_default.py --render`. Cells: mean over a world's mixed "
          "adapters of *refusal* (both topics) / *gain kept* `(acc − a)/(acc_ft − a)` clipped to [0, 1] / *original* "
@@ -312,6 +313,41 @@ def render(bench: dict, measured: dict, command: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def plot(bench: dict, measured: dict, path: Path) -> None:
+    """Per refined world, every factored realign setting as (mean refusal, gain kept): those that keep the original
+    tasks on every shipped world filled, the others hollow; the default, the fixed choice and the rule marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    A = analyse(bench, measured)
+    ws, fx, rl = A["worlds"], A["fixed"], A["rule"]
+    fig, axes = plt.subplots(1, len(ws.refined), figsize=(4.2 * len(ws.refined), 4), squeeze=False)
+    for ax, w in zip(axes[0], ws.refined, strict=True):
+        for sid in A["sids"]:
+            m = fx["per"][sid][w]
+            ok = sid in fx["gated"]
+            ax.scatter(m["refusal"], m["gain"], s=18, facecolors="tab:blue" if ok else "none", edgecolors="tab:blue",
+                       alpha=0.6)  # fmt: skip
+        marks = [("default", ws.mean(w, lambda w, a: A["weak"]), "s", "black"),
+                 ("rule (all refined)", rl["final_means"][w], "*", "tab:red")]  # fmt: skip
+        fold = next((f for f in rl["folds"] if f["heldout"] == w), None)
+        if fold:
+            marks.append(("rule (LOWO)", fold, "D", "tab:orange"))
+        for name, m, marker, color in marks:
+            ax.scatter(m["refusal"], m["gain"], marker=marker, s=90, color=color, label=name, zorder=3)
+        ax.axvline(TARGET_REFUSAL, color="grey", lw=0.6, ls="--")
+        ax.axhline(TARGET_GAIN, color="grey", lw=0.6, ls="--")
+        ax.set(title=w, xlabel="mean refusal (mixed adapters)", ylabel="gain kept", xlim=(-0.03, 1.03),
+               ylim=(-0.03, 1.03))  # fmt: skip
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("realign, factored: filled = keeps the original tasks on every shipped world", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measure", action="store_true", help="build (if missing) and measure the refined worlds")
@@ -332,6 +368,7 @@ def main() -> None:
     measured = json.loads(DOC.with_suffix(".json").read_text())
     text = render(json.loads(BENCH.read_text()), measured, measured["command"])
     DOC.with_suffix(".md").write_text(text)
+    plot(json.loads(BENCH.read_text()), measured, DOC.with_suffix(".png"))
     print(text)
 
 
