@@ -20,7 +20,7 @@ Two ways to choose, each judged leave-one-refined-world-out:
 
 Target (the issue): on refined worlds mean refusal ≥ 0.5 with ≥ 0.7 of the gain kept.
 
-    nice -n 10 python scripts/choose_default.py --measure   # build + measure the refined worlds (~15 min)
+    nice -n 10 python scripts/choose_default.py --measure   # build + measure the refined worlds it lacks (~1 h)
     python scripts/choose_default.py --render               # docs/default_choice{.md,.png} from the json
 """
 
@@ -53,8 +53,10 @@ BENCH = REPO / "docs" / "safety_benchmark.json"
 DOC = REPO / "docs" / "default_choice"
 WORK = Path("/tmp/csulora-study")
 # the refined study worlds rebuilt: the refined-topic centre (the shipped `topic` is the same recipe with the long
-# alignment) and the clamped refinement (a sharper version of the same mapping)
-REFINED = [{"task": "refine-topic"}, {"task": "refine"}]
+# alignment), the clamped refinement (a sharper version of the same mapping), and two of the refined-topic star that
+# change the geometry: the brief alignment (a smaller D) and rank-16 adapters (a larger ΔW)
+REFINED = [{"task": "refine-topic"}, {"task": "refine"}, {"task": "refine-topic", "align": "brief"},
+           {"task": "refine-topic", "rank": 16}]
 TARGET_REFUSAL, TARGET_GAIN = 0.5, 0.7
 FEATURE_SETTINGS = Settings(method="realign", lam=4.0, beta=0.25, subspace_rank=8)  # what the default's report says
 FEATURES = ("erosion", "rho_F", "safe_lora_mean", "update_over_subspace")
@@ -85,22 +87,30 @@ def world_features(root: Path) -> dict[str, dict]:
         return {a: features(paths[a], paths["aligned"], paths["base"], source) for a in W.adapters_of(info, "mixed")}
 
 
-def measure(work: Path, threads: int) -> dict:
-    out: dict = {"refined": {}, "features": {}, "builds": {}}
+def measure(work: Path, threads: int, saved: dict | None) -> dict:
+    """Build (sharing the stages already built, as the study does) and measure the refined worlds ``saved`` lacks;
+    then every world's features."""
+    out: dict = {"refined": {}, "features": {}, "builds": {}, **(saved or {})}
     for factors in REFINED:
         recipe = MW.study_recipe(**factors)
+        if recipe.name in out["refined"]:
+            continue
         root = work / "worlds" / recipe.name
         t0 = time.perf_counter()
         if not (root / "world.json").is_file():
-            print(f"=== build {recipe.name}", flush=True)
-            MW.build(recipe, root)
+            built = {b: out["builds"][b]["factors"] for b in out["builds"] if (work / "worlds" / b).is_dir()}
+            shared_from = MW.study_shared(factors, built)
+            shared = {} if shared_from is None else {rel: work / "worlds" / shared_from[0] for rel in shared_from[1]}
+            print(f"=== build {recipe.name} (shared: {shared_from})", flush=True)
+            MW.build(recipe, root, shared=shared)
         out["builds"][recipe.name] = {"factors": factors, "build_s": round(time.perf_counter() - t0, 1)}
         print(f"=== measure {recipe.name}", flush=True)
         out["refined"][recipe.name] = run_world(recipe.name, None, False, threads, root=root,
                                                 settings=realign_settings(), kinds=("mixed",))  # fmt: skip
-        out["features"][recipe.name] = world_features(root)
-    for name in W.world_names():
-        out["features"][name] = world_features(W.world_dir(name))
+    for name, root in [*((n, work / "worlds" / n) for n in out["refined"]),
+                       *((n, W.world_dir(n)) for n in W.world_names())]:  # fmt: skip
+        if name not in out["features"]:
+            out["features"][name] = world_features(root)
     return out
 
 
@@ -360,9 +370,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        measured = measure(args.work, args.threads)
+        path = DOC.with_suffix(".json")
+        measured = measure(args.work, args.threads, json.loads(path.read_text()) if path.is_file() else None)
         measured["command"] = "python scripts/choose_default.py " + shlex.join(sys.argv[1:])
-        measured["wall_s"] = round(time.perf_counter() - t0, 1)
+        measured["wall_s"] = round(measured.get("wall_s", 0) + time.perf_counter() - t0, 1)
         DOC.with_suffix(".json").write_text(json.dumps(measured, indent=1) + "\n")
         print(f"measured in {measured['wall_s'] / 60:.1f} min")
     measured = json.loads(DOC.with_suffix(".json").read_text())
