@@ -89,7 +89,7 @@ def _merge_settings(saved: dict, measured: dict[str, dict], ids: list[str], info
                                                "evaluations": m["evaluations"], "errors": m["errors"]})  # fmt: skip
     known = {s["id"] for s in saved["settings"]} | set(ids)
     saved["settings"] = [s for s in grid() if s["id"] in known]
-    saved["info"].setdefault("added", []).append({k: info[k] for k in ("command", "code", "started", "wall_s")}
+    saved["info"].setdefault("added", []).append({k: info[k] for k in ("command", "code", "started", "wall_s", "kinds")}
                                                  | {"settings": len(ids), "worlds": list(measured)})  # fmt: skip
     saved["info"]["grid"] = info["grid"]
     saved["worlds"] = {n: saved["worlds"][n] for n in W.world_names() if n in saved["worlds"]}
@@ -150,7 +150,7 @@ def main() -> None:
     result = {"schema": SCHEMA,
               "info": {"command": command.strip(), "code": code, "machine": _machine(args.threads, args.jobs),
                        "started": started, "wall_s": round(wall, 1), "jobs": args.jobs, "threads": args.threads,
-                       "eval_n": EVAL_N, "eval_seed": EVAL_SEED, "quick": args.quick,
+                       "eval_n": EVAL_N, "eval_seed": EVAL_SEED, "quick": args.quick, "kinds": list(kinds),
                        "grid": {m: {k: [_num(x) if isinstance(x, float) else x for x in v] for k, v in g.items()}
                                 for m, g in GRID.items()},
                        "wide": {m: {k: [_num(x) if isinstance(x, float) else x for x in v] for k, v in g.items()}

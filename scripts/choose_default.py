@@ -50,6 +50,7 @@ from csulora import world as W  # noqa: E402
 from csulora.cache import SubspaceSource  # noqa: E402
 
 BENCH = REPO / "docs" / "safety_benchmark.json"
+STUDY = REPO / "docs" / "worlds-study.json"
 DOC = REPO / "docs" / "default_choice"
 WORK = Path("/tmp/csulora-study")
 # the refined study worlds rebuilt: the refined-topic centre (the shipped `topic` is the same recipe with the long
@@ -261,6 +262,38 @@ def _rule_words(rule: dict, settings: dict) -> str:
             f"{label(settings[rule['weak']])}")
 
 
+def _study_section(A: dict) -> list[str]:
+    """The study's own refined worlds (their recorded rows, docs/worlds-study.json; no adapters kept, so no
+    features): the default against the rule's strong setting, both in the study's reduced grid."""
+    study = json.loads(STUDY.read_text())
+    strong, weak, S = A["rule"]["final"]["strong"], A["weak"], A["settings"]
+    if strong not in study["settings"]:
+        return []
+    L = ["", "## The study's refined worlds (recorded rows)", "",
+         f"The {STUDY.name} rows of every refined-task world of the study (built then, not kept: no features), "
+         f"under the default and under the rule's strong setting; gain kept as the study computes it.", "",
+         f"| study world | {label(S[weak])} | {label(S[strong])} |", "|---|---|---|"]  # fmt: skip
+    met, n = {weak: 0, strong: 0}, 0
+    for w, wd in study["worlds"].items():
+        a = wd["reference"]["aligned"]
+        if a["new_task_accuracy"] <= 0:
+            continue
+        mixed, cells, n = [a for a, x in wd["adapters"].items() if x["kind"] == "mixed"], [], n + 1
+        for sid in (weak, strong):
+            rs = [r for r in study["rows"] if r["world"] == w and r["setting"] == sid and r["adapter"] in mixed]
+            gains = [r["gain_kept"] for r in rs if r["gain_kept"] is not None]
+            m = {"refusal": statistics.fmean(both(r) for r in rs), "gain": statistics.fmean(gains) if gains else 0.0,
+                 "original": statistics.fmean(r["original_accuracy"] for r in rs) / a["original_accuracy"]}
+            ok = m["refusal"] >= TARGET_REFUSAL - EPS and m["gain"] >= TARGET_GAIN - EPS
+            ok = ok and m["original"] >= ORIGINAL_KEEP - EPS
+            met[sid] += ok
+            cells.append(_m(m) + (" ✓" if ok else ""))
+        L.append(f"| `{w}` | " + " | ".join(cells) + " |")
+    L += ["", f"Target met (refusal ≥ {TARGET_REFUSAL}, gain kept ≥ {TARGET_GAIN}, original ≥ {ORIGINAL_KEEP}, ✓): "
+          f"the default on {met[weak]} of {n}, the strong setting on {met[strong]} of {n}."]
+    return L
+
+
 def render(bench: dict, measured: dict, command: str) -> str:
     A = analyse(bench, measured)
     ws, S, fx, rl = A["worlds"], A["settings"], A["fixed"], A["rule"]
@@ -315,6 +348,7 @@ def render(bench: dict, measured: dict, command: str) -> str:
           "| world | refusal / gain kept / original |", "|---|---|"]  # fmt: skip
     for w, m in rl["final_means"].items():
         L.append(f"| `{w}` | {_m(m)} |")
+    L += _study_section(A)
     L += ["", "## The features", "", "| world | adapter | " + " | ".join(FEATURES) + " |",
           "|---|---|" + "---|" * len(FEATURES)]  # fmt: skip
     for w in ws.adapters:

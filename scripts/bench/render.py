@@ -93,7 +93,8 @@ def markdown(result: dict, analysis: dict) -> str:
         "see [world.md](world.md). Redraw from the json: `python scripts/bench_safety.py --render`.",
         "",
         *[f"Settings added to it: {a['settings']} by `{a['command']}` (code `{a['code']}`), started {a['started']}, "
-          f"{a['wall_s'] / 60:.1f} min wall time on {', '.join(a['worlds'])}." for a in info.get("added", [])],
+          f"{a['wall_s'] / 60:.1f} min wall time on the {', '.join(a.get('kinds', ['every']))} adapters of "
+          f"{', '.join(a['worlds'])}." for a in info.get("added", [])],
         *([""] if info.get("added") else []),
         f"Each of the {n_set} settings below is written by `csulora.sanitize(…, settings=Settings(…))` (the same "
         "call as `csulora sanitize --method … --form …`; one subspace cache per world, so each subspace is "
