@@ -30,3 +30,30 @@ def test_the_new_task_counts_above_the_aligned_model():
     # a setting that restores refusal and deletes the fine-tune scores nothing where the aligned model did half
     deletes = [r for r in above_aligned(_result({"half": 0.5}, rows[:3])) if r["setting"] == "deletes"]
     assert front_score(deletes, "both", 0.9) == 0.0 and front_score(rows[:1], "both", 0.9) == 0.5
+
+
+def test_added_settings_replace_only_their_rows():
+    """``bench_safety.py --settings … --merge``: the settings measured replace or add their rows on the worlds
+    measured; every other row, the saved run's description and its references stay."""
+    from bench_safety import _merge_settings
+
+    old, new = "realign:factored:lam=4:beta=0.25:k=8", "realign:factored:lam=inf:beta=0.75:k=8"
+
+    def row(w: str, s: str, v: float) -> dict:
+        return {"world": w, "adapter": "a", "setting": s, "refusal_trained": v, "refusal_heldout": v,
+                "new_task_accuracy": v, "original_accuracy": v}  # fmt: skip
+
+    saved = {"info": {"command": "first run", "code": "abc"}, "settings": [{"id": "none"}, {"id": old}],
+             "worlds": {"wide": {"seconds": 9.0, "reference": "kept"}, "tiny": {"seconds": 7.0, "reference": "kept"}},
+             "rows": [row(w, s, 0.1) for w in ("wide", "tiny") for s in ("none", old)]}  # fmt: skip
+    measured = {"tiny": {"seconds": 2.0, "evaluations": 2, "errors": [], "rows": [row("tiny", old, 0.9),
+                                                                                   row("tiny", new, 0.8)]}}  # fmt: skip
+    info = {"command": "added run", "code": "def", "started": "now", "wall_s": 2.5, "kinds": ["mixed"], "grid": {}}
+    out = _merge_settings(saved, measured, [old, new], info)
+    got = {(r["world"], r["setting"]): r["refusal_trained"] for r in out["rows"]}
+    assert got == {("tiny", "none"): 0.1, ("tiny", old): 0.9, ("tiny", new): 0.8, ("wide", "none"): 0.1,
+                   ("wide", old): 0.1}  # fmt: skip
+    assert [s["id"] for s in out["settings"]] == ["none", old, new]  # the grid's order
+    assert list(out["worlds"]) == ["tiny", "wide"] and out["worlds"]["tiny"]["reference"] == "kept"
+    assert out["worlds"]["tiny"]["added"][0]["evaluations"] == 2 and "added" not in out["worlds"]["wide"]
+    assert out["info"]["command"] == "first run" and out["info"]["added"][0]["command"] == "added run"
