@@ -367,8 +367,12 @@ def plot(bench: dict, measured: dict, path: Path) -> None:
 
     A = analyse(bench, measured)
     ws, fx, rl = A["worlds"], A["fixed"], A["rule"]
-    fig, axes = plt.subplots(1, len(ws.refined), figsize=(4.2 * len(ws.refined), 4), squeeze=False)
-    for ax, w in zip(axes[0], ws.refined, strict=True):
+    cols = min(3, len(ws.refined))
+    rows = -(-len(ws.refined) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(ws.refined):]:
+        ax.axis("off")
+    for ax, w in zip(axes.flat, ws.refined, strict=False):
         for sid in A["sids"]:
             m = fx["per"][sid][w]
             ok = sid in fx["gated"]
@@ -383,8 +387,8 @@ def plot(bench: dict, measured: dict, path: Path) -> None:
             ax.scatter(m["refusal"], m["gain"], marker=marker, s=90, color=color, label=name, zorder=3)
         ax.axvline(TARGET_REFUSAL, color="grey", lw=0.6, ls="--")
         ax.axhline(TARGET_GAIN, color="grey", lw=0.6, ls="--")
-        ax.set(title=w, xlabel="mean refusal (mixed adapters)", ylabel="gain kept", xlim=(-0.03, 1.03),
-               ylim=(-0.03, 1.03))  # fmt: skip
+        ax.set(title=w.replace("w64-d3-h25-", "").replace("-s40", ""), xlabel="mean refusal (mixed adapters)",
+               ylabel="gain kept", xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))  # fmt: skip
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("realign, factored: filled = keeps the original tasks on every shipped world", fontsize=9)
     fig.tight_layout()
