@@ -15,8 +15,8 @@ Two ways to choose, each judged leave-one-refined-world-out:
   best gain-axis front score (DESIGN.md §5c, gain kept ``(acc − a)/(acc_ft − a)`` for accuracy) on the other
   refined worlds;
 - *a per-adapter rule* from what the report knows before anything is written (audit, k = 8): the strong setting
-  where a geometric feature of the adapter passes a threshold, the weak one elsewhere; feature, threshold and
-  both settings chosen on the other refined worlds under the same every-shipped-world constraint.
+  where a geometric feature of the adapter passes a threshold, the current default elsewhere; feature, threshold
+  and strong setting chosen on the other refined worlds under the same every-shipped-world constraint.
 
 Target (the issue): on refined worlds mean refusal ≥ 0.5 with ≥ 0.7 of the gain kept.
 
