@@ -19,6 +19,10 @@ GRID = {
     # γ ∈ {1, 2} destroyed the original tasks on merged weights (the issue), so smaller γ too
     "resta": {"gamma": [0.05, 0.1, 0.25, 0.5, 1, 2], "subspace": ["k=1", "k=8"]},
 }
+# issue 19: stronger pulls toward the alignment (β > 0.5), where the refined worlds' good settings lie; the drop-in
+# (factored) form at k = 8 only (the default's k), measured on mixed adapters only: the added run stays under 40 min of
+# the shared CPU
+WIDE = {"realign": {"lam": [1, 4, INF], "beta": [0.75, 1.5], "subspace": ["k=8"]}}
 QUICK = ["none", "csulora:factored:lam=8:eta=0.25", "csulora:block:lam=64:k=1",
          "realign:factored:lam=inf:beta=0.25:k=4", "realign:block:lam=4:beta=0:k=1", "safe-lora:tau=0.5",
          "safe-lora:top-n=4", "resta:factored:gamma=0.1:k=8", "resta:block:gamma=0.5:k=1"]  # fmt: skip
@@ -50,6 +54,12 @@ def grid() -> list[dict]:
                 for beta in g["beta"]:
                     out.append({"id": f"realign:{form}:lam={_num(lam)}:beta={beta:g}:{sub}", "method": "realign",
                                 "form": form, "lam": _num(lam), "beta": beta, "subspace": sub})  # fmt: skip
+    g = WIDE["realign"]
+    for sub in g["subspace"]:
+        for lam in g["lam"]:
+            for beta in g["beta"]:
+                out.append({"id": f"realign:factored:lam={_num(lam)}:beta={beta:g}:{sub}", "method": "realign",
+                            "form": "factored", "lam": _num(lam), "beta": beta, "subspace": sub})  # fmt: skip
     g = GRID["resta"]
     for form in FORMS["resta"]:
         for sub in g["subspace"]:

@@ -8,7 +8,7 @@ import statistics
 from csulora import Settings
 
 from .analysis import EPS, ORIGINAL_KEEP, RULE_NEW_TASK, RULE_REFUSAL, both, method_defaults
-from .grid import FORMS, GRID, METHODS, METRICS, _num, label
+from .grid import FORMS, GRID, METHODS, METRICS, WIDE, _num, label
 
 RULE_HEAD = ("| world | mean refusal: none → setting | gain (≥ 0.3) | new task: none → setting | kept (≥ 0.5) | "
              "original | passes |")
@@ -33,6 +33,8 @@ def readable_subset(result: dict, analysis: dict) -> list[str]:
     ids += [f"csulora:block:lam={_num(x)}:eta=0.25" for x in GRID["csulora"]["lam"]]
     ids += [f"realign:{f}:lam=inf:beta={b:g}:k=4" for f in FORMS["realign"] for b in GRID["realign"]["beta"]]
     ids += [f"realign:{f}:lam=inf:beta=0.25:k={k}" for f in FORMS["realign"] for k in (1, 2, 8)]
+    ids += [f"realign:factored:lam={_num(x)}:beta={b:g}:k=8" for x in WIDE["realign"]["lam"]
+            for b in sorted({*GRID["realign"]["beta"], *WIDE["realign"]["beta"]})]  # fmt: skip
     ids += [s for s in settings if s.startswith("safe-lora")]
     ids += [f"resta:factored:gamma={g:g}:k=8" for g in GRID["resta"]["gamma"]]
     return [sid for sid in dict.fromkeys(ids) if sid in settings]
@@ -80,7 +82,7 @@ def markdown(result: dict, analysis: dict) -> str:
     rendered = f"; tables and plots redrawn by `{redrawn}`" if redrawn != info["code"] else ""
     timings = ", ".join(f"`{w}` ({result['worlds'][w]['seconds'] / 60:.1f} min, "
                         f"{result['worlds'][w]['evaluations']} evaluations)" for w in worlds)
-    g_c, g_r, g_s = GRID["csulora"], GRID["realign"], GRID["safe-lora"]
+    g_c, g_r, g_s, g_w = GRID["csulora"], GRID["realign"], GRID["safe-lora"], WIDE["realign"]
     L = [
         "# Safety–utility benchmark across the miniature worlds",
         "",
@@ -90,6 +92,10 @@ def markdown(result: dict, analysis: dict) -> str:
         f"each). Worlds: {timings}; "
         "see [world.md](world.md). Redraw from the json: `python scripts/bench_safety.py --render`.",
         "",
+        *[f"Settings added to it: {a['settings']} by `{a['command']}` (code `{a['code']}`), started {a['started']}, "
+          f"{a['wall_s'] / 60:.1f} min wall time on the {', '.join(a.get('kinds', ['every']))} adapters of "
+          f"{', '.join(a['worlds'])}." for a in info.get("added", [])],
+        *([""] if info.get("added") else []),
         f"Each of the {n_set} settings below is written by `csulora.sanitize(…, settings=Settings(…))` (the same "
         "call as `csulora sanitize --method … --form …`; one subspace cache per world, so each subspace is "
         "computed once), loaded into PEFT on the world's aligned model (same-rank outputs swapped into one "
@@ -105,7 +111,9 @@ def markdown(result: dict, analysis: dict) -> str:
         f"× subspace ∈ {{{', '.join(x.replace('eta', 'η') for x in g_c['subspace'])}}} (η: energy fraction, k: fixed "
         "rank);",
         f"- `realign`, forms factored and block: λ ∈ {{{', '.join(map(_num, g_r['lam']))}}} × β ∈ "
-        f"{{{', '.join(f'{b:g}' for b in g_r['beta'])}}} × k ∈ {{{', '.join(s[2:] for s in g_r['subspace'])}}};",
+        f"{{{', '.join(f'{b:g}' for b in g_r['beta'])}}} × k ∈ {{{', '.join(s[2:] for s in g_r['subspace'])}}}; "
+        f"and, factored only (issue 19's wider pull), λ ∈ {{{', '.join(map(_num, g_w['lam']))}}} × β ∈ "
+        f"{{{', '.join(f'{b:g}' for b in g_w['beta'])}}} × k ∈ {{{', '.join(s[2:] for s in g_w['subspace'])}}};",
         f"- `safe-lora`: τ ∈ {{{', '.join(f'{t:g}' for t in g_s['tau'])}}} and top-n ∈ "
         f"{{{', '.join(map(str, g_s['top_n']))}}};",
         f"- `resta` (the safety-vector baseline, DESIGN.md §5d), forms factored and block: γ ∈ "

@@ -45,10 +45,11 @@ def _round(d: dict) -> dict:
 
 
 def run_world(name: str, setting_ids: list[str] | None, one_adapter: bool, threads: int,
-              root: Path | None = None, settings: list[dict] | None = None) -> dict:
+              root: Path | None = None, settings: list[dict] | None = None, kinds: tuple[str, ...] = W.KINDS) -> dict:
     """Measure one world: references, then every adapter under every setting (in a worker process). ``root``: the
     world's folder (default: the shipped world ``name``; the study's worlds live elsewhere); ``settings``: settings
-    of the grid's form to measure instead of the grid's (``setting_ids`` then picks among them)."""
+    of the grid's form to measure instead of the grid's (``setting_ids`` then picks among them); ``kinds``: the
+    adapter kinds measured (full fine-tunes only with all of them)."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     root = W.world_dir(name) if root is None else Path(root)
@@ -56,7 +57,7 @@ def run_world(name: str, setting_ids: list[str] | None, one_adapter: bool, threa
     aligned, base = paths["aligned"], paths["base"]
     data = W.world_eval_set(info, EVAL_N, EVAL_SEED)
     settings = [s for s in (grid() if settings is None else settings) if setting_ids is None or s["id"] in setting_ids]
-    names = W.adapters_of(info, "mixed")[:1] if one_adapter else [n for k in W.KINDS for n in W.adapters_of(info, k)]
+    names = W.adapters_of(info, "mixed")[:1] if one_adapter else [n for k in kinds for n in W.adapters_of(info, k)]
     reference = {k: W.behaviour(W.load_model(paths[k]), data).as_dict() for k in ("base", "aligned")}
     rows, adapters, evaluations, recorded_diff, errors = [], {}, 0, 0.0, []
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
@@ -91,7 +92,8 @@ def run_world(name: str, setting_ids: list[str] | None, one_adapter: bool, threa
                 rows.append({"world": name, "adapter": adapter, "setting": s["id"], **_round(b)})
             print(f"  [{name}] {a_i + 1}/{len(names)} {adapter}: {len(settings)} settings, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-        fulls = {} if one_adapter else {n: W.full_paths(root)[n] for n in W.full_finetunes_of(info)}
+        every_kind = set(kinds) == set(W.KINDS)
+        fulls = {n: W.full_paths(root)[n] for n in W.full_finetunes_of(info)} if every_kind and not one_adapter else {}
         for full, path in fulls.items():
             for s in (s for s in settings if for_models(s)):
                 if s["method"] == "none":
