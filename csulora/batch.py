@@ -19,7 +19,7 @@ from .api import Progress, Settings, default_output, sanitize
 from .cache import SubspaceSource
 from .errors import CsuloraError, OutputExists
 from .methods import validate
-from .report import Report
+from .report import Report, ratio
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
 
@@ -162,7 +162,7 @@ def summary_table(outcomes: list[Outcome], title: str | None = None) -> Table:
         if o.report is not None:
             t = o.report.totals()
             cells = [str(t["modules"]), f"{t['leaving_energy_before']:.1%} → {t['leaving_energy_after']:.1%}",
-                     f"{t['retained_norm']:.3f}", str(o.output)]  # fmt: skip
+                     ratio(t["retained_norm"]), str(o.output)]  # fmt: skip
         else:
             cells = ["", "", "", o.message if o.status == "failed" else f"{o.output} ({o.message})"]
         style = {"ok": "green", "skipped": "yellow", "failed": "red"}[o.status]

@@ -163,9 +163,15 @@ def block_energies(energies: dict[str, float], gamma_h: float, gamma_o: float) -
     }
 
 
-def safe_lora_project(B: Tensor, D: Tensor) -> Tensor:
-    """Safe LoRA projection (§5): ``C·B = D (Dᵀ B) / ‖D‖_F``, without forming ``C = D Dᵀ / ‖D‖_F``."""
-    return D @ (D.T @ B.to(D.dtype)) / torch.linalg.vector_norm(D)
+def safe_lora_project(B: Tensor, D: Tensor, total: float | None = None) -> Tensor:
+    """Safe LoRA projection (§5): ``C·B = D (Dᵀ B) / ‖D‖_F``, without forming ``C = D Dᵀ / ‖D‖_F``.
+
+    ``‖D‖_F = √total`` with ``total = ‖D‖_F²`` from the one-pass float64 sum (``squared_norm``; taken here when not
+    given): a float32 norm of a whole layer errs by up to 1e-3. The products run in the wider of the two dtypes."""
+    total = squared_norm(D) if total is None else total
+    dtype = torch.promote_types(D.dtype, B.dtype)
+    D = D.to(dtype)
+    return D @ (D.T @ B.to(dtype)) / math.sqrt(total)
 
 
 # ---------------------------------------------------------------- re-alignment (§5b)
