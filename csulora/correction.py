@@ -92,19 +92,6 @@ def factored_update(
     return A_new, B_new
 
 
-def corrected_energies(energies: dict[str, float], gamma_out: float, gamma_in: float) -> dict[str, float]:
-    """Energies after the factored update (§4): ``ΔW' = F + γ_in H_in + γ_out H_out + γ_in γ_out O``.
-
-    The components stay mutually orthogonal, so each energy scales by its factor squared.
-    """
-    return {
-        "F": energies["F"],
-        "H_in": gamma_in**2 * energies["H_in"],
-        "H_out": gamma_out**2 * energies["H_out"],
-        "O": (gamma_in * gamma_out) ** 2 * energies["O"],
-    }
-
-
 def safe_lora_cosine(CB: Tensor, B: Tensor, A: Tensor) -> float:
     """Safe LoRA score (§5) given ``C·B``: ``cos(vec(C B A), vec(B A))`` from ``r × r`` Grams.
 
@@ -151,16 +138,6 @@ def block_update(sp: Split, gamma_h: float, gamma_o: float) -> tuple[Tensor, Ten
     B_new = torch.cat([sp.B1, sp.B2], dim=1)
     A_new = torch.cat([sp.A1 + gamma_h * sp.A2, gamma_h * sp.A1 + gamma_o * sp.A2], dim=0)
     return A_new, B_new
-
-
-def block_energies(energies: dict[str, float], gamma_h: float, gamma_o: float) -> dict[str, float]:
-    """Energies after the block update (§4): each orthogonal component scales by its factor squared."""
-    return {
-        "F": energies["F"],
-        "H_in": gamma_h**2 * energies["H_in"],
-        "H_out": gamma_h**2 * energies["H_out"],
-        "O": gamma_o**2 * energies["O"],
-    }
 
 
 def safe_lora_project(B: Tensor, D: Tensor, total: float | None = None) -> Tensor:
