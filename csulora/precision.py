@@ -15,6 +15,7 @@ from .errors import CsuloraError
 
 NARROW = (torch.bfloat16, torch.float16)
 WRITE_LOSS_ULPS = 4  # a written product erring by more than this many unit roundoffs of its dtype is reported
+WRITE_LOSS_FLOOR = 1e-4  # ... and by more than this (float32's 4 u, 2.4e-7, is noise where terms cancel)
 
 
 def widen(t: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,12 @@ def wide_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def unit_roundoff(dtype: torch.dtype) -> float:
     """Half the distance from 1 to the next value of ``dtype``: the relative error of one correct rounding."""
     return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
+
+
+def write_loss_limit(dtype: torch.dtype) -> float:
+    """The relative error of a written product past which the report notes it and warns: ``4 u`` of the dtype
+    (bf16 1.6 %, fp16 0.2 %; one correct rounding costs about ``u/√3``), at least ``1e-4``."""
+    return max(WRITE_LOSS_ULPS * unit_roundoff(dtype), WRITE_LOSS_FLOOR)
 
 
 def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ from .adapters import Kept
 from .correction import COMPONENTS
 
 SCHEMA_VERSION = 3  # 2: module kinds (experts, dense), kept tensors; 3: "after" shares of the written update
-WRITE_LOSS_LIMIT = 4  # write_error is reported past this many unit roundoffs of the written dtype (precision.py)
 CORRECTION_LOST_LIMIT = 0.1  # a full weight losing more than this share of its correction in the cast is reported
 
 

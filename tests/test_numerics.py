@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from csulora import Settings
 from csulora.adapters import CONFIG, WEIGHTS, DenseModule, LoraModule
-from csulora.api import sanitize
+from csulora.api import audit, sanitize
 from csulora.correction import safe_lora_project
 from csulora.layouts import Target
 from csulora.methods import METHODS
@@ -134,6 +134,28 @@ def test_after_values_are_measured_on_the_written_bf16_factors():
         total = float((written**2).sum())
         for c, x in ref.components(written, P, Q).items():
             assert res.row.rho_after[c] == pytest.approx(float((x**2).sum()) / total, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("method, form, values", [
+    ("csulora", "factored", {"lam": 64.0}), ("csulora", "block", {"lam": 8.0}),
+    ("realign", "factored", {"lam": 4.0, "beta": 0.25}), ("safe-lora", "factored", {"threshold": 1.0}),
+])  # fmt: skip
+def test_after_values_are_what_audit_of_the_output_reports(llama_pair, peft_adapter, tmp_path, method, form, values):
+    """Issue 23: a run's "after" values (JSON rows and totals, what the Markdown, terminal, card and HTML show)
+    are the "before" values of `audit` on its output, so the gate compares what the report showed."""
+    settings = Settings(method=method, form=form, exact_svd=True, subspace_rank=4, **values)
+    aligned, base = str(llama_pair["aligned"]), str(llama_pair["base"])
+    done = sanitize(peft_adapter, aligned, base, tmp_path / "out", settings=settings).report
+    again = audit(tmp_path / "out", aligned, base, settings=settings).report
+    rows = {m.module: m for m in again.modules}
+    for m in done.modules:
+        assert m.rho_after == pytest.approx(rows[m.module].rho, rel=1e-9, abs=1e-12)
+        assert m.erosion_after == pytest.approx(rows[m.module].erosion, rel=1e-9, abs=1e-12)
+        assert m.update_norm_after == pytest.approx(rows[m.module].update_norm, rel=1e-9)
+    t, u = done.totals(), again.totals()
+    for after, before in (("off_energy_after", "off_energy_before"), ("leaving_energy_after", "leaving_energy_before"),
+                          ("erosion_after", "erosion_before")):  # fmt: skip
+        assert t[after] == pytest.approx(u[before], rel=1e-9, abs=1e-12)
 
 
 # ------------------------------------------------------------------ item 2: fp16 underflow

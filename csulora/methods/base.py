@@ -36,8 +36,8 @@ from ..correction import (
     subspace_block,
 )
 from ..errors import CsuloraError
-from ..precision import cast_back, unit_roundoff, wide_dtype, widen
-from ..report import CORRECTION_LOST_LIMIT, WRITE_LOSS_LIMIT, ModuleRow
+from ..precision import WRITE_LOSS_ULPS, cast_back, wide_dtype, widen, write_loss_limit
+from ..report import CORRECTION_LOST_LIMIT, ModuleRow
 from ..settings import Settings
 from ..subspace import Subspace, squared_norm
 
@@ -226,8 +226,9 @@ def summary_warnings(rows: list[ModuleRow]) -> list[str]:
                    + names(cut, lambda r: f"{r.module} k = {r.k} of {r.k_requested}"))  # fmt: skip
     lossy = sorted((r for r in rows if any(n.startswith("write loss") for n in r.notes)), key=lambda r: -r.write_error)
     if lossy:
-        out.append(f"{len(lossy)} module(s) lost more than {WRITE_LOSS_LIMIT} unit roundoffs of their update in the "
-                   "cast to the adapter's dtype: " + names(lossy, lambda r: f"{r.module} ({r.write_error:.2%})")
+        out.append(f"{len(lossy)} module(s) lost more of their update in the cast to the dtype than "
+                   f"{WRITE_LOSS_ULPS} unit roundoffs (at least 1e-4): "
+                   + names(lossy, lambda r: f"{r.module} ({r.write_error:.3g})")
                    + "; write loss per module in the report (write_error); convert the input adapter to float32 "
                    "and rerun to avoid it")  # fmt: skip
     lost = sorted((r for r in rows if (r.correction_lost or 0.0) > CORRECTION_LOST_LIMIT),
@@ -245,15 +246,14 @@ def summary_warnings(rows: list[ModuleRow]) -> list[str]:
 
 def set_after(row: ModuleRow, fields: dict) -> None:
     """Put measured "after" fields on a row, with ``rho_after`` as the written update's own shares, and a note
-    when the cast lost more than ``WRITE_LOSS_LIMIT`` unit roundoffs of the written dtype."""
+    when the cast lost more than ``write_loss_limit`` of the written dtype."""
     dtype = fields.pop("dtype", None)
     for name, value in fields.items():
         setattr(row, name, value)
     row.rho_after = relative_energies(row.energy_after)
-    limit = WRITE_LOSS_LIMIT * unit_roundoff(dtype) if dtype is not None else math.inf
-    if row.write_error > limit:
-        row.notes.append(f"write loss {row.write_error:.2%} of the update (past {WRITE_LOSS_LIMIT} unit roundoffs "
-                         f"of {str(dtype).removeprefix('torch.')})")  # fmt: skip
+    if dtype is not None and row.write_error > write_loss_limit(dtype):
+        row.notes.append(f"write loss {row.write_error:.3g} of the update (past {write_loss_limit(dtype):.3g} for "
+                         f"{str(dtype).removeprefix('torch.')})")  # fmt: skip
     if row.correction_lost is not None and row.correction_lost > CORRECTION_LOST_LIMIT:
         row.notes.append(f"the cast to {str(dtype).removeprefix('torch.')} lost {row.correction_lost:.1%} of the "
                          "correction")  # fmt: skip
@@ -309,7 +309,7 @@ def write(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors meant for module scale ``scale`` (float32 or wider, or the module's own tensors, kept as they are)
     cast to the adapter's dtype; ``row`` gets what is measured on them as written. When the cast loses more than
-    ``WRITE_LOSS_LIMIT`` unit roundoffs of the product (fp16 underflow), the factors are rescaled against each
+    ``write_loss_limit`` of the product (fp16 underflow), the factors are rescaled against each
     other (``balanced``) and cast again, and the better of the two is written (noted)."""
     if A is module.A and B is module.B:
         return A, B
@@ -317,8 +317,8 @@ def write(
     A64, B64 = A.to(device, torch.float64), B.to(device, torch.float64)
     A_out, B_out = written(module, A, B)
     error = product_error(A_out.to(device, torch.float64), B_out.to(device, torch.float64), A64, B64)
-    dtype = max(module.A.dtype, module.B.dtype, key=unit_roundoff)
-    if error > WRITE_LOSS_LIMIT * unit_roundoff(dtype):
+    dtype = max(module.A.dtype, module.B.dtype, key=write_loss_limit)
+    if error > write_loss_limit(dtype):
         A_b, B_b = balanced(A64, B64)
         A_2, B_2 = cast_back(A_b, module.A.dtype, module.key("A")), cast_back(B_b, module.B.dtype, module.key("B"))
         again = product_error(A_2.to(device, torch.float64), B_2.to(device, torch.float64), A64, B64)
