@@ -263,3 +263,27 @@ def test_bf16_full_weight_reports_the_correction_the_cast_lost():
     assert res.row.correction_lost == pytest.approx(lost, rel=1e-4) and lost > 0.3
     assert res.row.write_error == pytest.approx(float((X_w - X).norm() / X.norm()), rel=1e-4)
     assert any("lost" in n for n in res.row.notes)
+
+
+def test_zero_adapter_under_realign_writes_every_output(tmp_path):
+    """PEFT's initial state through the whole pipeline: realign with β > 0 writes cβD_k into a zero adapter; the
+    JSON (schema-valid, null ratios), Markdown, HTML and card render, and the retained norm reads n/a."""
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    from csulora.synthetic import write_adapter, write_pair
+
+    shapes = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
+    pair = write_pair(tmp_path / "pair", shapes)
+    adapter = write_adapter(tmp_path / "a", shapes, b_std=0.0)
+    settings = Settings(method="realign", lam=4.0, beta=1.0, subspace_rank=3, exact_svd=True)
+    sanitize(adapter, str(pair["aligned"]), str(pair["base"]), tmp_path / "out", settings=settings)
+    report = json.loads((tmp_path / "out" / "csulora_report.json").read_text())
+    schema = json.loads(resources.files("csulora").joinpath("report.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    assert report["totals"]["retained_norm"] is None and report["totals"]["update_norm_after"] > 0
+    assert all(m["truncation_loss"] is None and m["truncation_energy"] >= 0 for m in report["modules"])
+    assert "n/a" in (tmp_path / "out" / "csulora_report.md").read_text()
+    assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "csulora_report.html").is_file()
