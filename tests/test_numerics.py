@@ -287,3 +287,16 @@ def test_zero_adapter_under_realign_writes_every_output(tmp_path):
     assert all(m["truncation_loss"] is None and m["truncation_energy"] >= 0 for m in report["modules"])
     assert "n/a" in (tmp_path / "out" / "csulora_report.md").read_text()
     assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "csulora_report.html").is_file()
+
+
+def test_rank_cut_is_in_the_row_the_notes_and_the_warnings(llama_pair, peft_adapter, tmp_path):
+    """llama_pair's displacements have rank 4: --subspace-rank 8 keeps k = 4, and the report says so."""
+    settings = Settings(method="csulora", lam=1.0, subspace_rank=8, exact_svd=True)
+    report = sanitize(peft_adapter, str(llama_pair["aligned"]), str(llama_pair["base"]), tmp_path / "out",
+                      settings=settings).report  # fmt: skip
+    assert report.modules and all(m.k == 4 and m.k_requested == 8 for m in report.modules)
+    assert all(any("subspace rank cut: k = 4 of the 8" in n for n in m.notes) for m in report.modules)
+    assert any(w.startswith(f"{len(report.modules)} module(s): subspace rank cut") for w in report.warnings)
+    exact = sanitize(peft_adapter, str(llama_pair["aligned"]), str(llama_pair["base"]), tmp_path / "four",
+                     settings=Settings(method="csulora", lam=1.0, subspace_rank=4, exact_svd=True)).report
+    assert all(m.k_requested is None for m in exact.modules)
