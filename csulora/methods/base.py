@@ -161,8 +161,8 @@ class ShiftMethod(Method):
 
 @dataclass
 class DenseUpdate:
-    """A dense module ready for its method: ``ΔW = W − W_a`` in float32 on the subspace's device, with ``W_a``
-    (float32, same device) and the module (its saved weight ``W``, as read)."""
+    """A dense module ready for its method: ``ΔW = W − W_a`` in float32 (float64 when either weight is) on the
+    subspace's device, with ``W_a`` (same dtype and device) and the module (its saved weight ``W``, as read)."""
 
     module: DenseModule
     W_a: torch.Tensor
@@ -229,8 +229,8 @@ def summary_warnings(rows: list[ModuleRow]) -> list[str]:
         out.append(f"{len(lossy)} module(s) lost more of their update in the cast to the dtype than "
                    f"{WRITE_LOSS_ULPS} unit roundoffs (at least 1e-4): "
                    + names(lossy, lambda r: f"{r.module} ({r.write_error:.3g})")
-                   + "; write loss per module in the report (write_error); convert the input adapter to float32 "
-                   "and rerun to avoid it")  # fmt: skip
+                   + "; write loss per module in the report (write_error); convert the input to float32 and rerun "
+                   "to avoid it")  # fmt: skip
     lost = sorted((r for r in rows if (r.correction_lost or 0.0) > CORRECTION_LOST_LIMIT),
                   key=lambda r: -(r.correction_lost or 0.0))  # fmt: skip
     if lost:
