@@ -178,9 +178,16 @@ def realign_shift(M: Tensor, S: Tensor, c: float, beta: float) -> Tensor:
 
 
 def shift_block_factors(A: Tensor, sB: Tensor, U: Tensor, V: Tensor, Z: Tensor) -> tuple[Tensor, Tensor]:
-    """Block form of ``X = ΔW + U_k Z V_kᵀ`` (re-alignment §5b, RESTA §5d), exact at rank ``r + k``:
-    ``B' = [sB | U_k Z]``, ``A' = [A ; V_kᵀ]`` (module scale 1)."""
-    return torch.cat([A, V.T], dim=0), torch.cat([sB, U @ Z], dim=1)
+    """Block form of ``X = ΔW + U_k Z V_kᵀ`` (re-alignment §5b, RESTA §5d), exact at rank ``r + k`` (module scale 1),
+    in blocks that do not cancel: ``X = (P⊥ sB) A + U_k Y`` with ``Y = (U_kᵀ sB) A + Z V_kᵀ`` (``k × d_in``), so
+    ``B' = [sB − U_k U_kᵀ sB | U_k]``, ``A' = [A ; Y]``.
+
+    The same product as the spec's ``B' = [sB | U_k Z]``, ``A' = [A ; V_kᵀ]``. But where ``X`` is small against
+    ``ΔW`` (re-alignment erasing ``F`` from an update that lies mostly in the subspace, RESTA adding ``γ D_k`` to an
+    update along ``−D_k``) the spec's two blocks cancel, and rounding each to bf16 cost several % of ``X``. Here the
+    in-subspace rows are summed in float64 before the cast, and the first block leaves the subspace."""
+    UtB = U.T @ sB
+    return torch.cat([A, UtB @ A + Z @ V.T], dim=0), torch.cat([sB - U @ UtB, U], dim=1)
 
 
 def best_rank(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor, float]:

@@ -300,3 +300,30 @@ def test_rank_cut_is_in_the_row_the_notes_and_the_warnings(llama_pair, peft_adap
     exact = sanitize(peft_adapter, str(llama_pair["aligned"]), str(llama_pair["base"]), tmp_path / "four",
                      settings=Settings(method="csulora", lam=1.0, subspace_rank=4, exact_svd=True)).report
     assert all(m.k_requested is None for m in exact.modules)
+
+
+def test_block_form_of_a_small_realigned_update_keeps_bf16_precision():
+    """Item 8: realign at λ = ∞, β = 0 erasing F from a bf16 update that lies mostly in the subspace. The spec's
+    blocks [sB | U_k Z], [A ; V_kᵀ] cancel and lose several % of X* in the cast; the written blocks lose about one
+    rounding, like the factored form, and the report's write_error says so."""
+    g = torch.Generator().manual_seed(15)
+    d_out, d_in, r, k = 192, 128, 4, 4
+    U = torch.linalg.qr(torch.randn(d_out, 16, generator=g, dtype=F64)).Q
+    V = torch.linalg.qr(torch.randn(d_in, 16, generator=g, dtype=F64)).Q
+    D = ((U * (0.05 * 1.15 ** -torch.arange(16.0, dtype=F64))) @ V.T).float()
+    B = U[:, :r] @ torch.randn(r, r, generator=g, dtype=F64) + 0.01 * torch.randn(d_out, r, generator=g, dtype=F64)
+    A = torch.randn(r, r, generator=g, dtype=F64) @ V[:, :r].T
+    module = module_of((1e-2 * A).bfloat16(), (1e-2 * B).bfloat16(), alpha=8.0)
+    sub = safety_subspace(D, rank=k, exact=True)
+    settings = Settings(method="realign", lam=math.inf, beta=0.0, form="block", subspace_rank=k)
+    res = METHODS["realign"].correct(module, sub, settings, None)
+    A64, sB = module.A.double(), module.scaling * module.B.double()
+    X = ref.realign(sB @ A64, D.double(), k, math.inf, 0.0)
+    assert float(X.norm()) < 0.2 * float((sB @ A64).norm())  # F was most of the update
+    err = float((res.B.double() @ res.A.double() - X).norm() / X.norm())
+    Us, Vs = sub.U.double(), sub.V.double()
+    Z = -(Us.T @ sB) @ (A64 @ Vs)  # the spec's blocks, cast to bf16 each
+    spec = torch.cat([sB, Us @ Z], 1).bfloat16().double() @ torch.cat([A64, Vs.T], 0).bfloat16().double()
+    spec_err = float((spec - X).norm() / X.norm())
+    assert err < 4 * 2**-8 < spec_err, (err, spec_err)
+    assert res.row.write_error == pytest.approx(err, rel=0.05)
