@@ -19,13 +19,14 @@ from .determinism import fixed_threads
 from .errors import CsuloraError
 from .layouts import Target, is_block_weight
 from .methods import METHODS, Corrected, block_config, validate
-from .methods.base import DenseUpdate
+from .methods.base import DenseUpdate, summary_warnings
 from .outputs import check_output, write_folder
 from .pair_order import check_pair_order, names_checkpoint, weight_hint
 from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
 from .settings import Settings
+from .subspace import rank_cut
 from .targets import Plan, bind
 
 # (phase, done, total, item): phases "reading" (adapter and headers), "subspaces" (one step per module:
@@ -255,6 +256,7 @@ def _run(
         progress("subspaces", len(work), len(work), "")
     method.finish(results, settings)
     rows = [results[name].row for name in sorted(results)]
+    warnings += summary_warnings(rows)
     if results and all(r.displacement_norm == 0 for r in rows):
         raise CsuloraError(
             f"base {inputs.base.ref} and aligned {inputs.aligned.ref} are identical in every targeted tensor; "
@@ -310,6 +312,10 @@ def correct_module(
             done = method.correct_dense(update, sub, settings, D)
         else:
             done = method.correct(module, sub, settings, D)
+        done.row.k_requested = rank_cut(sub.k, done.row.shape, settings.subspace_rank, settings.max_subspace_rank)
+        if done.row.k_requested is not None:
+            done.row.notes.append(f"subspace rank cut: k = {sub.k} of the {done.row.k_requested} asked for, at the "
+                                  "numerical rank of D")  # fmt: skip
     if sub.total_energy > 0:
         return done, None
     what = ("the whole update counts as off-subspace and is attenuated" if settings.method == "csulora"

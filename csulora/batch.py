@@ -21,7 +21,7 @@ from .checkpoints import parse_ref
 from .errors import CsuloraError, OutputExists
 from .methods import validate
 from .pair_order import check_pair_order
-from .report import Report
+from .report import Report, ratio
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
 
@@ -178,7 +178,7 @@ def summary_table(outcomes: list[Outcome], title: str | None = None) -> Table:
         if o.report is not None:
             t = o.report.totals()
             cells = [str(t["modules"]), f"{t['leaving_energy_before']:.1%} → {t['leaving_energy_after']:.1%}",
-                     f"{t['retained_norm']:.3f}", str(o.output)]  # fmt: skip
+                     ratio(t["retained_norm"]), str(o.output)]  # fmt: skip
         else:
             cells = ["", "", "", o.message if o.status == "failed" else f"{o.output} ({o.message})"]
         style = {"ok": "green", "skipped": "yellow", "failed": "red"}[o.status]

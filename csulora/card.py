@@ -7,7 +7,7 @@ import re
 import shlex
 
 from .checkpoints import public_name
-from .report import Report, kept_words, pct, provenance_words, rank_warning
+from .report import Report, kept_words, pct, provenance_words, rank_warning, ratio
 from .settings import DEFAULT_METHOD, METHOD_NOTES
 
 # A local absolute path in a command line (``/…``, ``~/…``), alone or after ``--option=``; not a URL's ``//``.
@@ -49,7 +49,7 @@ def model_card(report: Report, base_model: str | None, command: str, form_words:
         f"| off-subspace energy (both sides) | {pct(t['off_energy_before'])} | {pct(t['off_energy_after'])} |",
         f"| erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖² (negative: turns alignment back) | {t['erosion_before']:+.3f} | "
         f"{t['erosion_after']:+.3f} |",
-        f"| update norm | 1.000 | {t['retained_norm']:.3f} |",
+        f"| update norm | 1.000 | {ratio(t['retained_norm'])} |",
         "",
         "Per-module details: `csulora_report.md`, `csulora_report.json` and `csulora_report.html` (a picture).",
     ]

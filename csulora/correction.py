@@ -92,19 +92,6 @@ def factored_update(
     return A_new, B_new
 
 
-def corrected_energies(energies: dict[str, float], gamma_out: float, gamma_in: float) -> dict[str, float]:
-    """Energies after the factored update (§4): ``ΔW' = F + γ_in H_in + γ_out H_out + γ_in γ_out O``.
-
-    The components stay mutually orthogonal, so each energy scales by its factor squared.
-    """
-    return {
-        "F": energies["F"],
-        "H_in": gamma_in**2 * energies["H_in"],
-        "H_out": gamma_out**2 * energies["H_out"],
-        "O": (gamma_in * gamma_out) ** 2 * energies["O"],
-    }
-
-
 def safe_lora_cosine(CB: Tensor, B: Tensor, A: Tensor) -> float:
     """Safe LoRA score (§5) given ``C·B``: ``cos(vec(C B A), vec(B A))`` from ``r × r`` Grams.
 
@@ -153,19 +140,15 @@ def block_update(sp: Split, gamma_h: float, gamma_o: float) -> tuple[Tensor, Ten
     return A_new, B_new
 
 
-def block_energies(energies: dict[str, float], gamma_h: float, gamma_o: float) -> dict[str, float]:
-    """Energies after the block update (§4): each orthogonal component scales by its factor squared."""
-    return {
-        "F": energies["F"],
-        "H_in": gamma_h**2 * energies["H_in"],
-        "H_out": gamma_h**2 * energies["H_out"],
-        "O": gamma_o**2 * energies["O"],
-    }
+def safe_lora_project(B: Tensor, D: Tensor, total: float | None = None) -> Tensor:
+    """Safe LoRA projection (§5): ``C·B = D (Dᵀ B) / ‖D‖_F``, without forming ``C = D Dᵀ / ‖D‖_F``.
 
-
-def safe_lora_project(B: Tensor, D: Tensor) -> Tensor:
-    """Safe LoRA projection (§5): ``C·B = D (Dᵀ B) / ‖D‖_F``, without forming ``C = D Dᵀ / ‖D‖_F``."""
-    return D @ (D.T @ B.to(D.dtype)) / torch.linalg.vector_norm(D)
+    ``‖D‖_F = √total`` with ``total = ‖D‖_F²`` from the one-pass float64 sum (``squared_norm``; taken here when not
+    given): a float32 norm of a whole layer errs by up to 1e-3. The products run in the wider of the two dtypes."""
+    total = squared_norm(D) if total is None else total
+    dtype = torch.promote_types(D.dtype, B.dtype)
+    D = D.to(dtype)
+    return D @ (D.T @ B.to(dtype)) / math.sqrt(total)
 
 
 # ---------------------------------------------------------------- re-alignment (§5b)
@@ -195,9 +178,16 @@ def realign_shift(M: Tensor, S: Tensor, c: float, beta: float) -> Tensor:
 
 
 def shift_block_factors(A: Tensor, sB: Tensor, U: Tensor, V: Tensor, Z: Tensor) -> tuple[Tensor, Tensor]:
-    """Block form of ``X = ΔW + U_k Z V_kᵀ`` (re-alignment §5b, RESTA §5d), exact at rank ``r + k``:
-    ``B' = [sB | U_k Z]``, ``A' = [A ; V_kᵀ]`` (module scale 1)."""
-    return torch.cat([A, V.T], dim=0), torch.cat([sB, U @ Z], dim=1)
+    """Block form of ``X = ΔW + U_k Z V_kᵀ`` (re-alignment §5b, RESTA §5d), exact at rank ``r + k`` (module scale 1),
+    in blocks that do not cancel: ``X = (P⊥ sB) A + U_k Y`` with ``Y = (U_kᵀ sB) A + Z V_kᵀ`` (``k × d_in``), so
+    ``B' = [sB − U_k U_kᵀ sB | U_k]``, ``A' = [A ; Y]``.
+
+    The same product as the spec's ``B' = [sB | U_k Z]``, ``A' = [A ; V_kᵀ]``. But where ``X`` is small against
+    ``ΔW`` (re-alignment erasing ``F`` from an update that lies mostly in the subspace, RESTA adding ``γ D_k`` to an
+    update along ``−D_k``) the spec's two blocks cancel, and rounding each to bf16 cost several % of ``X``. Here the
+    in-subspace rows are summed in float64 before the cast, and the first block leaves the subspace."""
+    UtB = U.T @ sB
+    return torch.cat([A, UtB @ A + Z @ V.T], dim=0), torch.cat([sB - U @ UtB, U], dim=1)
 
 
 def best_rank(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor, float]:

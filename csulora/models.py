@@ -30,6 +30,7 @@ from .determinism import fixed_threads
 from .errors import CsuloraError
 from .layouts import Target, is_block_weight
 from .methods import METHODS, validate
+from .methods.base import summary_warnings
 from .outputs import check_output, write_folder
 from .pair_order import check_pair_order, weight_hint
 from .parallel import default_workers, ordered
@@ -296,6 +297,7 @@ def _stream(
                     if produced is not None and not isinstance(produced, torch.Tensor):
                         deque(produced, maxlen=0)  # a stack's experts, one by one
     rows.sort(key=lambda r: r.module)
+    warnings.extend(summary_warnings(rows))
     if rows and all(r.displacement_norm == 0 for r in rows):
         raise CsuloraError(f"base {pair.base.ref} and aligned {pair.aligned.ref} are identical in every targeted "
                            "tensor; pass the pretrained (unaligned) checkpoint as --base")  # fmt: skip

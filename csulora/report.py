@@ -11,7 +11,8 @@ from rich.table import Table
 from .adapters import Kept
 from .correction import COMPONENTS
 
-SCHEMA_VERSION = 2  # 2: module kinds (experts, dense), kept tensors
+SCHEMA_VERSION = 3  # 2: module kinds (experts, dense), kept tensors; 3: "after" shares of the written update
+CORRECTION_LOST_LIMIT = 0.1  # a full weight losing more than this share of its correction in the cast is reported
 
 
 def safe_lora_score_basis(method: str) -> str:
@@ -24,7 +25,11 @@ def safe_lora_score_basis(method: str) -> str:
 
 @dataclass
 class ModuleRow:
-    """What happened to one adapted module. Relative energies are fractions of ``‖ΔW‖_F²``."""
+    """What happened to one adapted module. ``rho``: the input's energies as fractions of its ``‖ΔW‖_F²``;
+    ``rho_after``: the *written* update's energies as fractions of its own ``‖ΔW'‖_F²`` (what ``audit`` of the
+    written adapter reports as ``rho``); ``energy_after``: the same energies in absolute units, so that the share
+    of the input is ``energy_after / update_norm²`` (``input_share_after``). Every "after" value is measured on
+    the tensors as written, after the cast to the adapter's dtype."""
 
     module: str
     shape: list[int]  # [d_out, d_in]
@@ -35,26 +40,36 @@ class ModuleRow:
     displacement_norm: float  # ‖D‖_F
     subspace_norm: float  # ‖D_k‖_F = ‖Σ_k‖: the displacement kept in the subspace
     update_norm: float  # ‖ΔW‖_F
-    rho: dict[str, float]  # ρ_F, ρ_H_in, ρ_H_out, ρ_O before; after: the components of ΔW' / ‖ΔW‖_F²
+    rho: dict[str, float]  # ρ_F, ρ_H_in, ρ_H_out, ρ_O of the input (all 0 for a zero update, noted)
     safe_lora_score: float
     erosion: float  # e = ⟨ΔW, D_k⟩ / ‖D_k‖² (§5b); negative: the update turns the aligned directions back
     gamma_in: float = 1.0
     gamma_out: float = 1.0
-    rho_after: dict[str, float] = field(default_factory=dict)  # empty: unchanged (= rho)
+    rho_after: dict[str, float] = field(default_factory=dict)  # the written update's own shares (energy_after)
     erosion_after: float | None = None  # None: unchanged (= erosion)
+    energy_after: dict[str, float] = field(default_factory=dict)  # ‖c‖² of the written update; empty: unchanged
     notes: list[str] = field(default_factory=list)
     rank_after: int | None = None  # rank written (block form: 2r); None: unchanged
     gamma_off: float | None = None  # factor on O (block form: γ_O); None: γ_in γ_out (factored form)
     safe_lora_projected: bool = False  # Safe LoRA replaced B by C·B in this module
     c: float | None = None  # realign: c = λ/(1+λ)
     beta: float | None = None  # realign: target β·D_k of the in-subspace block
-    truncation_loss: float | None = None  # realign, resta, factored: ‖X* − X_r‖² / ‖ΔW‖²
+    truncation_loss: float | None = None  # realign, resta, factored: ‖X* − X_r‖² / ‖ΔW‖² (None where ‖ΔW‖ = 0)
     gamma_resta: float | None = None  # resta: γ
     kind: str = "linear"  # linear | embedding | parameter | expert | dense (adapters.LoraModule.kind)
+    truncation_energy: float | None = None  # realign, resta, factored: ‖X* − X_r‖², absolute (defined at ΔW = 0)
+    write_error: float = 0.0  # ‖X_written − X‖_F / ‖X‖_F: what the cast to the dtype cost the written update
+    correction_lost: float | None = None  # dense: ‖X_written − X‖_F / ‖X − ΔW‖_F, the correction the cast lost
+    correction_norm: float | None = None  # dense: ‖X − ΔW‖_F, the correction the method meant to write
+    k_requested: int | None = None  # the k the subspace rule asked for, when the numerical-rank cut lowered it
 
     def __post_init__(self) -> None:
+        if not self.energy_after:
+            self.energy_after = {c: self.rho[c] * self.update_norm**2 for c in COMPONENTS}
+            self.rho_after = self.rho_after or dict(self.rho)
         if not self.rho_after:
-            self.rho_after = dict(self.rho)
+            total = sum(self.energy_after.values())
+            self.rho_after = {c: (e / total if total > 0 else 0.0) for c, e in self.energy_after.items()}
         if self.erosion_after is None:
             self.erosion_after = self.erosion
 
@@ -67,9 +82,22 @@ class ModuleRow:
         return self.gamma_in * self.gamma_out if self.gamma_off is None else self.gamma_off
 
     @property
-    def retained(self) -> float:
-        """``‖ΔW'‖_F / ‖ΔW‖_F``."""
-        return math.sqrt(sum(self.rho_after.values())) if self.update_norm > 0 else 1.0
+    def update_norm_after(self) -> float:
+        """``‖ΔW'‖_F`` of the written update."""
+        return math.sqrt(sum(self.energy_after.values()))
+
+    @property
+    def retained(self) -> float | None:
+        """``‖ΔW'‖_F / ‖ΔW‖_F``: 1 where both are 0, None where only the input is (``update_norm_after`` says)."""
+        if self.update_norm > 0:
+            return self.update_norm_after / self.update_norm
+        return 1.0 if self.update_norm_after == 0 else None
+
+    @property
+    def input_share_after(self) -> dict[str, float]:
+        """The written update's energies as fractions of the *input's* ``‖ΔW‖_F²`` (0 for a zero input)."""
+        total = self.update_norm**2
+        return {c: (e / total if total > 0 else 0.0) for c, e in self.energy_after.items()}
 
     @property
     def off_before(self) -> float:
@@ -94,6 +122,7 @@ class ModuleRow:
             rank_after=self.output_rank,
             gamma_off=self.off_factor,
             retained_norm=self.retained,
+            update_norm_after=self.update_norm_after,
             off_energy_before=self.off_before,
             off_energy_after=self.off_after,
             leaving_energy_before=self.leaving_before,
@@ -126,22 +155,29 @@ class Report:
         return any(m.output_rank != m.rank for m in self.modules)
 
     def totals(self) -> dict:
-        """Energies summed over modules (in absolute units), then made relative to the total ``Σ‖ΔW‖²``."""
+        """Energies summed over modules (in absolute units), then made relative: "before" values to the input's
+        ``Σ‖ΔW‖²``, "after" values to the written adapter's own ``Σ‖ΔW'‖²`` (what ``audit`` of it reports)."""
         energy = {c: sum(m.rho[c] * m.update_norm**2 for m in self.modules) for c in COMPONENTS}
-        after = {c: sum(m.rho_after[c] * m.update_norm**2 for m in self.modules) for c in COMPONENTS}
-        total = sum(energy.values())
+        after = {c: sum(m.energy_after[c] for m in self.modules) for c in COMPONENTS}
+        total, total_after = sum(energy.values()), sum(after.values())
         rel = {c: (energy[c] / total if total else 0.0) for c in COMPONENTS}
-        rel_after = {c: (after[c] / total if total else 0.0) for c in COMPONENTS}
+        rel_after = {c: (after[c] / total_after if total_after else 0.0) for c in COMPONENTS}
         scores = [m.safe_lora_score for m in self.modules]
+        errors = [m.write_error for m in self.modules]
+        lost = [(m.correction_lost, m.correction_norm) for m in self.modules if m.correction_lost is not None]
+        wanted = math.sqrt(sum(n**2 for _, n in lost))
         return {
             "modules": len(self.modules),
             "rho": rel,
             "rho_after": rel_after,
-            "retained_norm": math.sqrt(sum(rel_after.values())) if total else 1.0,
+            "retained_norm": math.sqrt(total_after / total) if total else (1.0 if total_after == 0 else None),
+            "update_norm_after": math.sqrt(total_after),
+            "max_write_error": max(errors) if errors else 0.0,
+            "correction_lost": math.sqrt(sum((x * n) ** 2 for x, n in lost)) / wanted if wanted else None,
             "off_energy_before": rel["O"],
             "off_energy_after": rel_after["O"],
             "leaving_energy_before": 1.0 - rel["F"] if total else 0.0,
-            "leaving_energy_after": rel_after["H_in"] + rel_after["H_out"] + rel_after["O"],
+            "leaving_energy_after": rel_after["H_in"] + rel_after["H_out"] + rel_after["O"] if total_after else 0.0,
             "min_safe_lora_score": min(scores) if scores else None,
             "mean_safe_lora_score": sum(scores) / len(scores) if scores else None,
             "erosion_before": sum(self.erosion_shares().values()),
@@ -216,7 +252,8 @@ def merge(rows: list[ModuleRow]) -> ModuleRow:
         module=f"{expert_layer(first)} ×{len(rows)} experts", kind="experts", shape=first.shape, rank=first.rank,
         scaling=first.scaling, k=max(m.k for m in rows), captured=mean([m.captured for m in rows]),
         displacement_norm=math.sqrt(sum(m.displacement_norm**2 for m in rows)), subspace_norm=math.sqrt(dk),
-        update_norm=math.sqrt(sum(energy)), rho=weighted("rho", energy), rho_after=weighted("rho_after", energy),
+        update_norm=math.sqrt(sum(energy)), rho=weighted("rho", energy),
+        energy_after={c: sum(m.energy_after[c] for m in rows) for c in COMPONENTS},
         safe_lora_score=min(m.safe_lora_score for m in rows),
         erosion=sum(m.erosion * w for m, w in zip(rows, subspace, strict=True)) / dk if dk else 0.0,
         erosion_after=sum(m.erosion_after * w for m, w in zip(rows, subspace, strict=True)) / dk if dk else 0.0,
@@ -224,12 +261,23 @@ def merge(rows: list[ModuleRow]) -> ModuleRow:
         gamma_off=mean([m.off_factor for m in rows]), rank_after=max(m.output_rank for m in rows),
         safe_lora_projected=any(m.safe_lora_projected for m in rows), c=mean([m.c for m in rows]),
         beta=first.beta, truncation_loss=mean([m.truncation_loss for m in rows]), gamma_resta=first.gamma_resta,
-        notes=sorted({n for m in rows for n in m.notes}),
+        notes=sorted({n for m in rows for n in m.notes}), write_error=max(m.write_error for m in rows),
+        truncation_energy=_sum([m.truncation_energy for m in rows]),
     )  # fmt: skip
+
+
+def _sum(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def ratio(x: float | None) -> str:
+    """A ratio such as the retained norm; "n/a" where it is undefined (a zero input update)."""
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def columns(report: Report) -> list[str]:
@@ -254,7 +302,7 @@ def cells(report: Report, m: ModuleRow) -> list[str]:
         pct(m.captured),
         *(pct(m.rho[c]) for c in COMPONENTS),
         *done,
-        f"{m.retained:.3f}",
+        ratio(m.retained),
         erosion_words(m.erosion, m.erosion_after),
         f"{m.safe_lora_score:+.3f}",
     ]
@@ -283,6 +331,10 @@ def kept_words(report: Report) -> str | None:
             "the aligned model: see the report")  # fmt: skip
 
 
+AFTER_WORDS = ("\"after\" shares are of the written update's own energy, measured on the file as written "
+               "(what audit of it reports)")
+
+
 def _summary_lines(report: Report) -> list[str]:
     t = report.totals()
     what = f"modules: {t['modules']}"
@@ -294,7 +346,8 @@ def _summary_lines(report: Report) -> list[str]:
         f"→ leaving after: {pct(t['leaving_energy_after'])}",
         f"off-subspace energy: {pct(t['off_energy_before'])} → {pct(t['off_energy_after'])}",
         f"erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖²: {erosion_words(t['erosion_before'], t['erosion_after'])}",
-        f"retained update norm: {t['retained_norm']:.3f}",
+        f"retained update norm: {ratio(t['retained_norm'])}",
+        AFTER_WORDS,
         *([rank_change_words(report)] if report.rank_changed else []),
         *([kept_words(report)] if report.kept else []),
     ]

@@ -53,7 +53,7 @@ def _bar(x: float, y: float, fractions: dict[str, float], scale: float, label: s
         if w > 0:
             parts.append(
                 f'<rect x="{left:.2f}" y="{y:.2f}" width="{w:.2f}" height="{BAR_H}" fill="{COLORS[c]}">'
-                f"<title>{label} {c}: {100 * fractions[c]:.1f}% of ‖ΔW‖²</title></rect>"
+                f"<title>{label} {c}: {100 * fractions[c]:.1f}% of the input’s ‖ΔW‖²</title></rect>"
             )
             left += w
     return parts
@@ -63,7 +63,9 @@ def _chart(report: Report) -> str:
     modules = sorted(grouped(report.modules), key=lambda m: _natural(m.module))
     longest = max((len(m.module) for m in modules), default=10)
     label_w = min(longest, 60) * CHAR_W + 16
-    top = max([1.0] + [sum(m.rho_after.values()) for m in modules])  # Safe LoRA's C·B may grow the update
+    # the bars are shares of the *input's* ‖ΔW‖², so that the "after" bar shrinks with the update (Safe LoRA's C·B
+    # may grow it); the report's rho_after are the written update's own shares
+    top = max([1.0] + [sum(m.input_share_after.values()) for m in modules])
     scale = BAR_W / top
     x0 = label_w + 40  # room for the "before/after" words
     fx = x0 + BAR_W + GAP
@@ -94,8 +96,8 @@ def _chart(report: Report) -> str:
         svg.append(f'<text x="{x0 - 6}" y="{y + BAR_H - 1}" class="which">before</text>')
         svg.append(f'<text x="{x0 - 6}" y="{y + 2 * BAR_H + 1}" class="which">after</text>')
         svg += _bar(x0, y + 1, m.rho, scale, f"{escape(m.module)} before")
-        svg += _bar(x0, y + BAR_H + 3, m.rho_after, scale, f"{escape(m.module)} after")
-        kept = sum(m.rho_after.values())  # ‖ΔW'‖² / ‖ΔW‖², so a bar too short to see still reads
+        svg += _bar(x0, y + BAR_H + 3, m.input_share_after, scale, f"{escape(m.module)} after")
+        kept = sum(m.input_share_after.values())  # ‖ΔW'‖² / ‖ΔW‖², so a bar too short to see still reads
         kx = x0 + kept * scale + 4
         svg.append(f'<text x="{kx:.2f}" y="{y + 2 * BAR_H + 1}" class="kept">{100 * kept:.1f}%</text>')
         texts = []

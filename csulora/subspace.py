@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .precision import widen
+from .precision import wide_dtype, widen
 
 OVERSAMPLE = 10
 NITER = 4
@@ -38,8 +38,11 @@ class Subspace:
 
 
 def displacement(w_aligned: Tensor, w_base: Tensor) -> Tensor:
-    """Displacement (§1): ``D = W_a − W_b``, computed in float32 (both widened exactly, then subtracted)."""
-    return widen(w_aligned).sub_(widen(w_base))
+    """Displacement (§1): ``D = W_a − W_b``, computed in float32, or float64 when either weight is float64 (both
+    widened exactly, then subtracted)."""
+    a, b = widen(w_aligned), widen(w_base)
+    dtype = wide_dtype(a, b)
+    return a.to(dtype).sub_(b.to(dtype))
 
 
 def energy_rank(S: Tensor, total_energy: float, eta: float) -> int:
@@ -121,10 +124,22 @@ def safety_subspace(
                 break
             want = min(2 * want, cap)
     U, S, V = U[:, :k], S[:k], V[:, :k]
-    # directions below the numerical rank of D carry no displacement, only rounding noise
+    # directions below the numerical rank of D carry no displacement, only rounding noise (rank_cut reports it)
     keep = S > S[0] * max(D.shape) * torch.finfo(D.dtype).eps if k else S > 0
     U, S, V = U[:, keep], S[keep], V[:, keep]
     return Subspace(U=U, S=S, V=V, total_energy=total, captured_energy=float((S.double() ** 2).sum()))
+
+
+def rank_cut(k: int, shape: tuple[int, ...] | list[int], rank: int | None, max_rank: int) -> int | None:
+    """The ``k`` the fixed-rank rule (§2) asked for, ``min(rank, cap, d_out, d_in)``, when the subspace holds fewer
+    directions (``k``): ``safety_subspace`` drops those whose ``σ_i ≤ max(d_out, d_in)·ε·σ_1`` (``ε`` of ``D``'s
+    dtype: numpy's ``matrix_rank`` tolerance), since their singular vectors are rounding noise. None when nothing
+    was cut, or under the energy rule, where a dropped direction holds under ``(max(d)·ε)²`` of ``σ_1²``, too
+    little to move the captured fraction."""
+    if rank is None or k == 0:  # k = 0: D = 0, reported as an empty subspace
+        return None
+    want = min(rank, max_rank, *shape)
+    return want if k < want else None
 
 
 def _empty(D: Tensor, total: float) -> Subspace:

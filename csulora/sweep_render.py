@@ -134,7 +134,7 @@ def _table(result: SweepResult) -> str:
         cells = [p["id"] + (" ★" if p["id"] == result.picked else ""), p["method"],
                  _settings_words(p["settings"]), p["status"],
                  *(f"{p['metrics'][m]:.4g}" if m in p["metrics"] else "" for m in metrics),
-                 *(f"{totals[t]:.4g}" if t in totals else "" for t in TOTALS)]  # fmt: skip
+                 *(f"{totals[t]:.4g}" if totals.get(t) is not None else "" for t in TOTALS)]  # fmt: skip
         title = f' title="{escape(p["message"])}"' if p.get("message") else ""
         rows.append(f"<tr{title}>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>")
     head_html = "".join(f"<th>{escape(h)}</th>" for h in head)
@@ -231,5 +231,5 @@ def sweep_table(result: SweepResult):
         style = "green" if p["status"] == "ok" else "red"
         table.add_row(p["id"] + (" ★" if p["id"] == result.picked else ""), f"[{style}]{p['status']}[/{style}]",
                       *(f"{p['metrics'][m]:.4g}" if m in p["metrics"] else "" for m in metrics),
-                      *(f"{totals[t]:.4g}" if t in totals else "" for t in TOTALS))  # fmt: skip
+                      *(f"{totals[t]:.4g}" if totals.get(t) is not None else "" for t in TOTALS))  # fmt: skip
     return table

@@ -1,5 +1,6 @@
-"""Dense reference formulas of DESIGN.md, written as plainly as possible: explicit d×d projectors,
-float64, exact SVD. Fine for the tiny matrices of the tests; the product never does this."""
+"""Dense reference formulas of DESIGN.md for the older tests: the spec's formulas come from tests/reference64.py
+(explicit d×d projectors, float64, exact SVD, nothing shared with the product); this module adds §4's factored
+form written on the matrix, and readers of written adapters and checkpoints."""
 
 from __future__ import annotations
 
@@ -8,20 +9,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tests.reference64 import (
+    best_rank,
+    components,
+    csulora_block,
+    erosion,
+    projectors,
+    realign,
+    safe_lora_matrix,
+    safe_lora_score,
+    truncated,
+)
+
 PREFIX = "base_model.model."
-
-
-def projectors(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``P = U_k U_kᵀ``, ``Q = V_k V_kᵀ`` from the exact SVD of ``D``."""
-    U, _, Vh = torch.linalg.svd(D.double(), full_matrices=False)
-    return U[:, :k] @ U[:, :k].T, Vh[:k].T @ Vh[:k]
-
-
-def components(dW: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> dict[str, torch.Tensor]:
-    """§3: F = PΔWQ, H_in = PΔWQ⊥, H_out = P⊥ΔWQ, O = P⊥ΔWQ⊥."""
-    dW = dW.double()
-    Pp, Qp = torch.eye(P.shape[0], dtype=P.dtype) - P, torch.eye(Q.shape[0], dtype=Q.dtype) - Q
-    return {"F": P @ dW @ Q, "H_in": P @ dW @ Qp, "H_out": Pp @ dW @ Q, "O": Pp @ dW @ Qp}
+__all__ = ["best_rank", "block_delta", "components", "displacement", "erosion", "expected_delta", "factored_delta",
+           "load_factors", "projectors", "realign_delta", "safe_lora_matrix", "safe_lora_score", "truncated"]
 
 
 def factored_delta(dW: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, lam: float) -> torch.Tensor:
@@ -36,50 +38,12 @@ def factored_delta(dW: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, lam: floa
 
 def block_delta(dW: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, lam: float) -> torch.Tensor:
     """§4, block form: X = F + H/(1 + λρ_H) + O/(1 + λρ_O), H = H_in + H_out."""
-    c = components(dW, P, Q)
-    total = sum(float((x**2).sum()) for x in c.values())
-    rho = {name: float((x**2).sum()) / total for name, x in c.items()}
-    H = c["H_in"] + c["H_out"]
-    return c["F"] + H / (1 + lam * (rho["H_in"] + rho["H_out"])) + c["O"] / (1 + lam * rho["O"])
-
-
-def safe_lora_matrix(D: torch.Tensor) -> torch.Tensor:
-    """§5: C = D Dᵀ / ‖D‖_F, formed densely."""
-    D = D.double()
-    return D @ D.T / torch.linalg.norm(D)
-
-
-def safe_lora_score(dW: torch.Tensor, D: torch.Tensor) -> float:
-    """§5: cos(vec(C ΔW), vec(ΔW)) (the LoRA scaling cancels)."""
-    dW = dW.double()
-    CdW = safe_lora_matrix(D) @ dW
-    return float((CdW * dW).sum() / (torch.linalg.norm(CdW) * torch.linalg.norm(dW)))
-
-
-def truncated(D: torch.Tensor, k: int) -> torch.Tensor:
-    """``D_k = U_k Σ_k V_kᵀ``, the rank-k truncation of ``D`` (exact SVD)."""
-    U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
-    return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
+    return csulora_block(dW, P, Q, lam)
 
 
 def realign_delta(dW: torch.Tensor, D: torch.Tensor, k: int, lam: float, beta: float) -> torch.Tensor:
     """§5b: X* = ΔW − c (F − β D_k), c = λ/(1+λ) (1 at λ = ∞), with dense projectors."""
-    P, Q = projectors(D, k)
-    c = 1.0 if lam == float("inf") else lam / (1 + lam)
-    dW = dW.double()
-    return dW - c * (P @ dW @ Q - beta * truncated(D, k))
-
-
-def erosion(dW: torch.Tensor, D: torch.Tensor, k: int) -> float:
-    """§5b: e = ⟨ΔW, D_k⟩ / ‖D_k‖²."""
-    Dk = truncated(D, k)
-    return float((dW.double() * Dk).sum() / (Dk * Dk).sum())
-
-
-def best_rank(X: torch.Tensor, r: int) -> torch.Tensor:
-    """Eckart–Young: the best rank-r approximation of X (exact SVD)."""
-    U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
-    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+    return realign(dW, D, k, lam, beta)
 
 
 def expected_delta(A, B, scaling: float, D: torch.Tensor, k: int, lam: float) -> torch.Tensor:

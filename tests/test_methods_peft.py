@@ -116,7 +116,7 @@ def test_safe_lora_loads_in_peft_and_equals_its_formula(tmp_path, llama_pair, di
         # the report's "after" energies are those of the merged update, in the CSULoRA subspace
         P, Q = oracle.projectors(D, rows[name].k)
         parts = oracle.components(d_out[name], P, Q)
-        total = float((d_in[name] ** 2).sum())
+        total = float((d_out[name] ** 2).sum())  # the written update's own energy
         for c, x in parts.items():
             assert rows[name].rho_after[c] == pytest.approx(float((x**2).sum()) / total, rel=1e-4, abs=1e-6)
 

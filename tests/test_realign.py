@@ -178,8 +178,10 @@ def test_method_writes_what_the_closed_form_says(form):
     assert row.erosion == pytest.approx(oracle.erosion(dW, D, sub.k), rel=1e-5)
     assert row.erosion_after == pytest.approx(oracle.erosion(written, D, sub.k), rel=1e-4, abs=1e-6)
     P, Q = oracle.projectors(D, sub.k)
-    rho_f = float(((P @ written @ Q) ** 2).sum() / (dW**2).sum())
-    assert row.rho_after["F"] == pytest.approx(rho_f, rel=1e-4)
+    f_after = float(((P @ written @ Q) ** 2).sum())
+    # rho_after: the written update's own shares; input_share_after: the same energies over the input's ‖ΔW‖²
+    assert row.rho_after["F"] == pytest.approx(f_after / float((written**2).sum()), rel=1e-4)
+    assert row.input_share_after["F"] == pytest.approx(f_after / float((dW**2).sum()), rel=1e-4)
 
 
 def test_empty_subspace_leaves_the_module_alone():

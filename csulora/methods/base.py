@@ -10,6 +10,7 @@ subclass, listed in ``methods/__init__.py``, and its defaults in ``settings.METH
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -26,6 +27,7 @@ from ..correction import (
     dense_energies,
     dense_split,
     erosion,
+    product_energy,
     relative_energies,
     safe_lora_score_dense,
     safe_lora_score_subspace,
@@ -34,10 +36,10 @@ from ..correction import (
     subspace_block,
 )
 from ..errors import CsuloraError
-from ..precision import cast_back, widen
-from ..report import ModuleRow
+from ..precision import WRITE_LOSS_ULPS, cast_back, wide_dtype, widen, write_loss_limit
+from ..report import CORRECTION_LOST_LIMIT, ModuleRow
 from ..settings import Settings
-from ..subspace import Subspace
+from ..subspace import Subspace, squared_norm
 
 
 @dataclass
@@ -116,30 +118,33 @@ class ShiftMethod(Method):
         block, fields = settings.form == "block", self.fields(settings)
         Z = self.shift(subspace_block(A, sB, U, V), sub.S.double(), settings) if sub.k or block else None
         if Z is None:  # X = ΔW: the input bit for bit
-            row = module_row(module, sub, A, sB, score, energies, truncation_loss=None if block else 0.0, **fields)
+            none = None if block else 0.0
+            row = module_row(module, sub, A, sB, score, energies, truncation_loss=none, truncation_energy=none,
+                             **fields)  # fmt: skip
             return Corrected(row, module.A, module.B)
         A_new, B_new = shift_block_factors(A, sB, U, V, Z)  # exact, rank r + k, scale 1
         if block:
-            row = module_row(module, sub, A, sB, score, energies, rank_after=module.rank + sub.k,
-                             **after(sub, A_new, B_new, total), **fields)  # fmt: skip
-            return Corrected(row, *written(module, A_new, B_new))
+            row = module_row(module, sub, A, sB, score, energies, rank_after=module.rank + sub.k, **fields)
+            return Corrected(row, *write(module, sub, A_new, B_new, 1.0, row))
         A_new, B_new, dropped = best_rank(A_new, B_new, module.rank)
-        row = module_row(module, sub, A, sB, score, energies, truncation_loss=dropped / total if total else 0.0,
-                         **after(sub, A_new, B_new, total), **fields)  # fmt: skip
-        return Corrected(row, *written(module, A_new, B_new / module.scaling))  # the config's scaling is kept
+        # ‖X* − X_r‖² / ‖ΔW‖², undefined for a zero update: then only the absolute truncation_energy says it
+        row = module_row(module, sub, A, sB, score, energies, truncation_loss=dropped / total if total else None,
+                         truncation_energy=dropped, **fields)  # fmt: skip
+        if not total:
+            row.notes.append("zero update: truncation loss in absolute terms only (truncation_energy)")
+        # the config's scaling is kept
+        return Corrected(row, *write(module, sub, A_new, B_new / module.scaling, module.scaling, row))
 
     def correct_dense(
         self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
     ) -> Corrected:
         """The exact form on a full weight, whatever ``--form`` (DESIGN.md §6b): ``X`` from ``dense_shift``."""
+        sub = update.subspace(sub)
         sp = dense_split(update.dW, sub.U, sub.V)
         energies = dense_energies(sp)
-        fields = self.fields(settings)
         X = self.dense_shift(sp, sub, settings, D)
-        if X is not None:
-            fields.update(dense_after(sub, X, sum(energies.values())))
-        row = dense_row(update, sub, sp, safe_lora_score_dense(sp, sub.S), energies, **fields)
-        return Corrected(row, W=update.written(X))
+        row = dense_row(update, sub, sp, safe_lora_score_dense(sp, sub.S), energies, **self.fields(settings))
+        return Corrected(row, W=update.write(X, sub, row))
 
     def dense_shift(
         self, sp: DenseSplit, sub: Subspace, settings: Settings, D: torch.Tensor | None
@@ -156,8 +161,8 @@ class ShiftMethod(Method):
 
 @dataclass
 class DenseUpdate:
-    """A dense module ready for its method: ``ΔW = W − W_a`` in float32 on the subspace's device, with ``W_a``
-    (float32, same device) and the module (its saved weight ``W``, as read)."""
+    """A dense module ready for its method: ``ΔW = W − W_a`` in float32 (float64 when either weight is) on the
+    subspace's device, with ``W_a`` (same dtype and device) and the module (its saved weight ``W``, as read)."""
 
     module: DenseModule
     W_a: torch.Tensor
@@ -165,23 +170,93 @@ class DenseUpdate:
 
     @classmethod
     def of(cls, module: DenseModule, W_a: torch.Tensor, device: torch.device) -> DenseUpdate:
-        W_a = widen(W_a).to(device)
-        return cls(module, W_a, widen(module.W).to(device).sub_(W_a))
+        W_a, W = widen(W_a).to(device), widen(module.W).to(device)
+        dtype = wide_dtype(W_a, W)  # float64 checkpoints stay float64 (§10: float32 or wider)
+        W_a = W_a.to(dtype)
+        return cls(module, W_a, W.to(dtype).sub_(W_a))
 
-    def written(self, X: torch.Tensor | None) -> torch.Tensor:
-        """The weight to write: ``W_a + X`` cast once to the saved dtype; ``None``: the saved weight itself."""
+    def subspace(self, sub: Subspace) -> Subspace:
+        """``sub`` in the dtype of ``ΔW`` (a cached float32 subspace against a float64 checkpoint)."""
+        dtype = self.dW.dtype
+        if sub.U.dtype == dtype:
+            return sub
+        return dataclasses.replace(sub, U=sub.U.to(dtype), S=sub.S.to(dtype), V=sub.V.to(dtype))
+
+    def write(self, X: torch.Tensor | None, sub: Subspace, row: ModuleRow) -> torch.Tensor:
+        """The weight to write: ``W_a + X`` cast once to the saved dtype (``None``: the saved weight itself); the
+        row gets what is measured on the weight as written (``measure_dense``)."""
         if X is None:
             return self.module.W
-        return cast_back(self.W_a + X, self.module.W.dtype, self.module.key)
+        W = cast_back(self.W_a + X, self.module.W.dtype, self.module.key)
+        set_after(row, measure_dense(self, sub, X, W))
+        return W
 
 
-def dense_after(sub: Subspace, X: torch.Tensor, update_energy: float) -> dict[str, float]:
-    """``rho_after`` and ``erosion_after`` of a written dense update ``X``, in units of the input's ``‖ΔW‖²``."""
-    sp = dense_split(X, sub.U, sub.V)
+def measure_dense(update: DenseUpdate, sub: Subspace, X: torch.Tensor, W: torch.Tensor) -> dict:
+    """What a written full weight ``W`` holds: its update ``X_w = W − W_a`` split by the subspace (energies,
+    erosion), the cast's error ``‖X_w − X‖ / ‖X‖`` and the share of the correction it lost,
+    ``‖X_w − X‖ / ‖X − ΔW‖`` (DESIGN.md §10: a bf16 weight cannot hold a correction much below its ulp)."""
+    X_w = widen(W).to(X.device, X.dtype).sub_(update.W_a)
+    sp = dense_split(X_w, sub.U, sub.V)
+    lost = squared_norm(X_w - X)
+    wanted, exact = squared_norm(X - update.dW), squared_norm(X)
     return {
-        "rho_after": relative_energies(dense_energies(sp), update_energy),
+        "energy_after": dense_energies(sp),
         "erosion_after": erosion(sp.M.double(), sub.S.double()),
+        "write_error": math.sqrt(lost / exact) if exact > 0 else 0.0,
+        "correction_norm": math.sqrt(wanted),
+        "correction_lost": math.sqrt(lost / wanted) if wanted > 0 else 0.0,
+        "dtype": W.dtype,
     }
+
+
+def summary_warnings(rows: list[ModuleRow]) -> list[str]:
+    """What the per-module numbers say a user must know, one line each: a subspace rank cut below the requested
+    ``k``, updates the cast to the dtype lost too much of, full weights the cast lost their correction in."""
+
+    def names(chosen: list[ModuleRow], words) -> str:
+        more = f" and {len(chosen) - 5} more" if len(chosen) > 5 else ""
+        return ", ".join(words(r) for r in chosen[:5]) + more
+
+    out = []
+    cut = [r for r in rows if r.k_requested is not None]
+    if cut:
+        out.append(f"{len(cut)} module(s): subspace rank cut below the requested k at the numerical rank of D "
+                   "(σ_i ≤ max(d_out, d_in)·ε·σ_1, rounding noise): "
+                   + names(cut, lambda r: f"{r.module} k = {r.k} of {r.k_requested}"))  # fmt: skip
+    lossy = sorted((r for r in rows if any(n.startswith("write loss") for n in r.notes)), key=lambda r: -r.write_error)
+    if lossy:
+        out.append(f"{len(lossy)} module(s) lost more of their update in the cast to the dtype than "
+                   f"{WRITE_LOSS_ULPS} unit roundoffs (at least 1e-4): "
+                   + names(lossy, lambda r: f"{r.module} ({r.write_error:.3g})")
+                   + "; write loss per module in the report (write_error); convert the input to float32 and rerun "
+                   "to avoid it")  # fmt: skip
+    lost = sorted((r for r in rows if (r.correction_lost or 0.0) > CORRECTION_LOST_LIMIT),
+                  key=lambda r: -(r.correction_lost or 0.0))  # fmt: skip
+    if lost:
+        known = [r for r in rows if r.correction_lost is not None]
+        wanted = sum(r.correction_norm**2 for r in known)
+        total = math.sqrt(sum((r.correction_lost * r.correction_norm) ** 2 for r in known) / wanted)
+        out.append(f"{len(lost)} full weight(s) lost more than {CORRECTION_LOST_LIMIT:.0%} of their correction "
+                   f"‖X − ΔW‖ in the cast to the checkpoint's dtype ({total:.1%} of the correction in total): "
+                   + names(lost, lambda r: f"{r.module} ({r.correction_lost:.1%})")
+                   + "; the written model is not the sanitized one: convert it to float32 to keep it")  # fmt: skip
+    return out
+
+
+def set_after(row: ModuleRow, fields: dict) -> None:
+    """Put measured "after" fields on a row, with ``rho_after`` as the written update's own shares, and a note
+    when the cast lost more than ``write_loss_limit`` of the written dtype."""
+    dtype = fields.pop("dtype", None)
+    for name, value in fields.items():
+        setattr(row, name, value)
+    row.rho_after = relative_energies(row.energy_after)
+    if dtype is not None and row.write_error > write_loss_limit(dtype):
+        row.notes.append(f"write loss {row.write_error:.3g} of the update (past {write_loss_limit(dtype):.3g} for "
+                         f"{str(dtype).removeprefix('torch.')})")  # fmt: skip
+    if row.correction_lost is not None and row.correction_lost > CORRECTION_LOST_LIMIT:
+        row.notes.append(f"the cast to {str(dtype).removeprefix('torch.')} lost {row.correction_lost:.1%} of the "
+                         "correction")  # fmt: skip
 
 
 def dense_row(update: DenseUpdate, sub: Subspace, sp: DenseSplit, score: float, energies: dict[str, float],
@@ -205,21 +280,62 @@ def in_float64(module: LoraModule, sub: Subspace) -> tuple[torch.Tensor, ...]:
 
 
 def written(module: LoraModule, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corrected float64 factors cast back to the adapter's dtype (a factor returned as is stays as it is)."""
+    """Corrected factors cast back to the adapter's dtype (a factor returned as is stays as it is)."""
     A_out = module.A if A is module.A else cast_back(A, module.A.dtype, module.key("A"))
     B_out = module.B if B is module.B else cast_back(B, module.B.dtype, module.key("B"))
     return A_out, B_out
 
 
-def after(sub: Subspace, A: torch.Tensor, sB: torch.Tensor, update_energy: float) -> dict[str, float]:
-    """``rho_after`` and ``erosion_after`` of written factors ``sB·A`` (float64, the subspace's device), in units
-    of the input's ``‖ΔW‖²``: measured on what is written, whatever the method."""
+def product_error(A_w: torch.Tensor, B_w: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
+    """``‖B_w A_w − B A‖_F / ‖B A‖_F`` (float64 factors) from the Gram of ``[B_w | −B] [A_w ; A]``: nothing of size
+    ``d_out × d_in`` is formed. 0 for a zero product."""
+    exact = product_energy(B, A)
+    diff = product_energy(torch.cat([B_w, -B], dim=1), torch.cat([A_w, A], dim=0))
+    return math.sqrt(max(diff, 0.0) / exact) if exact > 0 else 0.0
+
+
+def balanced(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product ``B A`` with each rank-one term's factors rescaled by a power of two (exact) so that the
+    largest entries of ``B``'s column and ``A``'s row are about equal: the gauge ``B G, G⁻¹ A`` that keeps a
+    small product out of fp16's subnormal range on both sides."""
+    a, b = A.abs().amax(dim=1), B.abs().amax(dim=0)
+    ok = (a > 0) & (b > 0)
+    t = torch.where(ok, torch.exp2(torch.round(0.5 * torch.log2(torch.where(ok, a / b, 1.0)))), 1.0)
+    return A / t[:, None], B * t
+
+
+def write(
+    module: LoraModule, sub: Subspace, A: torch.Tensor, B: torch.Tensor, scale: float, row: ModuleRow
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors meant for module scale ``scale`` (float32 or wider, or the module's own tensors, kept as they are)
+    cast to the adapter's dtype; ``row`` gets what is measured on them as written. When the cast loses more than
+    ``write_loss_limit`` of the product (fp16 underflow), the factors are rescaled against each
+    other (``balanced``) and cast again, and the better of the two is written (noted)."""
+    if A is module.A and B is module.B:
+        return A, B
+    device = sub.U.device
+    A64, B64 = A.to(device, torch.float64), B.to(device, torch.float64)
+    A_out, B_out = written(module, A, B)
+    error = product_error(A_out.to(device, torch.float64), B_out.to(device, torch.float64), A64, B64)
+    dtype = max(module.A.dtype, module.B.dtype, key=write_loss_limit)
+    if error > write_loss_limit(dtype):
+        A_b, B_b = balanced(A64, B64)
+        A_2, B_2 = cast_back(A_b, module.A.dtype, module.key("A")), cast_back(B_b, module.B.dtype, module.key("B"))
+        again = product_error(A_2.to(device, torch.float64), B_2.to(device, torch.float64), A64, B64)
+        if again < error:
+            row.notes.append(f"factors rescaled against each other before the cast (write loss {error:.2%} → "
+                             f"{again:.2%})")  # fmt: skip
+            A_out, B_out, error = A_2, B_2, again
+    A_w, B_w = A_out.to(device, torch.float64), B_out.to(device, torch.float64)
     U, V = sub.U.double(), sub.V.double()
-    energies = component_energies(split(A, sB, U, V))
-    return {
-        "rho_after": relative_energies(energies, update_energy),
-        "erosion_after": erosion(subspace_block(A, sB, U, V), sub.S.double()),
-    }
+    sB_w = scale * B_w
+    set_after(row, {
+        "energy_after": component_energies(split(A_w, sB_w, U, V)),
+        "erosion_after": erosion(subspace_block(A_w, sB_w, U, V), sub.S.double()),
+        "write_error": error,
+        "dtype": dtype,
+    })  # fmt: skip
+    return A_out, B_out
 
 
 def module_row(

@@ -6,14 +6,15 @@ modules whose score ``cos(vec(C B A), vec(B A))`` is ``≤ τ``, or in the ``n``
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..adapters import LoraModule
 from ..correction import cosine, dense_energies, dense_split, safe_lora_cosine, safe_lora_project
-from ..precision import cast_back
 from ..settings import Settings
 from ..subspace import Subspace
-from .base import Corrected, DenseUpdate, Method, after, dense_after, dense_row, in_float64, module_row
+from .base import Corrected, DenseUpdate, Method, dense_row, in_float64, module_row, write
 
 
 class SafeLora(Method):
@@ -26,39 +27,45 @@ class SafeLora(Method):
     def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
         A, B, _, _ = in_float64(module, sub)
         B_in = module.B.to(sub.U.device)
-        CB = safe_lora_project(B_in, D) if sub.total_energy else None  # C is undefined where D = 0
+        # C is undefined where D = 0; ‖D‖_F² is the subspace's one-pass float64 sum, not a float32 norm
+        CB = safe_lora_project(B_in, D, sub.total_energy) if sub.total_energy else None
         score = safe_lora_cosine(CB, B_in, A) if CB is not None else 0.0
         row = module_row(module, sub, A, module.scaling * B, score)  # unchanged until finish() selects it
         if CB is None:
             return Corrected(row, module.A, module.B)
-        # what B ← C·B would make of the module, measured now while the subspace is in memory
-        candidate = after(sub, A, module.scaling * CB.double(), row.update_norm**2)
-        return Corrected(row, module.A, module.B, pending=(cast_back(CB, module.B.dtype, module.key("B")), candidate))
+        # what B ← C·B would write, cast and measured now while the subspace is in memory, on a copy of the row
+        candidate = dataclasses.replace(row, notes=list(row.notes))
+        A_out, B_out = write(module, sub, module.A, CB, module.scaling, candidate)
+        return Corrected(row, module.A, module.B, pending=(A_out, B_out, candidate, len(row.notes)))
 
     def correct_dense(
         self, update: DenseUpdate, sub: Subspace, settings: Settings, D: torch.Tensor | None
     ) -> Corrected:
         """``ΔW ← C ΔW = D (Dᵀ ΔW) / ‖D‖_F`` when selected; the score ``cos(vec(C ΔW), vec(ΔW))`` is exact."""
+        sub = update.subspace(sub)
         sp = dense_split(update.dW, sub.U, sub.V)
         energies = dense_energies(sp)
-        CdW = safe_lora_project(update.dW, D) if sub.total_energy else None
+        CdW = safe_lora_project(update.dW, D.to(update.dW.dtype), sub.total_energy) if sub.total_energy else None
         score = cosine(CdW, update.dW) if CdW is not None else 0.0
         row = dense_row(update, sub, sp, score, energies)
         if CdW is None:
-            return Corrected(row, W=update.written(None))
-        candidate = dense_after(sub, CdW, row.update_norm**2)
-        return Corrected(row, W=update.written(None), pending=(update.written(CdW), candidate))
+            return Corrected(row, W=update.write(None, sub, row))
+        candidate = dataclasses.replace(row, notes=list(row.notes))
+        return Corrected(row, W=update.module.W, pending=(None, update.write(CdW, sub, candidate), candidate,
+                                                                len(row.notes)))
 
     def finish(self, results: dict[str, Corrected], settings: Settings) -> None:
         scores = {name: res.row.safe_lora_score for name, res in results.items() if res.pending is not None}
         for name in selection(scores, settings.threshold, settings.top_n):
             res = results[name]
-            projected, measured = res.pending
+            first, second, candidate, noted = res.pending
             if res.W is not None:
-                res.W = projected
+                res.W = second
             else:
-                res.B = projected
-            res.row.rho_after, res.row.erosion_after = measured["rho_after"], measured["erosion_after"]
+                res.A, res.B = first, second
+            for field in AFTER_FIELDS:  # measured on what B ← C·B writes
+                setattr(res.row, field, getattr(candidate, field))
+            res.row.notes += candidate.notes[noted:]
             res.row.safe_lora_projected = True
             res.row.notes.append("Safe LoRA projection " + ("ΔW ← C·ΔW" if res.W is not None else "B ← C·B"))
         for res in results.values():
@@ -68,6 +75,9 @@ class SafeLora(Method):
         rule = f"the {settings['top_n']} lowest-scoring modules" if settings.get("top_n") else (
             f"score ≤ {settings.get('threshold')}")  # fmt: skip
         return f"the Safe LoRA projection (B ← C·B for {rule})"
+
+
+AFTER_FIELDS = ("energy_after", "rho_after", "erosion_after", "write_error", "correction_lost", "correction_norm")
 
 
 def selection(scores: dict[str, float], threshold: float, top_n: int | None) -> list[str]:
