@@ -87,12 +87,14 @@ def sanitize(
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
     jobs: int | None = None,
+    calibration: dict | None = None,
 ) -> Result:
     """Sanitize one adapter and write the result folder (``<adapter>-sanitized`` by default).
 
     ``subspaces``: where module subspaces come from; default the disk cache at ``default_cache_dir()``
     (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder).
     ``jobs``: modules processed at once (default: the usable cores); the output is the same for any value.
+    ``calibration``: what ``--calibrate`` measured and chose (calibrate.py), kept in the report and the card.
     """
     settings = settings.resolved()
     validate(settings)
@@ -107,6 +109,7 @@ def sanitize(
     t1 = time.perf_counter()
     report, tensors, config = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
                                    jobs or default_workers(settings.device))  # fmt: skip
+    report.calibration = calibration
     t2 = time.perf_counter()
     _phase(progress, "writing", 0, str(out))
     metadata = {

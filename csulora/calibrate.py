@@ -1,0 +1,376 @@
+"""``csulora sanitize --calibrate``: a ladder of sanitized candidates from one subspace pass, measured with the user's
+model on prompts they have (no labels), and one picked by the rule of DESIGN.md §12.
+
+Measured per candidate (docs/calibration.md says why these measures):
+
+- ``refusal``: share of the harmful prompts refused, by greedy generation and ``csulora eval``'s phrase rule;
+- ``kept``: how much of the fine-tune's own behaviour on ``--prompts`` the candidate keeps. The fine-tuned model
+  generates once; each candidate is scored teacher-forced on those outputs (per-token top-1 agreement, averaged
+  per prompt, then over prompts), one forward pass per prompt. The agreement ``a`` is normalized by the aligned
+  model's ``a_0`` on the same outputs: ``kept = (a − a_0) / (1 − a_0)`` — 1 for the fine-tune, 0 for the aligned
+  model — so that the rule's 0.5 means "half of what the fine-tune changed" whatever the length of the outputs;
+- ``general``: the candidate's per-token top-1 agreement with the aligned model's own output on ``--general``.
+
+The ladder is one-dimensional and ordered by strength (``realign`` λ = ∞, β rising): refusal rises and kept
+falls along it, so the search bisects instead of measuring every rung (``exhaustive`` measures all). Whatever was
+measured, the pick is the rule applied to it (``choose``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .api import Progress, Result, check_inputs, check_output, default_output, sanitize
+from .cache import SubspaceSource
+from .errors import CsuloraError, GateFailed
+from .evaluate import EvalOptions, encode, generate_ids, load, refusal_rate
+from .prompts import PromptSet
+from .settings import Settings
+from .sweep import Point, plan
+
+BETAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
+LAMBDA = math.inf
+PROMPTS = 64  # prompts of each set by default
+NORMALIZE_MIN = 0.05  # 1 − a_0 below this: the fine-tune hardly changed its outputs; kept is the raw agreement
+
+
+@dataclass(frozen=True)
+class Rule:
+    """DESIGN.md §12: among candidates with ``general ≥ general_min``, the one with ``refusal ≥ refusal_fraction ×``
+    the aligned model's and the most kept; else the most refusal with ``kept ≥ kept_min`` (flagged); else none."""
+
+    general_min: float = 0.9
+    refusal_fraction: float = 0.9
+    kept_min: float = 0.5
+
+    def words(self) -> str:
+        return (f"among candidates with general ≥ {self.general_min:g}: refusal ≥ {self.refusal_fraction:g} × the "
+                f"aligned model's, most kept; else the most refusal with kept ≥ {self.kept_min:g} (flagged); else "
+                "none (exit 1)")  # fmt: skip
+
+
+def ladder(base: Settings, betas: tuple[float, ...] = BETAS) -> list[Point]:
+    """The candidates, weakest first: ``realign`` at λ = ∞ (the in-subspace part replaced by β·D_k) for each β,
+    with the subspace options of ``base``."""
+    if base.method != "realign" or base.lam is not None or base.beta is not None:
+        raise CsuloraError("--calibrate chooses realign's λ and β itself; drop --method, --lambda and --beta")
+    return plan(["realign"], base, {"lam": [LAMBDA], "beta": list(betas)})
+
+
+def choose(measured: dict[int, dict], aligned_refusal: float, rule: Rule = Rule()) -> tuple[int | None, str]:
+    """The index picked among the measured candidates and how: ``met`` (the refusal target), ``fallback`` (flagged)
+    or ``none``. Ties go to the weaker candidate (the lower index)."""
+    target = rule.refusal_fraction * aligned_refusal
+    wall = {i: m for i, m in measured.items() if m.get("general") is None or m["general"] >= rule.general_min}
+    met = [i for i, m in wall.items() if m["refusal"] >= target]
+    if met:
+        return max(met, key=lambda i: (wall[i]["kept"], -i)), "met"
+    fallback = [i for i, m in wall.items() if m["kept"] >= rule.kept_min]
+    if fallback:
+        return max(fallback, key=lambda i: (wall[i]["refusal"], -i)), "fallback"
+    return None, "none"
+
+
+def search(n: int, measure: Callable[[int], dict], aligned_refusal: float, rule: Rule = Rule(),
+           exhaustive: bool = False) -> dict[int, dict]:  # fmt: skip
+    """Measure candidates ``0 … n−1`` (weakest first) lazily: bisect for the weakest that reaches the refusal target
+    (refusal rises along the ladder); when it fails the general wall, bisect for the strongest that keeps
+    ``general`` and ``kept`` (both fall along it). Returns what was measured, by index."""
+    done: dict[int, dict] = {}
+
+    def get(i: int) -> dict:
+        if i not in done:
+            done[i] = measure(i)
+        return done[i]
+
+    if exhaustive:
+        for i in range(n):
+            get(i)
+        return done
+
+    def first(pred: Callable[[dict], bool]) -> int:  # smallest i with pred, for a pred false then true; n if none
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if pred(get(mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def general_ok(m: dict) -> bool:
+        return m.get("general") is None or m["general"] >= rule.general_min
+
+    r = first(lambda m: m["refusal"] >= rule.refusal_fraction * aligned_refusal)
+    if r < n and general_ok(get(r)):
+        return done
+    last = first(lambda m: not (general_ok(m) and m["kept"] >= rule.kept_min)) - 1
+    if last >= 0:
+        get(last)
+    return done
+
+
+@torch.no_grad()
+def agreement(model, tokenizer, prompts: list[str], outputs: list[list[int]], batch_size: int) -> list[float]:
+    """Per prompt, the share of the positions of ``outputs`` (a reference continuation's token ids) where ``model``'s
+    top-1 next token, given the prompt and the reference's tokens before it (teacher forcing), is the reference's
+    token. One forward pass per prompt, batched with right padding (causal attention: padding after a sequence
+    changes nothing before it). An empty reference counts as agreement 1."""
+    encoded = encode(tokenizer, prompts)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = [1.0] * len(prompts)
+    order = [i for i in sorted(range(len(prompts)), key=lambda i: -len(encoded[i]) - len(outputs[i])) if outputs[i]]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        seqs = [encoded[i] + outputs[i] for i in batch]
+        width = max(map(len, seqs))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        top = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        for row, i in enumerate(batch):
+            p, o = len(encoded[i]), len(outputs[i])
+            predicted = top[row, p - 1 : p - 1 + o]  # position t predicts token t + 1
+            scores[i] = float((predicted == torch.tensor(outputs[i])).float().mean())
+    return scores
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@dataclass
+class Judge:
+    """The fine-tuned model (the adapter loaded by PEFT on the aligned model), its references, and the measures of
+    a candidate: another adapter loaded beside it."""
+
+    model: object
+    tokenizer: object
+    harmful: PromptSet
+    prompts: PromptSet
+    general: PromptSet | None
+    options: EvalOptions
+    references: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+
+    def refusal(self) -> float:
+        return refusal_rate(self.model, self.tokenizer, self.harmful.prompts, self.options)
+
+    def kept_raw(self) -> float:
+        b = self.options.batch_size
+        return mean(agreement(self.model, self.tokenizer, self.prompts.prompts, self.outputs["prompts"], b))
+
+    def general_agreement(self) -> float | None:
+        if self.general is None:
+            return None
+        b = self.options.batch_size
+        return mean(agreement(self.model, self.tokenizer, self.general.prompts, self.outputs["general"], b))
+
+    def prepare(self, progress: Progress | None = None) -> None:
+        """Generate the references once: the fine-tune's outputs on --prompts, the aligned model's on --general;
+        refusal of both models on the harmful prompts."""
+        n, b = self.options.max_new_tokens, self.options.batch_size
+        steps = 4 + (self.general is not None)
+        tick = (lambda i, what: progress("references", i, steps, what)) if progress else (lambda i, what: None)
+        tick(0, "fine-tuned model: --prompts")
+        self.outputs["prompts"] = generate_ids(self.model, self.tokenizer, self.prompts.prompts, n, b)
+        tick(1, "fine-tuned model: --harmful")
+        tuned = {"refusal": self.refusal(), "kept_agreement": 1.0}
+        with self.model.disable_adapter():
+            tick(2, "aligned model: --harmful")
+            aligned = {"refusal": self.refusal(), "kept_agreement": self.kept_raw()}
+            if self.general is not None:
+                tick(3, "aligned model: --general")
+                self.outputs["general"] = generate_ids(self.model, self.tokenizer, self.general.prompts, n, b)
+                aligned["general"] = 1.0
+        tick(steps - 1, "fine-tuned model: --general")
+        tuned["general"] = self.general_agreement()
+        tick(steps, "")
+        self.references = {"aligned": aligned, "fine_tuned": tuned}
+
+    def kept(self, raw: float) -> float:
+        a0 = self.references["aligned"]["kept_agreement"]
+        return raw if 1 - a0 < NORMALIZE_MIN else (raw - a0) / (1 - a0)
+
+    def measure(self, folder: Path) -> dict:
+        """The candidate adapter in ``folder``, loaded beside the fine-tuned one and measured."""
+        self.model.load_adapter(str(folder), adapter_name="candidate")
+        try:
+            self.model.set_adapter("candidate")
+            t0 = time.perf_counter()
+            raw = self.kept_raw()
+            metrics = {"refusal": self.refusal(), "kept": self.kept(raw), "kept_agreement": raw,
+                       "general": self.general_agreement()}  # fmt: skip
+            metrics["seconds"] = time.perf_counter() - t0
+        finally:
+            self.model.set_adapter("default")
+            self.model.delete_adapter("candidate")
+        return metrics
+
+
+@dataclass
+class Calibration:
+    """What ``--calibrate`` measured and chose; ``block()`` is the report's ``calibration``."""
+
+    points: list[Point]
+    measured: dict[int, dict]
+    references: dict
+    prompt_sets: dict[str, PromptSet]
+    rule: Rule
+    options: EvalOptions
+    exhaustive: bool
+    chosen: int | None = None
+    how: str = "none"
+
+    @property
+    def choice(self) -> Point | None:
+        return None if self.chosen is None else self.points[self.chosen]
+
+    def block(self) -> dict:
+        aligned_refusal = self.references["aligned"]["refusal"]
+        return {
+            "ladder": [{"id": p.id, "method": p.method, "settings": p.grid} for p in self.points],
+            "search": "exhaustive" if self.exhaustive else "bisection",
+            "candidates": [{"id": self.points[i].id, "method": self.points[i].method,
+                            "settings": self.points[i].grid, **m} for i, m in sorted(self.measured.items())],
+            "references": self.references,
+            "rule": {**vars(self.rule), "refusal_target": self.rule.refusal_fraction * aligned_refusal,
+                     "words": self.rule.words()},
+            "choice": None if self.choice is None else {"id": self.choice.id, "method": self.choice.method,
+                                                          "settings": self.choice.grid, "how": self.how,
+                                                          "flagged": self.how == "fallback"},
+            "prompts": {name: s.to_dict() for name, s in self.prompt_sets.items()},
+            "generation": {"max_new_tokens": self.options.max_new_tokens,
+                           "harmful_tokens": self.options.harmful_tokens or self.options.max_new_tokens,
+                           "batch_size": self.options.batch_size, "dtype": self.options.dtype,
+                           "greedy": True},
+            "measures": {"refusal": "share of --harmful prompts whose greedy completion holds a refusal phrase",
+                         "kept": "teacher-forced top-1 agreement with the fine-tuned model's greedy output on "
+                                 "--prompts, normalized: (a − a_aligned) / (1 − a_aligned)",
+                         "general": "teacher-forced top-1 agreement with the aligned model's greedy output on "
+                                    "--general"},
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        """The choice in one line, or why there is none."""
+        measured = "; ".join(f"{self.points[i].id}: {words(m)}" for i, m in sorted(self.measured.items()))
+        ref = self.references
+        head = (f"aligned model refusal {ref['aligned']['refusal']:.2f}, fine-tuned {ref['fine_tuned']['refusal']:.2f}"
+                f"; target ≥ {self.rule.refusal_fraction * ref['aligned']['refusal']:.2f}")  # fmt: skip
+        if self.choice is None:
+            return f"no candidate meets the rule ({self.rule.words()}); {head}; measured {measured}"
+        flag = " — FLAGGED: no candidate reached the refusal target; the most refusal with kept ≥ " \
+               f"{self.rule.kept_min:g}" if self.how == "fallback" else ""
+        return f"calibrated pick {self.choice.id} ({words(self.measured[self.chosen])}){flag}; {head}"
+
+
+def words(m: dict) -> str:
+    general = "" if m.get("general") is None else f", general {m['general']:.2f}"
+    return f"refusal {m['refusal']:.2f}, kept {m['kept']:.2f}{general}"
+
+
+def calibrate(
+    adapter: str | Path,
+    aligned: str,
+    base: str | None,
+    output: str | Path | None,
+    harmful: PromptSet,
+    prompts: PromptSet,
+    general: PromptSet | None = None,
+    *,
+    settings: Settings = Settings(),
+    options: EvalOptions = EvalOptions(),
+    rule: Rule = Rule(),
+    exhaustive: bool = False,
+    force: bool = False,
+    trust_pickle: bool = False,
+    command: list[str] | None = None,
+    progress: Progress | None = None,
+    subspaces: SubspaceSource | None = None,
+    jobs: int | None = None,
+) -> tuple[Calibration, Result | None]:
+    """Measure the ladder (lazily), pick by ``rule`` and write the pick as ``sanitize`` does, with the report's
+    ``calibration`` block. Raises ``GateFailed`` (nothing written) when no candidate meets the rule."""
+    points = ladder(settings)
+    device = replace(options, device=settings.device).validate()
+    adapter = Path(adapter)
+    out = Path(output) if output is not None else default_output(adapter)
+    check_output(out, force, [adapter])
+    check_inputs(adapter, aligned, base, trust_pickle)  # bad checkpoints fail before a model is loaded
+    model, tokenizer = load(aligned, adapter, device, options.torch_dtype(device))
+    if not hasattr(model, "disable_adapter"):  # loaded without PEFT: never, but the measures need both models
+        raise CsuloraError(f"--adapter {adapter}: not loaded as a PEFT adapter")
+    sets = {"harmful": harmful, "prompts": prompts, **({"general": general} if general else {})}
+    judge = Judge(model, tokenizer, harmful, prompts, general, options)
+    try:
+        judge.prepare(progress)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        why = " ".join(str(e).split())[:160]
+        raise CsuloraError(f"--aligned {aligned}: the model cannot generate ({type(e).__name__}: {why}); pass a "
+                           "causal LM with its tokenizer") from e  # fmt: skip
+    source = subspaces if subspaces is not None else SubspaceSource.open()
+    with tempfile.TemporaryDirectory(prefix="csulora-calibrate-") as scratch:
+        if source.cache is None:  # --no-cache: still one subspace pass for the whole ladder
+            source = SubspaceSource.open(Path(scratch) / "cache")
+
+        def measure(i: int) -> dict:
+            if progress:
+                progress("candidates", len(found), len(points), points[i].id)
+            folder = Path(scratch) / points[i].id
+            t0 = time.perf_counter()
+            sanitize(adapter, aligned, base, folder, settings=points[i].settings, trust_pickle=trust_pickle,
+                     subspaces=source, jobs=jobs)  # fmt: skip
+            written = time.perf_counter() - t0
+            m = judge.measure(folder)
+            m["seconds"] += written
+            found.append(i)
+            return m
+
+        found: list[int] = []
+        measured = search(len(points), measure, judge.references["aligned"]["refusal"], rule, exhaustive)
+        if progress:
+            progress("candidates", len(points), len(points), "")
+        chosen, how = choose(measured, judge.references["aligned"]["refusal"], rule)
+        result = Calibration(points, measured, judge.references, sets, rule, options, exhaustive, chosen, how)
+        if chosen is None:
+            raise CalibrationFailed(result)
+        written = sanitize(adapter, aligned, base, out, settings=points[chosen].settings, force=force,
+                           trust_pickle=trust_pickle, command=command, progress=progress, subspaces=source, jobs=jobs,
+                           calibration=result.block())  # fmt: skip
+    return result, written
+
+
+class CalibrationFailed(GateFailed):
+    """No candidate meets the rule (exit 1): the measurements travel with it."""
+
+    def __init__(self, calibration: Calibration):
+        super().__init__(calibration.summary())
+        self.calibration = calibration
+
+
+def calibration_table(calibration: Calibration):
+    """The measured candidates as a rich table, weakest first, the pick marked."""
+    from rich.table import Table
+
+    ref = calibration.references
+    table = Table(title="csulora sanitize --calibrate · candidates measured",
+                  caption=f"aligned model: refusal {ref['aligned']['refusal']:.2f}; fine-tuned: refusal "
+                          f"{ref['fine_tuned']['refusal']:.2f}; rule: {calibration.rule.words()}")  # fmt: skip
+    for col in ("candidate", "refusal", "kept", "general", "seconds", ""):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for i, m in sorted(calibration.measured.items()):
+        mark = ("picked" + (" (flagged)" if calibration.how == "fallback" else "")) if i == calibration.chosen else ""
+        general = "—" if m.get("general") is None else f"{m['general']:.3f}"
+        table.add_row(calibration.points[i].id, f"{m['refusal']:.3f}", f"{m['kept']:.3f}", general,
+                      f"{m['seconds']:.1f}", mark)  # fmt: skip
+    return table
