@@ -36,6 +36,9 @@ from .prompts import PromptSet
 from .settings import Settings
 from .sweep import Point, plan
 
+# Subspace ranks of the ladders, in the order searched: realign's default k = 8 first; then k = 2, which touches
+# fewer aligned directions (the original tasks survive a larger β) and is searched only when k = 8 meets no target.
+RANKS = (8, 2)
 BETAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
 LAMBDA = math.inf
 PROMPTS = 64  # prompts of each set by default
@@ -60,25 +63,33 @@ class Rule:
                 "none (exit 1)")  # fmt: skip
 
 
-def ladder(base: Settings, betas: tuple[float, ...] = BETAS) -> list[Point]:
-    """The candidates, weakest first: ``realign`` at λ = ∞ (the in-subspace part replaced by β·D_k) for each β,
-    with the subspace options of ``base``."""
+def ladder(base: Settings, betas: tuple[float, ...] = BETAS) -> list[list[Point]]:
+    """The candidates: one ladder per subspace rank (``RANKS``, or the one ``base`` names), each weakest first:
+    ``realign`` at λ = ∞ (the in-subspace part replaced by β·D_k) for each β."""
     if base.method != "realign" or base.lam is not None or base.beta is not None:
         raise CsuloraError("--calibrate chooses realign's λ and β itself; drop --method, --lambda and --beta")
-    return plan(["realign"], base, {"lam": [LAMBDA], "beta": list(betas)})
+    own = base.subspace_rank is not None or base.subspace_energy is not None
+    ranks = [base] if own else [replace(base, subspace_rank=k) for k in RANKS]
+    ladders = []
+    for settings in ranks:
+        rule = (f"k{settings.subspace_rank}" if settings.subspace_rank is not None else
+                f"eta{settings.subspace_energy:g}")  # fmt: skip
+        ladders.append([replace(p, id=f"{p.id}-{rule}", grid={**p.grid, "subspace": rule})
+                        for p in plan(["realign"], settings, {"lam": [LAMBDA], "beta": list(betas)})])  # fmt: skip
+    return ladders
 
 
 def choose(measured: dict[int, dict], aligned_refusal: float, rule: Rule = Rule()) -> tuple[int | None, str]:
-    """The index picked among the measured candidates and how: ``met`` (the refusal target), ``fallback`` (flagged)
-    or ``none``. Ties go to the weaker candidate (the lower index)."""
+    """The key picked among the measured candidates and how: ``met`` (the refusal target), ``fallback`` (flagged)
+    or ``none``. Ties go to the weaker candidate (the lower key: the earlier ladder, the lower rung)."""
     target = rule.refusal_fraction * aligned_refusal
     wall = {i: m for i, m in measured.items() if m.get("general") is None or m["general"] >= rule.general_min}
     met = [i for i, m in wall.items() if m["refusal"] >= target]
     if met:
-        return max(met, key=lambda i: (wall[i]["kept"], -i)), "met"
+        return min(met, key=lambda i: (-wall[i]["kept"], i)), "met"
     fallback = [i for i, m in wall.items() if m["kept"] >= rule.kept_min]
     if fallback:
-        return max(fallback, key=lambda i: (wall[i]["refusal"], -i)), "fallback"
+        return min(fallback, key=lambda i: (-wall[i]["refusal"], i)), "fallback"
     return None, "none"
 
 
@@ -118,6 +129,19 @@ def search(n: int, measure: Callable[[int], dict], aligned_refusal: float, rule:
     last = first(lambda m: not (general_ok(m) and m["kept"] >= rule.kept_min)) - 1
     if last >= 0:
         get(last)
+    return done
+
+
+def search_ladders(sizes: list[int], measure: Callable[[int, int], dict], aligned_refusal: float, rule: Rule = Rule(),
+                   exhaustive: bool = False) -> dict[tuple[int, int], dict]:  # fmt: skip
+    """``search`` each ladder in turn (``measure(ladder, rung)``) until what was measured meets the refusal target
+    under the rule; every ladder with ``exhaustive``. Returns the measurements by ``(ladder, rung)``."""
+    done: dict[tuple[int, int], dict] = {}
+    for j, n in enumerate(sizes):
+        found = search(n, lambda i, j=j: measure(j, i), aligned_refusal, rule, exhaustive)
+        done.update({(j, i): m for i, m in found.items()})
+        if not exhaustive and choose(done, aligned_refusal, rule)[1] == "met":
+            break
     return done
 
 
@@ -232,7 +256,7 @@ class Judge:
 class Calibration:
     """What ``--calibrate`` measured and chose; ``block()`` is the report's ``calibration``."""
 
-    points: list[Point]
+    ladders: list[list[Point]]
     measured: dict[int, dict]
     references: dict
     prompt_sets: dict[str, PromptSet]
@@ -244,15 +268,18 @@ class Calibration:
 
     @property
     def choice(self) -> Point | None:
-        return None if self.chosen is None else self.points[self.chosen]
+        return None if self.chosen is None else self.point(self.chosen)
+
+    def point(self, key: tuple[int, int]) -> Point:
+        return self.ladders[key[0]][key[1]]
 
     def block(self) -> dict:
         aligned_refusal = self.references["aligned"]["refusal"]
         return {
-            "ladder": [{"id": p.id, "method": p.method, "settings": p.grid} for p in self.points],
+            "ladder": [{"id": p.id, "method": p.method, "settings": p.grid} for rungs in self.ladders for p in rungs],
             "search": "exhaustive" if self.exhaustive else "bisection",
-            "candidates": [{"id": self.points[i].id, "method": self.points[i].method,
-                            "settings": self.points[i].grid, **m} for i, m in sorted(self.measured.items())],
+            "candidates": [{"id": self.point(i).id, "method": self.point(i).method, "settings": self.point(i).grid,
+                            **m} for i, m in sorted(self.measured.items())],
             "references": self.references,
             "rule": {**vars(self.rule), "refusal_target": self.rule.refusal_fraction * aligned_refusal,
                      "words": self.rule.words()},
@@ -275,7 +302,7 @@ class Calibration:
 
     def summary(self) -> str:
         """The choice in one line, or why there is none."""
-        measured = "; ".join(f"{self.points[i].id}: {words(m)}" for i, m in sorted(self.measured.items()))
+        measured = "; ".join(f"{self.point(i).id}: {words(m)}" for i, m in sorted(self.measured.items()))
         ref = self.references
         head = (f"aligned model refusal {ref['aligned']['refusal']:.2f}, fine-tuned {ref['fine_tuned']['refusal']:.2f}"
                 f"; target ≥ {self.rule.refusal_fraction * ref['aligned']['refusal']:.2f}")  # fmt: skip
@@ -313,7 +340,8 @@ def calibrate(
 ) -> tuple[Calibration, Result | None]:
     """Measure the ladder (lazily), pick by ``rule`` and write the pick as ``sanitize`` does, with the report's
     ``calibration`` block. Raises ``GateFailed`` (nothing written) when no candidate meets the rule."""
-    points = ladder(settings)
+    ladders = ladder(settings)
+    total = sum(map(len, ladders))
     device = replace(options, device=settings.device).validate()
     adapter = Path(adapter)
     out = Path(output) if output is not None else default_output(adapter)
@@ -335,28 +363,29 @@ def calibrate(
         if source.cache is None:  # --no-cache: still one subspace pass for the whole ladder
             source = SubspaceSource.open(Path(scratch) / "cache")
 
-        def measure(i: int) -> dict:
+        def measure(j: int, i: int) -> dict:
             if progress:
-                progress("candidates", len(found), len(points), points[i].id)
-            folder = Path(scratch) / points[i].id
+                progress("candidates", len(found), total, ladders[j][i].id)
+            folder = Path(scratch) / ladders[j][i].id
             t0 = time.perf_counter()
-            sanitize(adapter, aligned, base, folder, settings=points[i].settings, trust_pickle=trust_pickle,
+            sanitize(adapter, aligned, base, folder, settings=ladders[j][i].settings, trust_pickle=trust_pickle,
                      subspaces=source, jobs=jobs)  # fmt: skip
             written = time.perf_counter() - t0
             m = judge.measure(folder)
             m["seconds"] += written
-            found.append(i)
+            found.append((j, i))
             return m
 
-        found: list[int] = []
-        measured = search(len(points), measure, judge.references["aligned"]["refusal"], rule, exhaustive)
+        found: list[tuple[int, int]] = []
+        sizes = [len(rungs) for rungs in ladders]
+        measured = search_ladders(sizes, measure, judge.references["aligned"]["refusal"], rule, exhaustive)
         if progress:
-            progress("candidates", len(points), len(points), "")
+            progress("candidates", total, total, "")
         chosen, how = choose(measured, judge.references["aligned"]["refusal"], rule)
-        result = Calibration(points, measured, judge.references, sets, rule, options, exhaustive, chosen, how)
+        result = Calibration(ladders, measured, judge.references, sets, rule, options, exhaustive, chosen, how)
         if chosen is None:
             raise CalibrationFailed(result)
-        written = sanitize(adapter, aligned, base, out, settings=points[chosen].settings, force=force,
+        written = sanitize(adapter, aligned, base, out, settings=result.choice.settings, force=force,
                            trust_pickle=trust_pickle, command=command, progress=progress, subspaces=source, jobs=jobs,
                            calibration=result.block())  # fmt: skip
     return result, written
@@ -383,6 +412,6 @@ def calibration_table(calibration: Calibration):
     for i, m in sorted(calibration.measured.items()):
         mark = ("picked" + (" (flagged)" if calibration.how == "fallback" else "")) if i == calibration.chosen else ""
         general = "—" if m.get("general") is None else f"{m['general']:.3f}"
-        table.add_row(calibration.points[i].id, f"{m['refusal']:.3f}", f"{m['kept']:.3f}", general,
+        table.add_row(calibration.point(i).id, f"{m['refusal']:.3f}", f"{m['kept']:.3f}", general,
                       f"{m['seconds']:.1f}", mark)  # fmt: skip
     return table

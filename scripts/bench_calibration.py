@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from csulora import world as W  # noqa: E402
 from csulora.api import sanitize  # noqa: E402
 from csulora.cache import SubspaceSource  # noqa: E402
-from csulora.calibrate import CalibrationFailed, Rule, calibrate, choose, search  # noqa: E402
+from csulora.calibrate import CalibrationFailed, Rule, calibrate, choose, search_ladders  # noqa: E402
 from csulora.evaluate import EvalOptions  # noqa: E402
 from csulora.prompts import load_prompts  # noqa: E402
 
@@ -122,7 +122,7 @@ def run_adapter(world: str, adapter: str, n: int, eval_n: int, full_ladder: bool
     except CalibrationFailed as e:
         cal, result = e.calibration, None
     record["calibration_s"] = time.perf_counter() - t0
-    record["calibration"] = {"measured": {cal.points[i].id: m for i, m in cal.measured.items()},
+    record["calibration"] = {"measured": {cal.point(i).id: m for i, m in cal.measured.items()},
                              "references": cal.references, "how": cal.how,
                              "choice": cal.choice.id if cal.choice else None}  # fmt: skip
     data = W.world_eval_set(info, n=eval_n)
@@ -132,12 +132,14 @@ def run_adapter(world: str, adapter: str, n: int, eval_n: int, full_ladder: bool
         record["calibrated"]["setting"] = cal.choice.id
     if full_ladder:  # every rung: the bisection's pick from the same numbers, and the world's labels for each rung
         aligned_refusal = cal.references["aligned"]["refusal"]
-        lazy = search(len(cal.points), lambda i: cal.measured[i], aligned_refusal)
+        sizes = [len(rungs) for rungs in cal.ladders]
+        lazy = search_ladders(sizes, lambda j, i: cal.measured[(j, i)], aligned_refusal)
         c = choose(lazy, aligned_refusal)[0]
-        record["bisection"] = {"measured": len(lazy), "choice": None if c is None else cal.points[c].id}
+        record["bisection"] = {"measured": len(lazy), "choice": None if c is None else cal.point(c).id}
         rungs = {}
         wrapped = None
-        for i, point in enumerate(cal.points):
+        for key in sorted(cal.measured):
+            point = cal.point(key)
             folder = tmp / "rungs" / point.id
             sanitize(paths[adapter], str(paths["aligned"]), None, folder, settings=point.settings, subspaces=source,
                      force=True)  # fmt: skip
@@ -145,7 +147,7 @@ def run_adapter(world: str, adapter: str, n: int, eval_n: int, full_ladder: bool
                 wrapped = W.with_adapter(W.load_model(paths["aligned"]), folder)
             else:
                 W.swap_adapter_weights(wrapped, folder)
-            rungs[point.id] = {**judged(W.behaviour(wrapped, data).as_dict(), ref), **cal.measured[i]}
+            rungs[point.id] = {**judged(W.behaviour(wrapped, data).as_dict(), ref), **cal.measured[key]}
         record["rungs"] = rungs
         ids = list(rungs)
         labels = [rungs[i]["new_task_accuracy"] for i in ids]

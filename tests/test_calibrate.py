@@ -11,17 +11,19 @@ import os
 import random
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
 from csulora import world as W
-from csulora.calibrate import BETAS, Rule, agreement, choose, search
+from csulora.calibrate import BETAS, RANKS, Rule, agreement, choose, search, search_ladders
 from csulora.prompts import load_prompts
 from tests.conftest import assert_one_line_error, run_cli
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "csulora" / "report.schema.json").read_text())
 N = 6  # prompts per set: enough to separate the candidates of a world, fast
 WORLD_LIKE = ("--harmful-tokens", "1", "--max-new-tokens", str(W.ANSWER_LEN), "--limit", str(N))
 
@@ -53,6 +55,23 @@ def test_bisection_picks_what_measuring_every_rung_picks():
         assert len(full) == len(rungs) and len(set(calls)) == len(calls)  # nothing measured twice
         assert len(lazy) <= 2 * len(rungs).bit_length() + 1 < len(rungs)
         assert choose(lazy, aligned) == choose(full, aligned), (trial, rungs, aligned)
+
+
+def test_ladders_are_searched_in_turn_until_the_target_is_met():
+    weak = [{"refusal": 0.1 * i, "kept": 1.0, "general": 0.8 if i > 3 else 1.0} for i in range(8)]  # the wall first
+    strong = [{"refusal": 0.2 * i, "kept": 1.0 - 0.05 * i, "general": 1.0} for i in range(8)]
+    ladders = [weak, strong]
+    calls: list[tuple[int, int]] = []
+
+    def measure(j: int, i: int) -> dict:
+        calls.append((j, i))
+        return ladders[j][i]
+
+    lazy = search_ladders([8, 8], measure, 1.0)
+    assert choose(lazy, 1.0) == ((1, 5), "met") and {j for j, _ in calls} == {0, 1}
+    assert choose(search_ladders([8, 8], lambda j, i: ladders[j][i], 1.0, exhaustive=True), 1.0) == ((1, 5), "met")
+    first_only = search_ladders([8, 8], lambda j, i: ladders[1 - j][i], 1.0)  # the strong one first: met, stop
+    assert {j for j, _ in first_only} == {0}
 
 
 def test_rule_met_fallback_and_none():
@@ -147,6 +166,7 @@ def test_calibrated_pick_on_tiny_matches_the_worlds_own_evaluation(tiny_files, t
     printed = json.loads(result.stdout)
     report = json.loads((out / "csulora_report.json").read_text())
     assert printed == report
+    jsonschema.validate(report, SCHEMA)
     block = report["calibration"]
     for name, path in files.items():
         assert block["prompts"][name] == {"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -157,7 +177,7 @@ def test_calibrated_pick_on_tiny_matches_the_worlds_own_evaluation(tiny_files, t
         "beta"]  # fmt: skip
     assert block["rule"]["refusal_target"] == pytest.approx(0.9 * block["references"]["aligned"]["refusal"])
     picked = next(c for c in block["candidates"] if c["id"] == choice["id"])
-    assert 1 <= len(block["candidates"]) < len(block["ladder"]) == len(BETAS)
+    assert 1 <= len(block["candidates"]) < len(block["ladder"]) == len(BETAS) * len(RANKS)
 
     ids = tiny_files["ids"]
     model = W.load_model(paths["aligned"])
@@ -201,6 +221,7 @@ def test_no_candidate_meeting_the_rule_is_exit_1_and_writes_nothing(tiny_files, 
     import csulora.calibrate as C
 
     monkeypatch.setattr(C, "choose", lambda measured, aligned, rule=None: (None, "none"))
+    monkeypatch.setattr(C, "search_ladders", lambda sizes, measure, *args: {(0, 0): measure(0, 0)})  # one is enough
     paths, files = W.world_paths(), tiny_files["paths"]
     out = tmp_path / "out"
     result = run_cli("sanitize", "--adapter", paths["adv-r8-all-s0"], "--aligned", paths["aligned"], "--calibrate",
@@ -254,7 +275,9 @@ def test_audit_harmful_measures_refusal_and_gates(world, tmp_path):
     common = ["audit", "--aligned", paths["aligned"], "--harmful", harmful, "--harmful-tokens", "1"]
     failed = run_cli(*common, "--adapter", paths[adv], "--json", in_process=True)
     assert failed.returncode == 1, failed.stderr
-    measured = json.loads(failed.stdout)["behaviour"][0]
+    document = json.loads(failed.stdout)
+    jsonschema.validate(document, SCHEMA)
+    measured = document["behaviour"][0]
     model = W.load_model(paths["aligned"])
     assert measured["aligned_refusal"] == W.refusal_rate(model, ids)
     assert measured["refusal"] == W.refusal_rate(W.with_adapter(model, paths[adv]), ids)
