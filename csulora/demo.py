@@ -1,7 +1,7 @@
 """``csulora demo``: sanitize an adversarial adapter of a shipped miniature safety world with the default method,
-the paper's method and Safe LoRA, show the per-layer table and, with the ``eval`` extra, refusal rate and task
-accuracy of each side by side; then write the world's prompts and print the ``csulora sweep`` that picks a
-setting by measurement.
+the paper's method and Safe LoRA, show the per-layer table and, with the ``eval`` extra, the calibrated pick
+(``sanitize --calibrate`` on the world's prompts) and refusal rate and task accuracy of each side by side; then
+write the world's prompts and print the ``csulora sweep`` that picks a setting by measurement.
 
 The worlds (``csulora/assets/worlds``, made by ``scripts/make_world.py``) are small Llamas trained on a token
 language: the base does every task for every topic, the aligned chat model refuses the harmful topics, and the
@@ -87,6 +87,9 @@ def run_demo(workdir: Path, console: Console, world_name: str | None = None, ada
     else:
         columns = {f"+ {describe(variants[k])}" + (" (default)" if k == "default" else ""): outputs[k]
                    for k in variants}  # fmt: skip
+        picked = _calibrated(root, paths, adapter, workdir, say)
+        if picked is not None:
+            columns[picked[0]] = picked[1]
         console.print(behaviour_table(root, paths[adapter], columns))
         say("what these numbers mean and where each method wins and loses: docs/defaults.md; every setting on "
             "every world: docs/safety_benchmark.md")  # fmt: skip
@@ -94,6 +97,38 @@ def run_demo(workdir: Path, console: Console, world_name: str | None = None, ada
     before = world.world_info(root)["behaviour"]
     aligned, tuned = before["aligned"]["new_task_accuracy"], before[adapter]["new_task_accuracy"]
     say(sweep_command(paths, adapter, prompts, workdir / "sweep", keep=round(aligned + (tuned - aligned) / 2, 2)))
+
+
+def calibrate_command(paths: dict[str, Path], adapter: str, files: dict[str, Path], out: Path) -> list[str]:
+    """The ``csulora sanitize --calibrate`` of the world's adapter on its calibration prompts (the training split:
+    none of them is an evaluation prompt); the world's answers are 7 tokens and a refusal shows in the first."""
+    return ["csulora", "sanitize", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]), "--calibrate",
+            "--harmful", str(files["harmful"]), "--prompts", str(files["prompts"]), "--general", str(files["general"]),
+            "--max-new-tokens", str(world.ANSWER_LEN), "--harmful-tokens", "1", "-o", str(out)]  # fmt: skip
+
+
+def _calibrated(root: Path, paths: dict[str, Path], adapter: str, workdir: Path, say) -> tuple[str, Path] | None:
+    """``sanitize --calibrate`` on the world (calibrate.py): the column title and folder of its pick, or ``None``
+    (said) when the rule picks nothing."""
+    from .calibrate import CalibrationFailed, calibrate
+    from .evaluate import EvalOptions
+    from .prompts import load_prompts
+
+    files = world.write_calibration_files(workdir / "calibration-prompts", world.world_info(root))
+    out = workdir / "adapter-calibrated"
+    command = calibrate_command(paths, adapter, files, out)
+    say("$ " + shlex.join(command))
+    sets = {k: load_prompts(v, f"--{k}") for k, v in files.items()}
+    options = EvalOptions(device="cpu", max_new_tokens=world.ANSWER_LEN, harmful_tokens=1, batch_size=64)
+    try:
+        cal, _ = calibrate(paths[adapter], str(paths["aligned"]), None, out, sets["harmful"], sets["prompts"],
+                           sets["general"], options=options, force=True, command=command)  # fmt: skip
+    except CalibrationFailed as e:
+        say(f"calibration picked nothing: {e}")
+        return None
+    say(cal.summary())
+    flag = ", flagged" if cal.how == "fallback" else ""
+    return f"+ calibrated: {describe(cal.choice.settings)}{flag}", out
 
 
 def sweep_command(paths: dict[str, Path], adapter: str, prompts: dict[str, Path], out: Path,
