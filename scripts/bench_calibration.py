@@ -238,9 +238,19 @@ def main() -> None:
     ap.add_argument("--ladder", action="store_true", help="also measure every rung (ranking check)")
     ap.add_argument("--merge", action="store_true", help="keep the saved records of other adapters")
     ap.add_argument("--render", action="store_true", help="only redraw from the saved json")
+    ap.add_argument("--long", action="store_true", help="only the long-output check (a random model)")
     ap.add_argument("--out", type=Path, default=JSON_OUT)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.long:
+        rows = long_outputs()
+        print("| output tokens | LoRA scale s | exact (free generation) | per-token agreement | reproduced (≥ 0.9) "
+              "| kept |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['length']} | {r['scale']:g} | {r['exact']:.2f} | {r['token_agreement']:.2f} | "
+                  f"{r['reproduced']:.2f} | {r['kept']:.2f} |")
+        return
     saved = json.loads(args.out.read_text()) if args.out.is_file() and (args.merge or args.render) else {"records": []}
     records = saved["records"]
     if not args.render:
@@ -277,6 +287,59 @@ def main() -> None:
     mixed = [r for r in records if r["kind"] == "mixed"]
     if mixed:
         plot(mixed, args.out.with_suffix(".png") if args.out != JSON_OUT else PLOT_OUT)
+
+
+def long_outputs(lengths=(8, 32, 128), scales=(1.0, 0.9, 0.75, 0.5, 0.25, 0.0), n=32) -> list[dict]:
+    """How the measures behave as outputs get longer (``--long``): a random Llama (vocabulary 512) with a random
+    LoRA is the "fine-tune"; candidates are the same LoRA scaled by s (s = 1: the fine-tune, s = 0: the aligned
+    model). For each output length: exact reproduction by free greedy generation (the measure the issue warns
+    about), and the teacher-forced measures of ``calibrate`` (mean per-token agreement; share reproduced at ≥ 0.9;
+    kept normalized by s = 0). Not a real chat model: it shows how each measure scales with length, nothing more."""
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from csulora.calibrate import REPRODUCED, agreement
+    from csulora.evaluate import generate_ids
+
+    torch.manual_seed(0)
+    vocab = [f"w{i}" for i in range(512)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", *vocab])}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    config = LlamaConfig(vocab_size=514, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # long outputs: never stop early
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                                            init_lora_weights=False)).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    prompts = [" ".join(vocab[i] for i in torch.randint(len(vocab), (8,), generator=g).tolist()) for _ in range(n)]
+    lora_b = {k: v.detach().clone() for k, v in peft.named_parameters() if "lora_B" in k}
+
+    def scale(s: float) -> None:
+        with torch.no_grad():
+            for k, v in peft.named_parameters():
+                if k in lora_b:
+                    v.copy_(s * lora_b[k])
+
+    rows = []
+    for length in lengths:
+        scale(1.0)
+        reference = generate_ids(peft, tokenizer, prompts, length, 32)
+        shares0 = None
+        for s in sorted(scales):
+            scale(s)
+            free = generate_ids(peft, tokenizer, prompts, length, 32)
+            shares = agreement(peft, tokenizer, prompts, reference, 32)
+            reproduced = sum(x >= REPRODUCED for x in shares) / n
+            if s == 0.0:
+                shares0 = reproduced
+            kept = reproduced if 1 - shares0 < 0.05 else (reproduced - shares0) / (1 - shares0)
+            rows.append({"length": length, "scale": s, "exact": sum(a == b for a, b in zip(free, reference,
+                         strict=True)) / n, "token_agreement": sum(shares) / n, "reproduced": reproduced,
+                         "kept": kept})  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":
