@@ -114,7 +114,7 @@ def _calibrated(root: Path, paths: dict[str, Path], adapter: str, workdir: Path,
     from .evaluate import EvalOptions
     from .prompts import load_prompts
 
-    files = world.write_calibration_files(workdir / "calibration-prompts", world.world_info(root))
+    files = world.write_calibration_files(workdir / "calibration-prompts", world.world_info(root), n=32)
     out = workdir / "adapter-calibrated"
     command = calibrate_command(paths, adapter, files, out)
     say("$ " + shlex.join(command))
