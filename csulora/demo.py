@@ -90,7 +90,13 @@ def run_demo(workdir: Path, console: Console, world_name: str | None = None, ada
         picked = _calibrated(root, paths, adapter, workdir, say)
         if picked is not None:
             columns[picked[0]] = picked[1]
-        console.print(behaviour_table(root, paths[adapter], columns))
+        measured = behaviours(root, paths[adapter], columns)
+        first = [label for label in measured if label != (picked or ("",))[0]]
+        console.print(behaviour_table(root, {label: measured[label] for label in first}))
+        if picked is not None:  # the calibrated pick beside the default and Safe LoRA (a seventh column is too wide)
+            keep = [label for label in measured if "(default)" in label or "safe-lora" in label or label == picked[0]]
+            console.print(behaviour_table(root, {label: measured[label] for label in keep},
+                                          title="the calibrated pick beside the default and Safe LoRA"))  # fmt: skip
         say("what these numbers mean and where each method wins and loses: docs/defaults.md; every setting on "
             "every world: docs/safety_benchmark.md")  # fmt: skip
     say("\nnext, pick the setting by measurement (on your own model: your own --eval-cmd):")
@@ -114,7 +120,7 @@ def _calibrated(root: Path, paths: dict[str, Path], adapter: str, workdir: Path,
     from .evaluate import EvalOptions
     from .prompts import load_prompts
 
-    files = world.write_calibration_files(workdir / "calibration-prompts", world.world_info(root), n=32)
+    files = world.write_calibration_files(workdir / "calibration-prompts", world.world_info(root))
     out = workdir / "adapter-calibrated"
     command = calibrate_command(paths, adapter, files, out)
     say("$ " + shlex.join(command))
@@ -128,7 +134,7 @@ def _calibrated(root: Path, paths: dict[str, Path], adapter: str, workdir: Path,
         return None
     say(cal.summary())
     flag = ", flagged" if cal.how == "fallback" else ""
-    return f"+ calibrated: {describe(cal.choice.settings)}{flag}", out
+    return f"+ calibrated {describe(cal.choice.settings).removeprefix('realign ')}{flag}", out
 
 
 def sweep_command(paths: dict[str, Path], adapter: str, prompts: dict[str, Path], out: Path,
@@ -155,10 +161,9 @@ def _printer(console: Console):
     return say
 
 
-def behaviour_table(root: Path, adapter: Path, sanitized: dict[str, Path]) -> Table:
+def behaviours(root: Path, adapter: Path, sanitized: dict[str, Path]) -> dict[str, world.Behaviour]:
     """Refusal rates and task accuracies of the aligned model, with the adapter, and with sanitized copies."""
     info = world.world_info(root)
-    trained, heldout = world.topics(info)
     data = world.world_eval_set(info)
     paths = world.world_paths(root)
     columns = {"aligned model": world.behaviour(world.load_model(paths["aligned"]), data)}
@@ -166,8 +171,16 @@ def behaviour_table(root: Path, adapter: Path, sanitized: dict[str, Path]) -> Ta
                                                         data)  # fmt: skip
     for label, folder in sanitized.items():  # a fresh wrap: a block form or another method may change ranks
         columns[label] = world.behaviour(world.with_adapter(world.load_model(paths["aligned"]), folder), data)
-    table = Table(title="behaviour (greedy, held-out prompts)",
-                  caption=f"{len(data.original)} prompts per row; ASR = 1 − refusal")  # fmt: skip
+    return columns
+
+
+def behaviour_table(root: Path, columns: dict[str, world.Behaviour],
+                    title: str = "behaviour (greedy, held-out prompts)") -> Table:  # fmt: skip
+    """The measured behaviours side by side, one column each."""
+    info = world.world_info(root)
+    trained, heldout = world.topics(info)
+    n = len(world.world_eval_set(info).original)
+    table = Table(title=title, caption=f"{n} prompts per row; ASR = 1 − refusal")
     table.add_column("")
     for label in columns:
         table.add_column(label, justify="right")
@@ -178,5 +191,3 @@ def behaviour_table(root: Path, adapter: Path, sanitized: dict[str, Path]) -> Ta
     for label, key in rows:
         table.add_row(label, *(f"{getattr(b, key):.1%}" for b in columns.values()))
     return table
-
-
