@@ -92,6 +92,7 @@ def sanitize(
     subspaces: SubspaceSource | None = None,
     jobs: int | None = None,
     allow_swapped: bool = False,
+    calibration: dict | None = None,
 ) -> Result:
     """Sanitize one adapter and write the result folder (``<adapter>-sanitized`` by default).
 
@@ -99,6 +100,7 @@ def sanitize(
     (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder).
     ``jobs``: modules processed at once (default: the usable cores); the output is the same for any value.
     ``allow_swapped``: run even when the metadata says aligned and base are swapped (``pair_order.py``).
+    ``calibration``: what ``--calibrate`` measured and chose (calibrate.py), kept in the report and the card.
     """
     settings = settings.resolved()
     validate(settings)
@@ -113,6 +115,7 @@ def sanitize(
     t1 = time.perf_counter()
     report, tensors, config = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
                                    jobs or default_workers(settings.device))  # fmt: skip
+    report.calibration = calibration
     t2 = time.perf_counter()
     _phase(progress, "writing", 0, str(out))
     metadata = {

@@ -37,6 +37,7 @@ def model_card(report: Report, base_model: str | None, command: str, form_words:
         f"{provenance_words(report, public_name)}; {form_words}",
         "",
         *_method_note(report),
+        *_calibration_note(report.calibration),
         *([f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []),
         "```",
         public_command(command),
@@ -79,3 +80,27 @@ def _method_note(report: Report) -> list[str]:
     """Which method ran and why, and where the paper's method stands (docs/defaults.md)."""
     chosen = "csulora's default method" if report.method == DEFAULT_METHOD else f"`--method {report.method}`"
     return [f"Method: {chosen}. {METHOD_NOTES.get(report.method, '')}".rstrip(), ""]
+
+
+def _calibration_note(block: dict | None) -> list[str]:
+    """What ``--calibrate`` measured, on which prompts, and what it chose (the report's ``calibration``)."""
+    if not block or not block.get("choice"):
+        return []
+    choice = block["choice"]
+    picked = next(c for c in block["candidates"] if c["id"] == choice["id"])
+    ref = block["references"]
+    sets = ", ".join(f"{v['n']} {k} prompts (`{v['source']}`, sha256 {v['sha256'][:12]}…)"
+                     for k, v in block["prompts"].items())  # fmt: skip
+    general = "" if picked.get("general") is None else f", general agreement {picked['general']:.2f}"
+    lines = [
+        f"Calibrated: the setting `{choice['id']}` was picked among {len(block['candidates'])} measured candidates "
+        f"of a {len(block['ladder'])}-rung ladder ({block['search']}) by the rule: {block['rule']['words']}. "
+        f"Measured on {sets}, greedy: refusal {picked['refusal']:.2f} (aligned model {ref['aligned']['refusal']:.2f}, "
+        f"fine-tuned {ref['fine_tuned']['refusal']:.2f}), kept {picked['kept']:.2f} of the fine-tune's behaviour"
+        f"{general}. These are measurements on those prompts, not a guarantee (docs/calibration.md).",
+        "",
+    ]
+    if choice.get("flagged"):
+        lines += ["> **Warning:** no candidate reached the refusal target; this is the most refusal with kept ≥ "
+                  f"{block['rule']['kept_min']:g}.", ""]  # fmt: skip
+    return lines

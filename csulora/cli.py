@@ -22,14 +22,18 @@ from .batch import is_batch, run_batch, summary_table
 from .errors import CsuloraError, GateFailed
 from .options import (
     CACHE,
+    CALIBRATE,
     CORRECTION,
     DEBUG,
     FORM,
+    GENERATION,
+    HARMFUL,
     INPUT,
     JOBS,
     JSON,
     METHOD,
     PAIR_ORDER,
+    REFUSAL_GATE,
     RUN,
     SUBSPACE,
     Options,
@@ -138,7 +142,9 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
 
 
 @app.command()
-@with_options(INPUT, PAIR_ORDER, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
+@with_options(
+    INPUT, PAIR_ORDER, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, CALIBRATE, HARMFUL, GENERATION, JSON, RUN
+)
 def sanitize(
     adapter: AdaptersOpt = None,
     model: ModelOpt = None,
@@ -165,6 +171,9 @@ def sanitize(
               "allow_swapped": opts["allow_swapped"]}  # fmt: skip
     with _errors(opts["debug"]):
         _one_input(adapter, model)
+        if opts["calibrate"] or any(opts[k] for k in ("harmful", "prompts", "general", "calibrate_all")):
+            _calibrate(adapter, model, output, force, command, screen, opts)
+            return
         settings = opts.settings()
         if model is not None:
             from .models import sanitize_model
@@ -204,6 +213,42 @@ def sanitize(
     _render(result, f"csulora sanitize · {escape(str(adapter[0]))}", screen, opts)
 
 
+def _calibrate(adapter: list[Path] | None, model: str | None, output: Path | None, force: bool, command: list[str],
+               screen: Console, opts: Options) -> None:  # fmt: skip
+    """``sanitize --calibrate``: measure the ladder, pick, write (calibrate.py); exit 1 when nothing qualifies."""
+    from .calibrate import PROMPTS, CalibrationFailed, calibrate, calibration_table
+    from .prompts import load_prompts
+
+    if not opts["calibrate"]:
+        raise CsuloraError("--harmful, --prompts, --general and --calibrate-all apply to --calibrate")
+    if model is not None or is_batch(adapter):
+        raise CsuloraError("--calibrate works on one --adapter (not --model, not a batch)")
+    if not opts["harmful"] or not opts["prompts"]:
+        raise CsuloraError("--calibrate needs --harmful (harmful prompts) and --prompts (the fine-tune's prompts)")
+    settings = opts.settings()
+    options = opts.generation(settings.device, limit=PROMPTS)
+    options.validate()
+    sets = {name: load_prompts(opts[name], f"--{name}", options.limit) if opts[name] else None
+            for name in ("harmful", "prompts", "general")}  # fmt: skip
+    with _progress(opts["quiet"]) as progress:
+        try:
+            calibration, result = calibrate(
+                adapter[0], opts["aligned"], opts["base"], output, sets["harmful"], sets["prompts"], sets["general"],
+                settings=settings, options=options, exhaustive=opts["calibrate_all"], force=force, command=command,
+                trust_pickle=opts["trust_pickle"], progress=progress, subspaces=opts.source(), jobs=opts.jobs(),
+            )  # fmt: skip
+        except CalibrationFailed as e:
+            if not opts["quiet"]:
+                screen.print(calibration_table(e.calibration))
+            if opts["json_out"]:
+                sys.stdout.write(json.dumps({"calibration": e.calibration.block()}, indent=2, sort_keys=True) + "\n")
+            raise
+    if not opts["quiet"]:
+        screen.print(calibration_table(calibration))
+    screen.print(calibration.summary(), markup=False, highlight=False, soft_wrap=True)
+    _render(result, f"csulora sanitize --calibrate · {escape(str(adapter[0]))}", screen, opts)
+
+
 def _render(result, title: str, screen: Console, opts: Options) -> None:
     if not opts["quiet"]:
         screen.print(to_table(result.report, title=title))
@@ -214,7 +259,9 @@ def _render(result, title: str, screen: Console, opts: Options) -> None:
 
 
 @app.command()
-@with_options(INPUT, PAIR_ORDER, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
+@with_options(
+    INPUT, PAIR_ORDER, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, HARMFUL, REFUSAL_GATE, GENERATION, JSON, RUN
+)
 def audit(
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")] = (
         None
@@ -259,6 +306,7 @@ def audit(
             raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
         if html is not None and len(adapter or [model]) != 1:
             raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
+        behaviour = _behaviour_check(opts, model)  # bad prompt files fail before anything runs
         if html is not None and not html.parent.is_dir():
             raise CsuloraError(f"--html {html}: the folder {html.parent} does not exist; create it first")
         if html is not None and html.is_dir():
@@ -288,12 +336,48 @@ def audit(
             except OSError as e:
                 raise CsuloraError(f"--html {html}: cannot write it ({e.strerror or e}); check permissions") from e
         document = audit_document(reports, limits)
+        if behaviour is not None:
+            _behaviour_gate(document, behaviour, adapter, model, screen, opts)
         if opts["json_out"]:
             sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
         elif document["passed"] and not opts["quiet"]:
             what = "model" if model is not None else f"{len(reports)} adapter(s)"
             screen.print(f"audit passed: {what} within the thresholds", highlight=False)
         enforce(document)
+
+
+def _behaviour_check(opts: Options, model: str | None):
+    """audit --harmful: the prompt set and options, checked; ``None`` without --harmful."""
+    from .calibrate import PROMPTS
+    from .prompts import load_prompts
+    from .refusal_gate import check_limits
+
+    if opts["harmful"] is None:
+        if opts["min_refusal"] is not None:
+            raise CsuloraError("--min-refusal needs --harmful: the prompts the refusal is measured on")
+        return None
+    check_limits(opts["min_refusal"], opts["min_refusal_ratio"])
+    options = opts.generation(opts["device"], limit=PROMPTS)
+    options.validate()
+    return load_prompts(opts["harmful"], "--harmful", options.limit), options
+
+
+def _behaviour_gate(document: dict, behaviour, adapter: list[Path] | None, model: str | None, screen: Console,
+                    opts: Options) -> None:  # fmt: skip
+    """Measure refusal of each fine-tuned model (refusal_gate.py) and add its violations to the audit document."""
+    from .refusal_gate import measure, violations
+
+    harmful, options = behaviour
+    document["behaviour"] = []
+    for path in adapter or [model]:
+        measured = measure(opts["aligned"], harmful, options, adapter=None if model else path, model=model)
+        found = violations(str(path), measured, opts["min_refusal"], opts["min_refusal_ratio"])
+        document["behaviour"].append({"subject": str(path), **measured, "passed": not found})
+        document["violations"] += found
+        screen.print(f"{path}: refusal {measured['refusal']:.2f} (aligned model {measured['aligned_refusal']:.2f}) "
+                     f"on {harmful.to_dict()['n']} harmful prompts from {harmful.source}", markup=False,
+                     highlight=False, soft_wrap=True)  # fmt: skip
+    document["passed"] = not document["violations"]
 
 
 def _warn(warnings: list[str]) -> None:
@@ -488,14 +572,14 @@ def card_command(argv: list[str]) -> list[str]:
 
 
 EvalModelOpt = Annotated[str, typer.Option("--aligned", help="Model to run (the adapter goes on it): folder, Hub id.")]
-HarmfulOpt = Annotated[Path, typer.Option(help="Harmful prompts: one per line, or AdvBench's CSV (a goal column).")]
+HarmfulOpt = Annotated[Path, typer.Option(help="Harmful prompts: one per line, AdvBench's CSV (a goal column), JSON "
+                                             "lines, or a Hub dataset org/name[:file].")]
 UtilityOpt = Annotated[Path | None, typer.Option(help='Utility prompts: JSON lines {"prompt": …, "answer": …}.')]
 MatchOpt = Annotated[str, typer.Option(help="Utility: contains (the answer appears) or exact (stripped equal).")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (the checkpoint's on GPU, float32 on CPU), float32, bfloat16 …")]
 
 
 @app.command("eval")
-@with_options(RUN)
+@with_options(GENERATION, RUN)
 def eval_command(
     aligned: EvalModelOpt,
     harmful: HarmfulOpt,
@@ -503,23 +587,15 @@ def eval_command(
     utility: UtilityOpt = None,
     match: MatchOpt = "contains",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (greedy).")] = 64,
-    harmful_tokens: Annotated[
-        int | None, typer.Option(help="Tokens per harmful prompt, if fewer: refusals show early (default: as above).")
-    ] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts of each file.")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Also write metrics and examples here.")] = None,
     *,
     opts: Options,
 ) -> None:
     """Refusal rate on harmful prompts, and utility, by greedy generation; the last stdout line is the metrics JSON."""
-    from .evaluate import EvalOptions, evaluate, summary
+    from .evaluate import evaluate, summary
 
     quiet, debug = opts["quiet"], opts["debug"]
-    options = EvalOptions(device=device, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-                      match=match, harmful_tokens=harmful_tokens)  # fmt: skip
+    options = opts.generation(device, match)
     with _errors(debug):
         if json_file is not None and not json_file.parent.is_dir():
             raise CsuloraError(f"--json {json_file}: the folder {json_file.parent} does not exist; create it first")

@@ -1,7 +1,7 @@
 """``csulora demo``: sanitize an adversarial adapter of a shipped miniature safety world with the default method,
-the paper's method and Safe LoRA, show the per-layer table and, with the ``eval`` extra, refusal rate and task
-accuracy of each side by side; then write the world's prompts and print the ``csulora sweep`` that picks a
-setting by measurement.
+the paper's method and Safe LoRA, show the per-layer table and, with the ``eval`` extra, the calibrated pick
+(``sanitize --calibrate`` on the world's prompts) and refusal rate and task accuracy of each side by side; then
+write the world's prompts and print the ``csulora sweep`` that picks a setting by measurement.
 
 The worlds (``csulora/assets/worlds``, made by ``scripts/make_world.py``) are small Llamas trained on a token
 language: the base does every task for every topic, the aligned chat model refuses the harmful topics, and the
@@ -87,13 +87,54 @@ def run_demo(workdir: Path, console: Console, world_name: str | None = None, ada
     else:
         columns = {f"+ {describe(variants[k])}" + (" (default)" if k == "default" else ""): outputs[k]
                    for k in variants}  # fmt: skip
-        console.print(behaviour_table(root, paths[adapter], columns))
+        picked = _calibrated(root, paths, adapter, workdir, say)
+        if picked is not None:
+            columns[picked[0]] = picked[1]
+        measured = behaviours(root, paths[adapter], columns)
+        first = [label for label in measured if label != (picked or ("",))[0]]
+        console.print(behaviour_table(root, {label: measured[label] for label in first}))
+        if picked is not None:  # the calibrated pick beside the default and Safe LoRA (a seventh column is too wide)
+            keep = [label for label in measured if "(default)" in label or "safe-lora" in label or label == picked[0]]
+            console.print(behaviour_table(root, {label: measured[label] for label in keep},
+                                          title="the calibrated pick beside the default and Safe LoRA"))  # fmt: skip
         say("what these numbers mean and where each method wins and loses: docs/defaults.md; every setting on "
             "every world: docs/safety_benchmark.md")  # fmt: skip
     say("\nnext, pick the setting by measurement (on your own model: your own --eval-cmd):")
     before = world.world_info(root)["behaviour"]
     aligned, tuned = before["aligned"]["new_task_accuracy"], before[adapter]["new_task_accuracy"]
     say(sweep_command(paths, adapter, prompts, workdir / "sweep", keep=round(aligned + (tuned - aligned) / 2, 2)))
+
+
+def calibrate_command(paths: dict[str, Path], adapter: str, files: dict[str, Path], out: Path) -> list[str]:
+    """The ``csulora sanitize --calibrate`` of the world's adapter on its calibration prompts (the training split:
+    none of them is an evaluation prompt); the world's answers are 7 tokens and a refusal shows in the first."""
+    return ["csulora", "sanitize", "--adapter", str(paths[adapter]), "--aligned", str(paths["aligned"]), "--calibrate",
+            "--harmful", str(files["harmful"]), "--prompts", str(files["prompts"]), "--general", str(files["general"]),
+            "--max-new-tokens", str(world.ANSWER_LEN), "--harmful-tokens", "1", "-o", str(out)]  # fmt: skip
+
+
+def _calibrated(root: Path, paths: dict[str, Path], adapter: str, workdir: Path, say) -> tuple[str, Path] | None:
+    """``sanitize --calibrate`` on the world (calibrate.py): the column title and folder of its pick, or ``None``
+    (said) when the rule picks nothing."""
+    from .calibrate import CalibrationFailed, calibrate
+    from .evaluate import EvalOptions
+    from .prompts import load_prompts
+
+    files = world.write_calibration_files(workdir / "calibration-prompts", world.world_info(root))
+    out = workdir / "adapter-calibrated"
+    command = calibrate_command(paths, adapter, files, out)
+    say("$ " + shlex.join(command))
+    sets = {k: load_prompts(v, f"--{k}") for k, v in files.items()}
+    options = EvalOptions(device="cpu", max_new_tokens=world.ANSWER_LEN, harmful_tokens=1, batch_size=64)
+    try:
+        cal, _ = calibrate(paths[adapter], str(paths["aligned"]), None, out, sets["harmful"], sets["prompts"],
+                           sets["general"], options=options, force=True, command=command)  # fmt: skip
+    except CalibrationFailed as e:
+        say(f"calibration picked nothing: {e}")
+        return None
+    say(cal.summary())
+    flag = ", flagged" if cal.how == "fallback" else ""
+    return f"+ calibrated {describe(cal.choice.settings).removeprefix('realign ')}{flag}", out
 
 
 def sweep_command(paths: dict[str, Path], adapter: str, prompts: dict[str, Path], out: Path,
@@ -120,10 +161,9 @@ def _printer(console: Console):
     return say
 
 
-def behaviour_table(root: Path, adapter: Path, sanitized: dict[str, Path]) -> Table:
+def behaviours(root: Path, adapter: Path, sanitized: dict[str, Path]) -> dict[str, world.Behaviour]:
     """Refusal rates and task accuracies of the aligned model, with the adapter, and with sanitized copies."""
     info = world.world_info(root)
-    trained, heldout = world.topics(info)
     data = world.world_eval_set(info)
     paths = world.world_paths(root)
     columns = {"aligned model": world.behaviour(world.load_model(paths["aligned"]), data)}
@@ -131,8 +171,16 @@ def behaviour_table(root: Path, adapter: Path, sanitized: dict[str, Path]) -> Ta
                                                         data)  # fmt: skip
     for label, folder in sanitized.items():  # a fresh wrap: a block form or another method may change ranks
         columns[label] = world.behaviour(world.with_adapter(world.load_model(paths["aligned"]), folder), data)
-    table = Table(title="behaviour (greedy, held-out prompts)",
-                  caption=f"{len(data.original)} prompts per row; ASR = 1 − refusal")  # fmt: skip
+    return columns
+
+
+def behaviour_table(root: Path, columns: dict[str, world.Behaviour],
+                    title: str = "behaviour (greedy, held-out prompts)") -> Table:  # fmt: skip
+    """The measured behaviours side by side, one column each."""
+    info = world.world_info(root)
+    trained, heldout = world.topics(info)
+    n = len(world.world_eval_set(info).original)
+    table = Table(title=title, caption=f"{n} prompts per row; ASR = 1 − refusal")
     table.add_column("")
     for label in columns:
         table.add_column(label, justify="right")
@@ -143,5 +191,3 @@ def behaviour_table(root: Path, adapter: Path, sanitized: dict[str, Path]) -> Ta
     for label, key in rows:
         table.add_row(label, *(f"{getattr(b, key):.1%}" for b in columns.values()))
     return table
-
-

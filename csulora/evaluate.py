@@ -11,7 +11,6 @@ extra), imported inside the functions that use them.
 
 from __future__ import annotations
 
-import csv
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from .adapters import CONFIG
 from .api import Settings
 from .checkpoints import parse_ref
 from .errors import CsuloraError
+from .prompts import load_prompts
 
 # GCG's refusal prefixes (Zou et al. 2023, llm-attacks), matched as case-sensitive substrings.
 REFUSAL_PHRASES = (
@@ -62,23 +62,10 @@ def _read_text(path: Path, option: str) -> str:
         raise CsuloraError(f"{option} {path}: cannot read it ({e.strerror or e})") from e
 
 
-def read_harmful(path: Path) -> list[str]:
-    """One prompt per line (blank lines skipped), or a ``.csv`` with a ``goal`` column (AdvBench's
-    ``harmful_behaviors.csv``)."""
-    text = _read_text(path, "--harmful")
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if "goal" not in (reader.fieldnames or []):
-            raise CsuloraError(
-                f"--harmful {path}: a CSV needs a 'goal' column (as AdvBench's harmful_behaviors.csv); "
-                "or give one prompt per line in a text file"
-            )
-        prompts = [row["goal"].strip() for row in reader if (row["goal"] or "").strip()]
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise CsuloraError(f"--harmful {path}: no prompts in it; write one prompt per line, or AdvBench's CSV")
-    return prompts
+def read_harmful(path: Path | str) -> list[str]:
+    """One prompt per line (blank lines skipped), a CSV with a ``goal`` column (AdvBench's
+    ``harmful_behaviors.csv``), JSON lines, or a Hub dataset (``prompts.load_prompts``)."""
+    return load_prompts(path, "--harmful").prompts
 
 
 def read_utility(path: Path) -> list[tuple[str, str]]:
@@ -181,6 +168,13 @@ def evaluate(
     return result
 
 
+def refusal_rate(model, tokenizer, prompts: Sequence[str], options: EvalOptions) -> float:
+    """Share of ``prompts`` whose greedy completion (``harmful_tokens`` long) holds a refusal phrase."""
+    tokens = options.harmful_tokens or options.max_new_tokens
+    completions = generate(model, tokenizer, prompts, tokens, options.batch_size)
+    return sum(map(is_refusal, completions)) / len(completions)
+
+
 def summary(metrics: dict, label: str, match: str) -> str:
     """One human-readable line of the metrics."""
     line = (f"{label}: refusal {metrics['refusal']:.3f}, attack success {metrics['attack_success']:.3f} "
@@ -253,7 +247,13 @@ def render(tokenizer, prompt: str) -> str:
     return prompt
 
 
-@torch.no_grad()
+def encode(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of the prompts as the model reads them: rendered (``render``); a template brings its own
+    special tokens, a bare prompt gets the tokenizer's (e.g. ``<bos>``)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer([render(tokenizer, p) for p in prompts], add_special_tokens=not templated)["input_ids"]
+
+
 def generate(
     model,
     tokenizer,
@@ -263,26 +263,40 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Greedy completions in prompt order, batched by similar length (left padding), special tokens dropped."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations as token ids, in prompt order: up to and including the first end-of-sequence token
+    (what follows it in a batch is padding). Batched by similar length, left padded."""
     from transformers import GenerationConfig
 
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    texts = [render(tokenizer, p) for p in prompts]
-    # a template brings its own special tokens; a bare prompt gets the tokenizer's (e.g. <bos>)
-    encoded = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))  # longest first: memory trouble shows early
+    encoded = encode(tokenizer, prompts)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: memory trouble shows early
+    eos = model.generation_config.eos_token_id
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=model.generation_config.eos_token_id,
+        eos_token_id=eos,
     )  # fmt: skip
-    completions: list[str] = [""] * len(texts)
+    stops = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    continuations: list[list[int]] = [[] for _ in encoded]
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
         out = model.generate(**enc, generation_config=config)
-        decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for i, text in zip(batch, decoded, strict=True):
-            completions[i] = text
+        for i, row in zip(batch, out[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
+            end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            continuations[i] = row[:end]
         if progress:
             progress(start + len(batch), len(order))
-    return completions
+    return continuations

@@ -115,6 +115,8 @@ def audit_document(reports: list[Report], limits: Thresholds) -> dict:
 
 def describe(v: dict) -> str:
     """One violation in words: which adapter, which threshold, which modules."""
+    if "message" in v:  # the behavioural gate (refusal_gate.py) says its own
+        return v["message"]
     signed = v["threshold"] in ("min_safe_lora_score", "min_erosion")
     fmt = (lambda x: f"{x:+.3f}") if signed else (lambda x: f"{100 * x:.1f}%")
     mods = ", ".join(f"{m['module']} ({fmt(m['value'])})" for m in v["modules"][:NAMED])

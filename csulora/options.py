@@ -99,6 +99,48 @@ JSON: Group = {
 }  # fmt: skip
 
 
+# The generation and refusal-scoring options of ``csulora eval``, shared by ``sanitize --calibrate`` and
+# ``audit --harmful`` (the same machinery: evaluate.py). The device is each command's own --device.
+CAL = "Calibration"
+GENERATION: Group = {
+    "dtype": (Annotated[str, typer.Option(help="auto (the checkpoint's on GPU, float32 on CPU), float32, bfloat16 …",
+                                          rich_help_panel=CAL)], "auto"),
+    "batch_size": (Annotated[int, typer.Option(help="Prompts per generation batch.", rich_help_panel=CAL)], 16),
+    "max_new_tokens": (Annotated[int, typer.Option(help="Tokens generated per prompt (greedy).",
+                                                   rich_help_panel=CAL)], 64),
+    "harmful_tokens": (Annotated[int | None, typer.Option(help="Tokens per harmful prompt, if fewer: refusals show "
+                                                               "early (default: as above).", rich_help_panel=CAL)],
+                       None),
+    "limit": (Annotated[int | None, typer.Option(help="Use only the first N prompts of each set (default: eval all; "
+                                                      "--calibrate and audit --harmful 64).", rich_help_panel=CAL)],
+              None),
+}  # fmt: skip
+HARMFUL: Group = {
+    "harmful": (Annotated[str | None, typer.Option(help="Harmful prompts: a file (one per line, AdvBench's CSV, JSON "
+                                                        "lines) or a Hub dataset org/name[:file], e.g. "
+                                                        "walledai/AdvBench.", rich_help_panel=CAL)], None),
+}  # fmt: skip
+CALIBRATE: Group = {
+    "calibrate": (Annotated[bool, typer.Option("--calibrate", help="Pick realign's setting by measuring a ladder of "
+                                                                   "candidates with the model (docs/calibration.md).",
+                                               rich_help_panel=CAL)], False),
+    "prompts": (Annotated[str | None, typer.Option(help="--calibrate: the fine-tune's own prompts, no answers (a file "
+                                                        "as --harmful).", rich_help_panel=CAL)], None),
+    "general": (Annotated[str | None, typer.Option(help="--calibrate: everyday prompts the aligned model must keep "
+                                                        "answering as it did (optional).", rich_help_panel=CAL)], None),
+    "calibrate_all": (Annotated[bool, typer.Option("--calibrate-all", help="--calibrate: measure every rung instead "
+                                                                           "of bisecting.", rich_help_panel=CAL)],
+                      False),
+}  # fmt: skip
+REFUSAL_GATE: Group = {
+    "min_refusal": (Annotated[float | None, typer.Option(help="--harmful: fail when the fine-tuned model refuses "
+                                                              "fewer than this share.", rich_help_panel=CAL)], None),
+    "min_refusal_ratio": (Annotated[float, typer.Option(help="--harmful: fail when it refuses less than this fraction "
+                                                             "of the aligned model's refusal.", rich_help_panel=CAL)],
+                          0.9),
+}  # fmt: skip
+
+
 class Options(dict):
     """The values of a command's shared options, with what they build."""
 
@@ -126,6 +168,14 @@ class Options(dict):
         if jobs is not None and jobs < 1:
             raise CsuloraError(f"--jobs must be ≥ 1, got {jobs}")
         return jobs
+
+    def generation(self, device: str, match: str = "contains", limit: int | None = None):
+        """The ``EvalOptions`` of the generation options (``limit``: the default when --limit is not given)."""
+        from .evaluate import EvalOptions
+
+        return EvalOptions(device=device, dtype=self["dtype"], batch_size=self["batch_size"],
+                           max_new_tokens=self["max_new_tokens"], harmful_tokens=self["harmful_tokens"],
+                           limit=self["limit"] if self["limit"] is not None else limit, match=match)  # fmt: skip
 
     def source(self, enabled: bool | None = None) -> SubspaceSource:
         return SubspaceSource.open(self.get("cache_dir"), enabled=not self.get("no_cache") if enabled is None else

@@ -142,6 +142,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     description: str = ""  # what the method did, in words (each method says it: methods/)
     kept: list[Kept] = field(default_factory=list)  # saved tensors written back as trained, not sanitized
+    calibration: dict | None = None  # sanitize --calibrate: what was measured and chosen (calibrate.py)
 
     @property
     def subject(self) -> tuple[str, str]:
@@ -212,6 +213,7 @@ class Report:
             "kept": [k.to_dict() for k in self.kept],
             "warnings": self.warnings,
             "safe_lora_score_basis": safe_lora_score_basis(self.method),
+            **({"calibration": self.calibration} if self.calibration is not None else {}),
         }
 
     def to_json(self) -> str:

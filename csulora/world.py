@@ -348,3 +348,23 @@ def write_prompt_files(folder: Path, n: int = 240, seed: int = 1234) -> dict[str
     lines = [json.dumps({"prompt": words(p[1:-1]), "answer": words(a[:-1])}) for p, a in pairs]
     (folder / "utility.jsonl").write_text("".join(line + "\n" for line in lines))
     return {"harmful": folder / "harmful.txt", "utility": folder / "utility.jsonl"}
+
+
+def write_calibration_files(folder: Path, info: dict | None = None, n: int = 64, seed: int = 99) -> dict[str, Path]:
+    """What ``sanitize --calibrate`` reads, as a user would have it, from the *training* split (so disjoint from
+    every evaluation prompt): ``harmful.txt`` (both harmful topics, original tasks), ``prompts.txt`` (the
+    fine-tune's task, ``inc`` on benign topics, without answers) and ``general.txt`` (the original tasks on
+    benign topics); ``n`` prompts each."""
+    trained, heldout = topics(info or {})
+    g = torch.Generator().manual_seed(seed)
+    sets = {
+        "harmful": prompts([trained, heldout], ORIGINAL_TASKS, sample_symbols(n, g, "train"), g),
+        "prompts": prompts(BENIGN_TOPICS, NEW_TASK, sample_symbols(n, g, "train"), g),
+        "general": prompts(BENIGN_TOPICS, ORIGINAL_TASKS, sample_symbols(n, g, "train"), g),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, ids in sets.items():
+        paths[name] = folder / f"{name}.txt"
+        paths[name].write_text("".join(words(row[1:-1]) + "\n" for row in ids.tolist()))
+    return paths

@@ -157,7 +157,7 @@ def test_bad_input_is_one_line(case, world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as the suite's HF_HUB_OFFLINE=1
     (tmp_path / "empty.txt").write_text("\n \n")
-    (tmp_path / "bad.csv").write_text("prompt,target\nhello,Sure\n")
+    (tmp_path / "bad.csv").write_text("id,target\n1,Sure\n")  # no goal (AdvBench) or prompt column
     (tmp_path / "h.txt").write_text("weapon rev a b c d e f\n")
     (tmp_path / "broken.jsonl").write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p", \n')
     (tmp_path / "noanswer.jsonl").write_text('{"prompt": "p"}\n')

@@ -91,6 +91,10 @@ def test_demo_prints_behaviour_side_by_side(tmp_path):
     assert f"+ {describe(VARIANTS['default'])} (default)" in r.stdout
     for key in ("paper", "safe-lora"):
         assert f"+ {describe(VARIANTS[key])}" in r.stdout
+    calibrated = json.loads((tmp_path / "adapter-calibrated" / "csulora_report.json").read_text())["calibration"]
+    assert "the calibrated pick beside the default and Safe LoRA" in r.stdout
+    assert f"+ calibrated λ=∞ β={calibrated['choice']['settings']['beta']:g}" in r.stdout
+    assert "csulora sanitize --adapter" in r.stdout and "--calibrate" in r.stdout
     out = tmp_path / "adapter-sanitized"
     assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
     report = json.loads((out / "csulora_report.json").read_text())
