@@ -333,6 +333,7 @@ def calibrate(
     exhaustive: bool = False,
     force: bool = False,
     trust_pickle: bool = False,
+    allow_swapped: bool = False,
     command: list[str] | None = None,
     progress: Progress | None = None,
     subspaces: SubspaceSource | None = None,
@@ -346,7 +347,7 @@ def calibrate(
     adapter = Path(adapter)
     out = Path(output) if output is not None else default_output(adapter)
     check_output(out, force, [adapter])
-    check_inputs(adapter, aligned, base, trust_pickle)  # bad checkpoints fail before a model is loaded
+    check_inputs(adapter, aligned, base, trust_pickle, allow_swapped)  # bad checkpoints fail before a model is loaded
     model, tokenizer = load(aligned, adapter, device, options.torch_dtype(device))
     if not hasattr(model, "disable_adapter"):  # loaded without PEFT: never, but the measures need both models
         raise CsuloraError(f"--adapter {adapter}: not loaded as a PEFT adapter")
@@ -369,7 +370,7 @@ def calibrate(
             folder = Path(scratch) / ladders[j][i].id
             t0 = time.perf_counter()
             sanitize(adapter, aligned, base, folder, settings=ladders[j][i].settings, trust_pickle=trust_pickle,
-                     subspaces=source, jobs=jobs)  # fmt: skip
+                     subspaces=source, jobs=jobs, allow_swapped=allow_swapped)  # fmt: skip
             written = time.perf_counter() - t0
             m = judge.measure(folder)
             m["seconds"] += written
@@ -387,7 +388,7 @@ def calibrate(
             raise CalibrationFailed(result)
         written = sanitize(adapter, aligned, base, out, settings=result.choice.settings, force=force,
                            trust_pickle=trust_pickle, command=command, progress=progress, subspaces=source, jobs=jobs,
-                           calibration=result.block())  # fmt: skip
+                           calibration=result.block(), allow_swapped=allow_swapped)  # fmt: skip
     return result, written
 
 

@@ -236,6 +236,7 @@ def _calibrate(adapter: list[Path] | None, model: str | None, output: Path | Non
                 adapter[0], opts["aligned"], opts["base"], output, sets["harmful"], sets["prompts"], sets["general"],
                 settings=settings, options=options, exhaustive=opts["calibrate_all"], force=force, command=command,
                 trust_pickle=opts["trust_pickle"], progress=progress, subspaces=opts.source(), jobs=opts.jobs(),
+                allow_swapped=opts["allow_swapped"],
             )  # fmt: skip
         except CalibrationFailed as e:
             if not opts["quiet"]:
