@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .report import Report, kept_words, pct, rank_warning
+from .report import Report, kept_words, pack_words, pct, rank_warning
 from .settings import DEFAULT_METHOD, METHOD_NOTES
 
 
@@ -28,6 +28,7 @@ def model_card(report: Report, base_model: str | None, command: str, form_words:
         f"`{report.inputs['aligned']['ref']}` − `{report.inputs['base']['ref']}`; {form_words}",
         "",
         *_method_note(report),
+        *([f"Subspaces: {pack_words(report)}.", ""] if pack_words(report) else []),
         *([f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []),
         "```",
         command,

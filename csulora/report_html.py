@@ -8,7 +8,17 @@ import re
 from html import escape
 
 from .correction import COMPONENTS
-from .report import Report, _subspace_words, _summary_lines, cells, columns, expert_layer, grouped, rank_warning
+from .report import (
+    Report,
+    _subspace_words,
+    _summary_lines,
+    cells,
+    columns,
+    expert_layer,
+    grouped,
+    pack_words,
+    rank_warning,
+)
 
 COLORS = {"F": "#2f855a", "H_in": "#d4a017", "H_out": "#e07b24", "O": "#c53030"}
 LABELS = {"F": "F (fully aligned)", "H_in": "H_in (input side leaves)", "H_out": "H_out (output side leaves)",
@@ -179,6 +189,11 @@ table.modules tbody tr:hover { background: #f7fafc; }
 """
 
 
+def _pack(report: Report) -> str:
+    words = pack_words(report)
+    return f"<br>{escape(words)}" if words else ""
+
+
 def to_html(report: Report) -> str:
     """The report as one self-contained HTML page."""
     s, inputs = report.settings, report.inputs
@@ -200,7 +215,7 @@ def to_html(report: Report) -> str:
 <p class="meta">{report.subject[0]} <code>{escape(report.subject[1])}</code>
 · aligned <code>{escape(inputs['aligned']['ref'])}</code>
 · base <code>{escape(inputs['base']['ref'])}</code><br>method: {escape(method)} · subspace:
-{escape(_subspace_words(s))} · csulora {escape(report.tool_version)}</p>
+{escape(_subspace_words(s))} · csulora {escape(report.tool_version)}{_pack(report)}</p>
 {warn}
 <ul class="summary">{"".join(f"<li>{escape(line)}</li>" for line in _summary_lines(report))}</ul>
 <h2>Relative energies per layer, before and after</h2>
