@@ -1,8 +1,8 @@
 """The subspace cache: each module's safety subspace (DESIGN.md §2) computed once and kept on disk.
 
-An entry (the format of ``entries.py``, which packs share) holds ``U_k``, ``S_k``, ``V_k`` (float32) with ``‖D‖_F²`` and the
-captured energy in its header metadata, named by a key over both checkpoints' tensor fingerprints, the
-module, its orientation and every setting that changes the numbers. Entries are written to a temp file
+An entry (the format of ``entries.py``, which packs share) holds ``U_k``, ``S_k``, ``V_k`` (float32) with
+``‖D‖_F²`` and the captured energy in its header metadata, named by a key over both checkpoints' tensor fingerprints,
+the module, its orientation and every setting that changes the numbers. Entries are written to a temp file
 and moved into place with ``os.replace``, so processes sharing a cache see a whole entry or none; an
 entry that fails any check (header, key, shapes, checksum, finite values) is recomputed and rewritten.
 """

@@ -576,8 +576,8 @@ def _chosen(pack: Pack, modules: str | None) -> list[dict]:
     if modules == "all":
         return [pack.modules[i] for i in ids]
     names = [m for m in modules.split(",") if m]
-    found = [pack.modules[i] for i in ids if any(i == n or i.endswith("." + n) or
-                                                  i.removesuffix(".weight").endswith("." + n) for n in names)]  # fmt: skip
+    found = [pack.modules[i] for i in ids
+             if any(i == n or i.endswith("." + n) or i.removesuffix(".weight").endswith("." + n) for n in names)]
     if not found:
         raise CsuloraError(f"{pack.spec}: no module of the pack matches --modules {modules}")
     return found
