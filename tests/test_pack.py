@@ -24,8 +24,13 @@ from csulora.subspace import Subspace
 from csulora.synthetic import SIZES, write_adapter, write_pair
 from csulora.tensorfile import TensorReader
 from csulora.world import world_dir
-from tests.conftest import assert_one_line_error, folder_bytes, run_cli
+from tests.conftest import assert_one_line_error, folder_bytes
+from tests.conftest import run_cli as _run_cli
 from tests.test_hub import FakeHub
+
+
+def run_cli(*args):
+    return _run_cli(*args, in_process=True)
 
 
 def _world(name: str) -> Path:
@@ -55,10 +60,11 @@ def test_pack_output_is_byte_identical_to_checkpoints(packs, tmp_path, world, ad
     w = _world(world)
     settings = Settings(method=method, subspace_rank=8)
     path = w / "adapters" / adapter
-    from_ckpt = sanitize(path, str(w / "llama-world-chat"), str(w / "llama-world"), tmp_path / "ckpt",
-                         settings=settings, subspaces=SubspaceSource.open(enabled=False))  # fmt: skip
-    from_pack = sanitize(path, None, None, tmp_path / "pack", settings=Settings(method=method),
-                         subspaces=PackSource.open(str(packs[world])))  # fmt: skip
+    sanitize(path, str(w / "llama-world-chat"), str(w / "llama-world"), tmp_path / "ckpt", settings=settings,
+             subspaces=SubspaceSource.open(enabled=False))  # fmt: skip
+    source = PackSource.open(str(packs[world]))
+    sanitize(path, None, None, tmp_path / "pack", settings=Settings(method=method), subspaces=source)
+    assert source.loaded > 0
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "ckpt" / name).read_bytes() == (tmp_path / "pack" / name).read_bytes(), name
     a, b = (json.loads((tmp_path / d / "csulora_report.json").read_text()) for d in ("ckpt", "pack"))
@@ -102,7 +108,8 @@ def test_narrowed_pack_and_refusals(packs, tmp_path):
     r = run_cli("subspace", "--aligned", w / "llama-world-chat", "--base", w / "llama-world", "--modules",
                 "q_proj,v_proj", "--subspace-rank", "8", "-o", attn, "--no-cache")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert {m["id"].split(".")[-2] for m in json.loads((attn / MANIFEST).read_text())["modules"]} == {"q_proj", "v_proj"}
+    modules = json.loads((attn / MANIFEST).read_text())["modules"]
+    assert {m["id"].split(".")[-2] for m in modules} == {"q_proj", "v_proj"}
     adapter, out = w / "adapters" / "adv-r8-all-s0", tmp_path / "out"
     pack = str(packs["tiny"])
     cases = [
@@ -203,7 +210,8 @@ def _forged_fingerprint(pack: Path, m: dict) -> None:
 ])  # fmt: skip
 def test_tampered_pack_is_refused_and_nothing_written(packs, tmp_path, tamper, needles):
     pack = _copy(packs["tiny"], tmp_path)
-    m = next(x for x in json.loads((pack / MANIFEST).read_text())["modules"] if x["id"].endswith("layers.1.self_attn.v_proj.weight"))
+    modules = json.loads((pack / MANIFEST).read_text())["modules"]
+    m = next(x for x in modules if x["id"].endswith("layers.1.self_attn.v_proj.weight"))
     tamper(pack, m)
     out = tmp_path / "out"
     r = run_cli("sanitize", "--adapter", _world("tiny") / "adapters" / "adv-r8-all-s0", "--subspace", pack, "-o", out)
