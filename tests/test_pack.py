@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import huggingface_hub
+import jsonschema
 import pytest
 import torch
 from safetensors import safe_open
@@ -24,7 +25,7 @@ from csulora.subspace import Subspace
 from csulora.synthetic import SIZES, write_adapter, write_pair
 from csulora.tensorfile import TensorReader
 from csulora.world import world_dir
-from tests.conftest import assert_one_line_error, folder_bytes
+from tests.conftest import REPO, assert_one_line_error, folder_bytes
 from tests.conftest import run_cli as _run_cli
 from tests.test_hub import FakeHub
 
@@ -70,6 +71,7 @@ def test_pack_output_is_byte_identical_to_checkpoints(packs, tmp_path, world, ad
     a, b = (json.loads((tmp_path / d / "csulora_report.json").read_text()) for d in ("ckpt", "pack"))
     assert a["modules"] == b["modules"] and a["totals"] == b["totals"] and a["settings"] == b["settings"]
     assert any(m["kind"] == "expert" for m in a["modules"]) == (world == "moe")
+    jsonschema.validate(b, json.loads((REPO / "csulora" / "report.schema.json").read_text()))
     pack = b["inputs"]["subspace"]
     assert pack["ref"] == str(packs[world]) and len(pack["manifest_sha256"]) == 64
     assert "subspace" not in a["inputs"]
