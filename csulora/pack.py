@@ -304,7 +304,10 @@ class Pack:
         if manifest.get("format_version") != PACK_FORMAT:
             raise CsuloraError(f"{where}: pack format {manifest.get('format_version')}, this csulora reads "
                                f"{PACK_FORMAT}; rebuild the pack with this version")  # fmt: skip
-        return cls(spec, ref, path.parent, manifest, hashlib.sha256(raw).hexdigest(), revision)
+        try:
+            return cls(spec, ref, path.parent, manifest, hashlib.sha256(raw).hexdigest(), revision)
+        except (KeyError, TypeError) as e:  # sealed, but not written by csulora
+            raise CsuloraError(f"{where}: lacks {e} or has it in another form; not a pack this csulora wrote") from e
 
     def describe(self) -> dict:
         """What a report records of the pack it was sanitized with."""
@@ -548,10 +551,7 @@ def verify_pack(
                     progress("verify", i + 1, len(records), m["id"])
                 stored = pack.entry(reader, m)
                 checked.append(m["id"])
-                same_bytes = entry_record(fresh.__class__(fresh.U.cpu(), fresh.S.cpu(), fresh.V.cpu(),
-                                                          fresh.total_energy, fresh.captured_energy)) == \
-                    entry_record(stored)  # fmt: skip
-                if same_bytes:
+                if entry_record(fresh) == entry_record(stored):  # the same bytes
                     identical += 1
                 elif not _close(stored, fresh):
                     differing.append(m["id"])
