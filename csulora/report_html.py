@@ -8,17 +8,7 @@ import re
 from html import escape
 
 from .correction import COMPONENTS
-from .report import (
-    Report,
-    _subspace_words,
-    _summary_lines,
-    cells,
-    columns,
-    expert_layer,
-    grouped,
-    pack_words,
-    rank_warning,
-)
+from .report import Report, _subspace_words, _summary_lines, cells, columns, expert_layer, grouped, rank_warning
 
 COLORS = {"F": "#2f855a", "H_in": "#d4a017", "H_out": "#e07b24", "O": "#c53030"}
 LABELS = {"F": "F (fully aligned)", "H_in": "H_in (input side leaves)", "H_out": "H_out (output side leaves)",
@@ -190,6 +180,9 @@ table.modules tbody tr:hover { background: #f7fafc; }
 
 
 def _pack(report: Report) -> str:
+    """The subspace pack that served the run (``report.pack_words``), if any."""
+    from .report import pack_words  # one import line above stays as it was (merges)
+
     words = pack_words(report)
     return f"<br>{escape(words)}" if words else ""
 
