@@ -22,6 +22,7 @@ from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate, summary_warnings
 from .outputs import check_output, write_folder
 from .pair_order import check_pair_order, names_checkpoint, weight_hint
+from .pack import PackPair, PackSource
 from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
@@ -68,6 +69,7 @@ class _Inputs:
             "aligned": {**_describe(self.aligned), "source": "--aligned"},
             "base": {**_describe(self.base), "source": self.base_source},
             "pair_order": self.order,
+            **({"subspace": self.pair.pack.describe()} if isinstance(self.pair, PackPair) else {}),
         }
 
 
@@ -80,7 +82,7 @@ def _describe(ckpt: Checkpoint) -> dict:
 
 def sanitize(
     adapter: str | Path,
-    aligned: str,
+    aligned: str | None,
     base: str | None = None,
     output: str | Path | None = None,
     *,
@@ -97,19 +99,20 @@ def sanitize(
     """Sanitize one adapter and write the result folder (``<adapter>-sanitized`` by default).
 
     ``subspaces``: where module subspaces come from; default the disk cache at ``default_cache_dir()``
-    (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder).
+    (``SubspaceSource.open(enabled=False)`` computes everything afresh, ``open(dir)`` picks the folder;
+    ``pack.PackSource.open(PACK)`` serves them from a subspace pack, with ``aligned`` and ``base`` None).
     ``jobs``: modules processed at once (default: the usable cores); the output is the same for any value.
     ``allow_swapped``: run even when the metadata says aligned and base are swapped (``pair_order.py``).
     ``calibration``: what ``--calibrate`` measured and chose (calibrate.py), kept in the report and the card.
     """
-    settings = settings.resolved()
+    settings = _served(settings, subspaces)
     validate(settings)
     adapter_path = Path(adapter)
     out = Path(output) if output is not None else default_output(adapter_path)
     check_output(out, force, [adapter_path])
     t0 = time.perf_counter()
     _phase(progress, "reading", 0, str(adapter_path))
-    inputs = _load(adapter_path, aligned, base, trust_pickle, allow_swapped)
+    inputs = _load(adapter_path, aligned, base, trust_pickle, subspaces, allow_swapped)
     check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
     _phase(progress, "reading", 1, str(adapter_path))
     t1 = time.perf_counter()
@@ -140,7 +143,7 @@ def sanitize(
 
 def audit(
     adapter: str | Path,
-    aligned: str,
+    aligned: str | None,
     base: str | None = None,
     *,
     settings: Settings = Settings(),
@@ -151,11 +154,11 @@ def audit(
     allow_swapped: bool = False,
 ) -> Result:
     """Compute the same decomposition and report as ``sanitize()`` without writing anything."""
-    settings = settings.resolved()
+    settings = _served(settings, subspaces)
     validate(settings)
     t0 = time.perf_counter()
     _phase(progress, "reading", 0, str(adapter))
-    inputs = _load(Path(adapter), aligned, base, trust_pickle, allow_swapped)
+    inputs = _load(Path(adapter), aligned, base, trust_pickle, subspaces, allow_swapped)
     _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
     report, _, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
@@ -178,14 +181,31 @@ def _api_call(adapter, aligned, base, settings: Settings) -> str:
     return f"csulora.sanitize({str(adapter)!r}, {aligned!r}, base={base!r}, settings={settings!r})"
 
 
-def check_inputs(adapter: str | Path, aligned: str, base: str | None = None, trust_pickle: bool = False,
-                 allow_swapped: bool = False) -> None:  # fmt: skip
-    """Read the adapter and both checkpoints' headers as ``sanitize()`` does first: bad input fails here."""
-    _load(Path(adapter), aligned, base, trust_pickle, allow_swapped).pair.close()
+def check_inputs(adapter: str | Path, aligned: str | None, base: str | None = None, trust_pickle: bool = False,
+                 subspaces: SubspaceSource | PackSource | None = None, allow_swapped: bool = False) -> None:  # fmt: skip
+    """Read the adapter and both checkpoints' headers (or the pack's manifest) as ``sanitize()`` does first: bad
+    input fails here."""
+    _load(Path(adapter), aligned, base, trust_pickle, subspaces, allow_swapped).pair.close()
 
 
-def _load(adapter_path: Path, aligned: str, base: str | None, trust_pickle: bool, allow_swapped: bool) -> _Inputs:
+def _served(settings: Settings, subspaces: SubspaceSource | PackSource | None) -> Settings:
+    """Resolved settings; from a pack, its subspace rule where none is given (refused when it cannot serve them)."""
+    return (subspaces.serve(settings) if isinstance(subspaces, PackSource) else settings).resolved()
+
+
+def _load(adapter_path: Path, aligned: str | None, base: str | None, trust_pickle: bool,
+          subspaces: SubspaceSource | PackSource | None = None, allow_swapped: bool = False) -> _Inputs:  # fmt: skip
     adapter = read_adapter(adapter_path, trust_pickle)
+    if isinstance(subspaces, PackSource):  # DESIGN.md §11: the pack stands in for both checkpoints
+        if aligned is not None or base is not None:
+            raise CsuloraError("--subspace replaces --aligned and --base (the pack names its pair); pass one or the "
+                               "other")  # fmt: skip
+        pair = subspaces.bind_pair(adapter)
+        plan = bind(adapter, pair.aligned)
+        pair.prepare([m.target for m in plan.modules])
+        return _Inputs(adapter, plan, pair, "subspace pack")
+    if aligned is None:
+        raise CsuloraError("pass --aligned (the safety-aligned checkpoint), or --subspace PACK")
     aligned_ref = parse_ref(aligned)
     base_ref, source = resolve_base(adapter, aligned_ref, base)
     order = check_pair_order(aligned_ref, base_ref, source, trained_on=adapter.base_model,

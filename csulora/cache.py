@@ -1,8 +1,8 @@
 """The subspace cache: each module's safety subspace (DESIGN.md §2) computed once and kept on disk.
 
-An entry is one safetensors file holding ``U_k``, ``S_k``, ``V_k`` (float32) with ``‖D‖_F²`` and the
-captured energy in its header metadata, named by a key over both checkpoints' tensor fingerprints, the
-module, its orientation and every setting that changes the numbers. Entries are written to a temp file
+An entry (the format of ``entries.py``, which packs share) holds ``U_k``, ``S_k``, ``V_k`` (float32) with
+``‖D‖_F²`` and the captured energy in its header metadata, named by a key over both checkpoints' tensor fingerprints,
+the module, its orientation and every setting that changes the numbers. Entries are written to a temp file
 and moved into place with ``os.replace``, so processes sharing a cache see a whole entry or none; an
 entry that fails any check (header, key, shapes, checksum, finite values) is recomputed and rewritten.
 """
@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .checkpoints import CheckpointPair
 from .determinism import fixed_threads
-from .errors import CsuloraError
+from .entries import BadEntry, read_entry, write_entries
 from .layouts import Target
 from .outputs import replace_file
 from .subspace import FIRST_GUESS, NITER, OVERSAMPLE, Subspace, safety_subspace
 from .tensorfile import TensorReader
 
-CACHE_FORMAT = 2  # 2: keyed by module targets (experts, fused layouts, orientation)
-_TENSORS = ("U", "S", "V")
+CACHE_FORMAT = 2  # 2: keyed by module targets (experts, fused layouts, orientation); entries: entries.py
 
 
 def default_cache_dir() -> Path:
@@ -71,15 +68,9 @@ def entry_key(pair: CheckpointPair, target: Target, params: SubspaceParams) -> s
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in _TENSORS:
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class SubspaceCache:
-    """A folder of entries ``<root>/<key[:2]>/<key>.safetensors``."""
+    """A folder of entries ``<root>/<key[:2]>/<key>.safetensors``, each one entry of ``entries.py`` (the format
+    packs use too) with the empty name."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -96,42 +87,20 @@ class SubspaceCache:
             return None
         reader = TensorReader()
         try:
-            tensors = {name: reader.get(path, name) for name in _TENSORS}
-            meta = reader.metadata()
-            sub = Subspace(
-                U=tensors["U"], S=tensors["S"], V=tensors["V"],
-                total_energy=float(meta["total_energy"]), captured_energy=float(meta["captured_energy"]),
-            )  # fmt: skip
-            d_out, d_in = shape
-            ok = (
-                meta.get("key") == key
-                and meta.get("checksum") == _checksum(tensors)
-                and all(t.dtype == torch.float32 for t in tensors.values())
-                and sub.U.shape == (d_out, sub.k) and sub.V.shape == (d_in, sub.k) and sub.S.ndim == 1
-                and all(bool(torch.isfinite(t).all()) for t in tensors.values())
-                and math.isfinite(sub.total_energy) and 0 <= sub.captured_energy <= sub.total_energy * (1 + 1e-6)
-            )  # fmt: skip
-        except (CsuloraError, KeyError, ValueError, RuntimeError):
-            ok = False
-        finally:
-            reader.close()
-        if not ok:
+            return read_entry(reader, path, "", key, shape)
+        except BadEntry:
             self.corrupt += 1
             return None
-        return sub
+        finally:
+            reader.close()
 
     def store(self, key: str, sub: Subspace, device: str) -> None:
         """Write the entry atomically; a cache that cannot be written is reported, never fatal."""
-        tensors = {"U": sub.U, "S": sub.S, "V": sub.V}
-        tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
-        meta = {
-            "key": key, "format": str(CACHE_FORMAT), "checksum": _checksum(tensors), "device": device,
-            "total_energy": repr(sub.total_energy), "captured_energy": repr(sub.captured_energy),
-        }  # fmt: skip
         path = self.path(key)
+        meta = {"format": str(CACHE_FORMAT), "device": device}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            replace_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            replace_file(path, lambda tmp: write_entries(tmp, {"": (key, sub)}, meta))
         except OSError as e:
             self.write_errors.append(f"{path}: {e.strerror or e}")
 

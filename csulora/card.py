@@ -7,7 +7,7 @@ import re
 import shlex
 
 from .checkpoints import public_name
-from .report import Report, kept_words, pct, provenance_words, rank_warning, ratio
+from .report import Report, kept_words, pack_words, pct, provenance_words, rank_warning, ratio
 from .settings import DEFAULT_METHOD, METHOD_NOTES
 
 # A local absolute path in a command line (``/…``, ``~/…``), alone or after ``--option=``; not a URL's ``//``.
@@ -38,6 +38,7 @@ def model_card(report: Report, base_model: str | None, command: str, form_words:
         "",
         *_method_note(report),
         *_calibration_note(report.calibration),
+        *([f"Subspaces: {pack_words(report)}.", ""] if pack_words(report) else []),
         *([f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []),
         "```",
         public_command(command),

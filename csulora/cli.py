@@ -32,6 +32,8 @@ from .options import (
     JOBS,
     JSON,
     METHOD,
+    PACK,
+    PACK_OUTPUT,
     PAIR_ORDER,
     REFUSAL_GATE,
     RUN,
@@ -143,7 +145,8 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
 
 @app.command()
 @with_options(
-    INPUT, PAIR_ORDER, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, CALIBRATE, HARMFUL, GENERATION, JSON, RUN
+    INPUT, PAIR_ORDER, PACK, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, CALIBRATE, HARMFUL, GENERATION, JSON,
+    RUN,
 )
 def sanitize(
     adapter: AdaptersOpt = None,
@@ -171,6 +174,7 @@ def sanitize(
               "allow_swapped": opts["allow_swapped"]}  # fmt: skip
     with _errors(opts["debug"]):
         _one_input(adapter, model)
+        _pack_inputs(opts, model)
         if opts["calibrate"] or any(opts[k] for k in ("harmful", "prompts", "general", "calibrate_all")):
             _calibrate(adapter, model, output, force, command, screen, opts)
             return
@@ -261,7 +265,8 @@ def _render(result, title: str, screen: Console, opts: Options) -> None:
 
 @app.command()
 @with_options(
-    INPUT, PAIR_ORDER, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, HARMFUL, REFUSAL_GATE, GENERATION, JSON, RUN
+    INPUT, PAIR_ORDER, PACK, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, HARMFUL, REFUSAL_GATE, GENERATION,
+    JSON, RUN,
 )
 def audit(
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")] = (
@@ -300,6 +305,7 @@ def audit(
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     with _errors(opts["debug"]):
         _one_input(adapter, model)
+        _pack_inputs(opts, model)
         limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score, min_erosion, fail_on_kept)
         limits.validate()
         settings = opts.settings()
@@ -387,13 +393,20 @@ def _warn(warnings: list[str]) -> None:
 
 
 @app.command()
-@with_options(PAIR_ORDER, METHOD, SUBSPACE, CACHE, JOBS, RUN)
+@with_options(PAIR_ORDER, METHOD, SUBSPACE, CACHE, PACK_OUTPUT, JOBS, RUN)
 def subspace(
-    aligned: Annotated[str, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id.")],
-    base: Annotated[str, typer.Option(help="Pretrained (unaligned) checkpoint: folder or Hub id.")],
+    action: Annotated[
+        str | None, typer.Argument(help="verify: recompute modules of PACK from --aligned and --base and compare.")
+    ] = None,
+    pack: Annotated[str | None, typer.Argument(help="verify: the pack (folder or Hub id).", show_default=False)] = None,
+    aligned: Annotated[str | None, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id.")] = (
+        None
+    ),
+    base: Annotated[str | None, typer.Option(help="Pretrained (unaligned) checkpoint: folder or Hub id.")] = None,
     modules: Annotated[
         list[str] | None,
-        typer.Option("--modules", help="Modules (e.g. q_proj; comma-separated or repeated). Default: all linear."),
+        typer.Option("--modules", help="Modules (e.g. q_proj; comma-separated or repeated). Default: all linear. "
+                     "verify: N (spread over the pack; default 16), all, or names."),
     ] = None,
     fan_in_fan_out: Annotated[
         bool, typer.Option("--fan-in-fan-out", help="For adapters with fan_in_fan_out (GPT-2 Conv1D).")
@@ -401,14 +414,22 @@ def subspace(
     *,
     opts: Options,
 ) -> None:
-    """Compute and cache the safety subspaces of a checkpoint pair once, for many later sanitize/audit runs.
+    """Compute and cache the safety subspaces of a checkpoint pair once, for many later sanitize/audit runs; with -o,
+    write them as a portable pack (docs/packs.md). `csulora subspace verify PACK --aligned A --base B` checks one.
 
     The subspace rule is --method's default unless --subspace-rank or --subspace-energy is given."""
+    if action is not None or pack is not None:
+        _verify(action, pack, aligned, base, modules, opts)
+        return
+    if opts["pack_output"] is not None:
+        _write_pack(aligned, base, modules, fan_in_fan_out, opts)
+        return
     from rich.table import Table
 
     with _errors(opts["debug"]), _progress(opts["quiet"]) as progress:
+        _pair_given(aligned, base)
         if opts["no_cache"]:
-            raise CsuloraError("precomputing subspaces without a cache keeps nothing; drop --no-cache")
+            raise CsuloraError("precomputing subspaces without a cache keeps nothing; drop --no-cache or pass -o PACK")
         settings, source = opts.settings(), opts.source()
         modules = [m for item in modules for m in item.split(",") if m] if modules else None
         rows = precompute_subspaces(
@@ -428,6 +449,61 @@ def subspace(
               highlight=False, soft_wrap=True)  # fmt: skip
     for problem in source.cache.write_errors[:3]:
         err.print(f"[yellow]warning:[/yellow] could not write the cache: {problem}", highlight=False, soft_wrap=True)
+
+
+def _pair_given(aligned: str | None, base: str | None) -> None:
+    if aligned is None or base is None:
+        raise CsuloraError("csulora subspace needs --aligned and --base (the checkpoint pair)")
+
+
+def _write_pack(aligned: str | None, base: str | None, modules: list[str] | None, fan_in_fan_out: bool,
+                opts: Options) -> None:  # fmt: skip
+    """``subspace -o PACK``: the pack of a pair (DESIGN.md §11)."""
+    from .pack import build_pack
+
+    with _errors(opts["debug"]), _progress(opts["quiet"]) as progress:
+        _pair_given(aligned, base)
+        names = [m for item in modules for m in item.split(",") if m] if modules else None
+        summary = build_pack(
+            aligned, base, opts["pack_output"], names, settings=opts.settings(), fan_in_fan_out=fan_in_fan_out,
+            force=opts["force"], command=" ".join(card_command(sys.argv[1:])), subspaces=opts.source(),
+            progress=progress, jobs=opts.jobs(),
+        )  # fmt: skip
+    out.print(f"wrote {summary.path}: {summary.modules} modules in {summary.shards} shard(s), "
+              f"{summary.bytes / 1e6:.2f} MB ({summary.computed} computed, {summary.loaded} from the cache)",
+              markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def _verify(action: str | None, pack: str | None, aligned: str | None, base: str | None,
+            modules: list[str] | None, opts: Options) -> None:  # fmt: skip
+    """``subspace verify PACK --aligned A --base B``: recompute and compare; exit 1 names what differs."""
+    from .pack import verify_pack
+
+    with _errors(opts["debug"]), _progress(opts["quiet"]) as progress:
+        if action != "verify" or pack is None:
+            raise CsuloraError(f"csulora subspace {action}: unknown; the one action is: csulora subspace verify PACK "
+                               "--aligned A --base B")  # fmt: skip
+        _pair_given(aligned, base)
+        which = ",".join(modules) if modules else None
+        result = verify_pack(pack, aligned, base, which, device=opts["device"], progress=progress, jobs=opts.jobs())
+    out.print(f"verified {pack}: {len(result.checked)} module(s) recomputed from {aligned} − {base} agree "
+              f"({result.identical} byte for byte)", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def _pack_inputs(opts: Options, model: str | None, methods: list[str] | None = None) -> None:
+    """--subspace stands in for --aligned and --base (DESIGN.md §11); without it, --aligned is required."""
+    if opts.get("subspace"):
+        if model is not None:
+            raise CsuloraError("--model needs the aligned weights (ΔW = W − W_a); a subspace pack lacks them: pass "
+                               "--aligned and --base")  # fmt: skip
+        if opts["aligned"] is not None or opts["base"] is not None:
+            raise CsuloraError("--subspace replaces --aligned and --base (the pack names its pair); pass one or the "
+                               "other")  # fmt: skip
+        if "safe-lora" in (methods or []):
+            raise CsuloraError("--method safe-lora needs the whole displacement D; a subspace pack holds only U_k, "
+                               "Σ_k, V_k: pass --aligned and --base, or sweep realign, csulora or resta")  # fmt: skip
+    elif opts["aligned"] is None:
+        raise CsuloraError("pass --aligned (the safety-aligned checkpoint), or --subspace PACK")
 
 
 @app.command()
@@ -461,7 +537,7 @@ def _grid(text: str | None, option: str) -> list[float]:
 
 
 @app.command()
-@with_options(INPUT, PAIR_ORDER, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
+@with_options(INPUT, PAIR_ORDER, PACK, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
 def sweep(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder of the sweep: one subfolder per point.")],
     adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT LoRA adapter folder.")] = None,
@@ -507,6 +583,7 @@ def sweep(
     screen = err if opts["json_out"] else out
     with _errors(opts["debug"]):
         _one_input([adapter] if adapter else None, model)
+        _pack_inputs(opts, model, method)
         if target_modules is not None and model is None:
             raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
         rules = [parse_rule(r) for r in pick or []]

@@ -18,6 +18,7 @@ import typer
 from .cache import SubspaceSource
 from .errors import CsuloraError
 from .methods import validate
+from .pack import PackSource
 from .settings import DEFAULT_METHOD, METHOD_DEFAULTS, Settings
 
 DEFAULTS = Settings()  # the one place defaults live; the options below show them
@@ -67,8 +68,8 @@ CORRECTION: Group = {
                                                         f"{Settings(method='resta').resolved().gamma:g}).")], None),
 }  # fmt: skip
 INPUT: Group = {
-    "aligned": (Annotated[str, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id "
-                                                              "org/name@rev.")], ...),
+    "aligned": (Annotated[str | None, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id "
+                                                                     "org/name@rev.")], None),
     "base": (Annotated[str | None, typer.Option(help="Pretrained (unaligned) checkpoint. Default: the adapter's base "
                                                      "model, or the aligned card's.")], None),
     "trust_pickle": (Annotated[bool, typer.Option("--trust-pickle", help="Allow adapter_model.bin (loaded "
@@ -78,6 +79,23 @@ INPUT: Group = {
 PAIR_ORDER: Group = {
     "allow_swapped": (Annotated[bool, typer.Option("--allow-swapped", help="Run even when the metadata says --aligned "
                                                    "and --base are swapped.", rich_help_panel="Inputs")], False),
+}  # fmt: skip
+# Subspace packs (DESIGN.md §11, docs/packs.md): where sanitize/audit/sweep take their subspaces instead of
+# the checkpoints, and what `csulora subspace` writes.
+PACK: Group = {
+    "subspace": (Annotated[str | None, typer.Option("--subspace", help="Subspace pack (folder or Hub id org/name@rev) "
+                                                    "instead of --aligned and --base: realign, csulora, resta.",
+                                                    rich_help_panel="Inputs")], None),
+    "accept_pack_mismatch": (Annotated[bool, typer.Option("--accept-pack-mismatch", help="Use the pack although the "
+                                                          "adapter's base model names neither of its references.",
+                                                          rich_help_panel="Inputs")], False),
+}  # fmt: skip
+PACK_OUTPUT: Group = {
+    "pack_output": (Annotated[Path | None, typer.Option("--output", "-o", help="Write a subspace pack to this folder "
+                                                        "(publishable as a Hub repo), not only the cache.",
+                                                        rich_help_panel="Output")], None),
+    "force": (Annotated[bool, typer.Option("--force", help="Replace an existing pack folder.",
+                                           rich_help_panel="Output")], False),
 }  # fmt: skip
 CACHE: Group = {
     "cache_dir": (Annotated[Path | None, typer.Option(help="Subspace cache folder (default $CSULORA_CACHE, "
@@ -160,6 +178,8 @@ class Options(dict):
                  "device", "form", "top_n")
         fields = {f: values[f] for f in names if f in values}
         settings = Settings(method=method, threshold=values.get("threshold"), **fields)
+        if values.get("subspace"):
+            settings = self.source().serve(settings)  # the pack's rule, or a refusal saying what it serves
         validate(settings.resolved())  # bad values fail here, before anything is read
         return settings
 
@@ -177,7 +197,11 @@ class Options(dict):
                            max_new_tokens=self["max_new_tokens"], harmful_tokens=self["harmful_tokens"],
                            limit=self["limit"] if self["limit"] is not None else limit, match=match)  # fmt: skip
 
-    def source(self, enabled: bool | None = None) -> SubspaceSource:
+    def source(self, enabled: bool | None = None) -> SubspaceSource | PackSource:
+        if self.get("subspace"):  # opened once per command: every adapter and point shares it
+            if not hasattr(self, "_pack"):
+                self._pack = PackSource.open(self["subspace"], self.get("accept_pack_mismatch", False))
+            return self._pack
         return SubspaceSource.open(self.get("cache_dir"), enabled=not self.get("no_cache") if enabled is None else
                                    enabled)  # fmt: skip
 

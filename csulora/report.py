@@ -23,6 +23,17 @@ def safe_lora_score_basis(method: str) -> str:
     return "approximate: C_k = U_k Σ_k² U_kᵀ / ‖D‖_F, the rank-k truncation of C = D Dᵀ / ‖D‖_F"
 
 
+def pack_words(report: Report) -> str | None:
+    """Which subspace pack served the run (DESIGN.md §11), and what it means for the fields that would need the
+    whole ``D``; ``None`` when the run read the checkpoints."""
+    pack = report.inputs.get("subspace")
+    if not pack:
+        return None
+    return (f"subspaces from the pack {pack['ref']}" + (f"@{pack['revision']}" if pack.get("revision") else "")
+            + f" (manifest sha256 {pack['manifest_sha256']}); fields that would need the whole D (the Safe LoRA "
+            "score) are computed from D_k")
+
+
 @dataclass
 class ModuleRow:
     """What happened to one adapted module. ``rho``: the input's energies as fractions of its ``‖ΔW‖_F²``;
@@ -372,6 +383,7 @@ def to_markdown(report: Report) -> str:
         f"- Safe LoRA score: {safe_lora_score_basis(report.method)}",
         "- {}: `{}`".format(*report.subject),
         f"- {provenance_words(report)}",
+        *([f"- {pack_words(report)}"] if pack_words(report) else []),
         *(f"- {line}" for line in _summary_lines(report)),
         "",
         "| " + " | ".join(columns(report)) + " |",

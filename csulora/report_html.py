@@ -196,6 +196,14 @@ def _code(text: str) -> str:
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
 
 
+def _pack(report: Report) -> str:
+    """The subspace pack that served the run (``report.pack_words``), if any."""
+    from .report import pack_words  # one import line above stays as it was (merges)
+
+    words = pack_words(report)
+    return f"<br>{escape(words)}" if words else ""
+
+
 def to_html(report: Report) -> str:
     """The report as one self-contained HTML page."""
     s = report.settings
@@ -216,7 +224,7 @@ def to_html(report: Report) -> str:
 <h1>csulora report</h1>
 <p class="meta">{report.subject[0]} <code>{escape(report.subject[1])}</code>
 · {_code(escape(provenance_words(report)))}<br>method: {escape(method)} · subspace:
-{escape(_subspace_words(s))} · csulora {escape(report.tool_version)}</p>
+{escape(_subspace_words(s))} · csulora {escape(report.tool_version)}{_pack(report)}</p>
 {warn}
 <ul class="summary">{"".join(f"<li>{escape(line)}</li>" for line in _summary_lines(report))}</ul>
 <h2>Relative energies per layer, before and after</h2>

@@ -69,13 +69,15 @@ def plan(methods: list[str], base: Settings, grids: dict[str, list[float]]) -> l
     return points
 
 
-def point_command(source: Path, aligned: str, base: str | None, point: Point, out: Path, model: bool = False,
-                  target_modules: str | None = None, allow_swapped: bool = False) -> list[str]:  # fmt: skip
+def point_command(source: Path, aligned: str | None, base: str | None, point: Point, out: Path, model: bool = False,
+                  target_modules: str | None = None, allow_swapped: bool = False,
+                  pack: str | None = None) -> list[str]:  # fmt: skip
     """The ``csulora sanitize`` command that writes this point's folder by itself (its model card says it)."""
     s = point.settings
     what = ["--model", str(source), *(["--target-modules", target_modules] if target_modules else [])] if model else [
         "--adapter", str(source)]  # fmt: skip
-    command = ["csulora", "sanitize", *what, "--aligned", aligned, *(["--base", base] if base else []),
+    pair = ["--aligned", aligned] if aligned is not None else ["--subspace", pack]  # DESIGN.md §11: from a pack
+    command = ["csulora", "sanitize", *what, *pair, *(["--base", base] if base else []),
                "--method", s.method, *([] if model else ["--form", s.form])]  # fmt: skip
     if "lam" in METHODS[s.method].grid:
         command += ["--lambda", _number(s.lam)]
@@ -128,7 +130,7 @@ def evaluate(command: str, folder: Path, timeout: float | None = None) -> tuple[
 
 def run_sweep(
     adapter: str | Path,
-    aligned: str,
+    aligned: str | None,
     base: str | None,
     out: str | Path,
     points: list[Point],
@@ -180,7 +182,7 @@ def run_sweep(
         if notice:
             notice(f"every point is a whole model: {need} under {out}")
     else:
-        check_inputs(adapter, aligned, base, trust_pickle, allow_swapped)
+        check_inputs(adapter, aligned, base, trust_pickle, subspaces, allow_swapped)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -222,7 +224,8 @@ def _writer(source_path, aligned, base, model, target_modules, force, trust_pick
     ladder's shared inputs and subspace source."""
 
     def write(point: Point, folder: Path) -> None:
-        command = point_command(source_path, aligned, base, point, folder, model, target_modules, allow_swapped)
+        command = point_command(source_path, aligned, base, point, folder, model, target_modules, allow_swapped,
+                                getattr(getattr(subspaces, "pack", None), "spec", None))
         common = dict(settings=point.settings, force=force, command=command, progress=progress, subspaces=subspaces,
                       jobs=jobs, allow_swapped=allow_swapped)  # fmt: skip
         if model:

@@ -39,6 +39,9 @@ with the machine it ran on: one section per size for the adapter rows, one for t
     python scripts/bench_speed.py --size tiny
     python scripts/bench_speed.py --size moe-tiny --rows g,h,i
     nice -n 10 python scripts/bench_speed.py --size 1b --workdir /tmp/bench --write BENCHMARKS.md
+    nice -n 10 python scripts/bench_speed.py --packs --size 1b --throughput 100 --write BENCHMARKS.md
+
+``--packs`` measures subspace packs instead (``scripts/bench_packs.py``).
 """
 
 from __future__ import annotations
@@ -300,6 +303,11 @@ def main() -> None:
                         help="drop the OS page cache before every run (sync; echo 3 > /proc/sys/vm/drop_caches; "
                              "root only): every input read cold from disk")  # fmt: skip
     parser.add_argument("--note", default="", help="a line printed under the table (e.g. 'machine shared')")
+    parser.add_argument("--packs", action="store_true",
+                        help="instead of the rows: subspace packs (scripts/bench_packs.py): sizes, audit/sanitize "
+                             "from a pack against the checkpoints, and --throughput")  # fmt: skip
+    parser.add_argument("--throughput", type=int, default=0, help="--packs: audit this many adapters from the pack")
+    parser.add_argument("--runs", type=int, default=3, help="--packs: farm-bench runs per row (median quoted)")
     parser.add_argument("--reference-run", nargs=4, help=argparse.SUPPRESS)  # adapter aligned base out
     parser.add_argument("--reference-model-run", nargs=4, help=argparse.SUPPRESS)  # model aligned base out
     args = parser.parse_args()
@@ -312,6 +320,18 @@ def main() -> None:
     from csulora.demo import describe
     from csulora.settings import Settings
 
+    if args.packs:
+        from bench_packs import run_packs, table
+
+        workdir = args.workdir or Path(f"/tmp/csulora-bench-{args.size}")
+        load = f"Load average at start: {os.getloadavg()[0]:.1f}. {args.note}".strip()
+        found = run_packs(args.size, workdir, generate(workdir, args.size, model=False), args.runs, args.throughput)
+        (workdir / "packs.json").write_text(json.dumps(found, indent=1))
+        text = table(found, machine(), load)
+        print(text)
+        if args.write:
+            write_section(args.write, f"{args.size} packs", text)
+        return
     wanted = parse_rows(args.rows)
     if not args.ladder:
         wanted = wanted.replace("e", "").replace("f", "")

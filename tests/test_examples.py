@@ -232,3 +232,35 @@ def test_github_actions_matrix(world, example):
     for shard in range(1, SHARDS + 1):  # download-artifact with merge-multiple
         shutil.copytree(artifacts / f"sanitized-{shard}", world["out"], dirs_exist_ok=True)
     check_outputs(world, Path(env["CACHE_DIR"]), precomputed)
+
+
+@needs_yaml
+def test_github_actions_gate_from_a_pack(world, example):
+    """The gate workflow: its first run builds the pack (the cached folder), a later run audits and sanitizes from
+    it with no checkpoint on the runner; the sanitized adapters equal the plain run's byte for byte."""
+    workflow = yaml.safe_load((EXAMPLES / "ci" / "github-actions.yml").read_text())
+    job = workflow["jobs"]["gate"]
+    (script,) = [s["run"] for s in job["steps"] if "audit-then-sanitize" in s.get("run", "")]
+    assert job["env"]["SUBSPACE"] in next(s for s in job["steps"] if s.get("name") == "Cache the subspace pack")[
+        "with"]["path"].replace("${{ env.SUBSPACE }}", job["env"]["SUBSPACE"])  # fmt: skip
+    configured = {k: str(v) for k, v in job["env"].items() if "${{" not in str(v)}
+    pack = world["root"] / "pack"
+    env = {**configured, **example, "SUBSPACE": str(pack), "SUBSPACE_OPTIONS": example["SUBSPACE_OPTIONS"],
+           "CSULORA_OPTIONS": " ".join(OPTIONS[:2]), "MAX_OFF_ENERGY": "0.99", "MAX_LAYER_OFF_ENERGY": "",
+           "MIN_SAFE_LORA_SCORE": ""}  # fmt: skip
+
+    def run(**changes: str) -> subprocess.CompletedProcess:
+        return _ok(subprocess.run(["bash", "-e", "-c", script], env={**env, **changes}, cwd=REPO, capture_output=True,
+                                  text=True, timeout=300))  # fmt: skip
+
+    run()  # first run: builds the pack, then the gate
+    assert (pack / "csulora_subspace.json").is_file()
+    shutil.rmtree(world["out"])
+    run(ALIGNED=str(world["root"] / "gone-aligned"), BASE=str(world["root"] / "gone-base"))  # no checkpoints
+    got = folder_bytes(world["out"])
+    assert json.loads(got["audit.json"])["passed"]
+    for adapter in ADAPTERS:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert got[f"{adapter}/{name}"] == world["reference"][f"{adapter}/{name}"], (adapter, name)
+        assert "subspaces from the pack" in got[f"{adapter}/README.md"].decode()
+    shutil.rmtree(pack)

@@ -3,8 +3,14 @@
 # exceeds them, fail (exit 1) and sanitize nothing; otherwise sanitize each one into OUT_DIR.
 #
 #   ADAPTERS_DIR  a folder of adapters (each subfolder with an adapter_config.json), or one adapter folder
-#   ALIGNED       the safety-aligned checkpoint: local folder or Hub id org/name[@revision]
-#   BASE          optional: the pretrained checkpoint (default: from the adapter config / aligned model card)
+#   SUBSPACE      a subspace pack (docs/packs.md): Hub id org/name@revision, or a folder; with ALIGNED and BASE
+#                 set and no pack in that folder yet, it is built there first (cache the folder between runs).
+#                 With a pack, no checkpoint is downloaded.
+#   ALIGNED       the safety-aligned checkpoint: local folder or Hub id org/name[@revision] (without SUBSPACE, or
+#                 to build the pack)
+#   BASE          the pretrained checkpoint (without SUBSPACE optional: from the adapter config / aligned card)
+#   SUBSPACE_OPTIONS  the subspace rule the pack is built with (default: --subspace-rank 8)
+#   CSULORA_OPTIONS   method options for the audit and sanitize runs, e.g. "--lambda 8" (default: none)
 #   OUT_DIR       where the sanitized adapters and the audit JSON go (default: ./sanitized)
 #   MIN_EROSION   the gate's threshold on the erosion coefficient, e.g. -0.113 (docs/audit.md: measured on the
 #                 shipped worlds, it passed 32 % of harmful fine-tunes; calibrate it on adapters you trust)
@@ -15,9 +21,11 @@
 # Exit codes: 0 all adapters passed and were sanitized; 1 a threshold was exceeded; 2 bad input.
 set -euo pipefail
 
-: "${ADAPTERS_DIR:?set ADAPTERS_DIR}" "${ALIGNED:?set ALIGNED}"
+: "${ADAPTERS_DIR:?set ADAPTERS_DIR}"
+[ -n "${SUBSPACE:-}" ] || : "${ALIGNED:?set SUBSPACE (a pack) or ALIGNED}"
 OUT_DIR=${OUT_DIR:-sanitized}
 read -r -a csulora <<< "${CSULORA:-csulora}"
+read -r -a method <<< "${CSULORA_OPTIONS:-}"
 
 adapters=()
 if [ -f "$ADAPTERS_DIR/adapter_config.json" ]; then
@@ -32,8 +40,17 @@ if [ ${#adapters[@]} -eq 0 ]; then
   exit 2
 fi
 
-common=(--aligned "$ALIGNED")
-[ -n "${BASE:-}" ] && common+=(--base "$BASE")
+if [ -n "${SUBSPACE:-}" ]; then
+  # 0. The pack: built once from the checkpoints when it is not there yet, else taken as it is (docs/packs.md).
+  if [ ! -f "$SUBSPACE/csulora_subspace.json" ] && [ -n "${ALIGNED:-}" ] && [ -n "${BASE:-}" ]; then
+    read -r -a rule <<< "${SUBSPACE_OPTIONS:---subspace-rank 8}"
+    "${csulora[@]}" subspace --aligned "$ALIGNED" --base "$BASE" "${rule[@]}" -o "$SUBSPACE" --quiet
+  fi
+  common=(--subspace "$SUBSPACE" "${method[@]}")
+else
+  common=(--aligned "$ALIGNED" "${method[@]}")
+  [ -n "${BASE:-}" ] && common+=(--base "$BASE")
+fi
 gate=()
 [ -n "${MIN_EROSION:-}" ] && gate+=(--min-erosion "$MIN_EROSION")
 [ -n "${MAX_OFF_ENERGY:-}" ] && gate+=(--max-off-energy "$MAX_OFF_ENERGY")
