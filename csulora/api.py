@@ -21,8 +21,8 @@ from .layouts import Target, is_block_weight
 from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate, summary_warnings
 from .outputs import check_output, write_folder
-from .pair_order import check_pair_order, names_checkpoint, weight_hint
 from .pack import PackPair, PackSource
+from .pair_order import check_pair_order, names_checkpoint, weight_hint
 from .parallel import default_workers, ordered
 from .report import Report, to_markdown
 from .report_html import to_html
@@ -182,7 +182,8 @@ def _api_call(adapter, aligned, base, settings: Settings) -> str:
 
 
 def check_inputs(adapter: str | Path, aligned: str | None, base: str | None = None, trust_pickle: bool = False,
-                 subspaces: SubspaceSource | PackSource | None = None, allow_swapped: bool = False) -> None:  # fmt: skip
+                 subspaces: SubspaceSource | PackSource | None = None,
+                 allow_swapped: bool = False) -> None:  # fmt: skip
     """Read the adapter and both checkpoints' headers (or the pack's manifest) as ``sanitize()`` does first: bad
     input fails here."""
     _load(Path(adapter), aligned, base, trust_pickle, subspaces, allow_swapped).pair.close()

@@ -347,7 +347,8 @@ def calibrate(
     adapter = Path(adapter)
     out = Path(output) if output is not None else default_output(adapter)
     check_output(out, force, [adapter])
-    check_inputs(adapter, aligned, base, trust_pickle, subspaces, allow_swapped)  # bad checkpoints fail before a model is loaded
+    # bad checkpoints fail before a model is loaded
+    check_inputs(adapter, aligned, base, trust_pickle, subspaces, allow_swapped)
     model, tokenizer = load(aligned, adapter, device, options.torch_dtype(device))
     if not hasattr(model, "disable_adapter"):  # loaded without PEFT: never, but the measures need both models
         raise CsuloraError(f"--adapter {adapter}: not loaded as a PEFT adapter")
