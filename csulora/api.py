@@ -14,7 +14,7 @@ from . import __version__
 from .adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
 from .cache import SubspaceSource
 from .card import model_card
-from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref
+from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, refuse_adapter
 from .determinism import fixed_threads
 from .errors import CsuloraError
 from .layouts import Target, is_block_weight
@@ -176,6 +176,8 @@ def check_inputs(adapter: str | Path, aligned: str, base: str | None = None, tru
 def _load(adapter_path: Path, aligned: str, base: str | None, trust_pickle: bool) -> _Inputs:
     adapter = read_adapter(adapter_path, trust_pickle)
     aligned_ref = parse_ref(aligned)
+    if aligned_ref.path is not None:  # before the base is looked for: that message would mislead
+        refuse_adapter(aligned_ref.path, "--aligned")
     base_ref, source = resolve_base(adapter, aligned_ref, base)
     aligned_ckpt = Checkpoint.open(aligned_ref)
     plan = bind(adapter, aligned_ckpt)

@@ -180,9 +180,10 @@ def sanitize(
                 _show(screen, summary_table(outcomes, title="csulora sanitize · batch", wide=opts["wide"]))
             if opts["json_out"]:
                 sys.stdout.write(json.dumps([o.to_dict() for o in outcomes], indent=2, sort_keys=True) + "\n")
-            failed = sum(o.status == "failed" for o in outcomes)
+            failed = [o.name for o in outcomes if o.status == "failed"]
             if failed:
-                raise GateFailed(f"{failed} of {len(outcomes)} adapters failed; the others were written")
+                raise GateFailed(f"{len(failed)} of {len(outcomes)} adapters failed ({', '.join(failed)}); the others "
+                                 "were written")  # fmt: skip
             return
         if skip_existing or shard:
             raise CsuloraError("--skip-existing and --shard apply to batches (a folder of adapters, or several)")
@@ -199,7 +200,12 @@ def _show(screen: Console, table) -> None:
     if screen.is_terminal:
         screen.print(table)
     else:
-        screen.print(table, width=max(screen.width, screen.measure(table).maximum))
+        need = screen.measure(table, options=screen.options.update_width(10_000)).maximum
+        width, screen.width = screen.width, max(screen.width, need)  # print(width=) is capped at the console's
+        try:
+            screen.print(table)
+        finally:
+            screen.width = width
 
 
 def _render(result, title: str, screen: Console, opts: Options) -> None:
