@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import CsuloraError, GateFailed, one_line
-from .help import Command, Group
+from .help import Command, Group, interrupted
 from .options import (
     ADAPTERS,
     BATCH,
@@ -92,7 +92,7 @@ def _errors(debug: bool, kept: Callable[[], str] = lambda: NOTHING_WRITTEN) -> I
         err.print(f"[red]failed:[/red] {escape(one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err.print(f"interrupted; {kept()}", markup=False, highlight=False, soft_wrap=True)
+        interrupted(f"interrupted; {kept()}")
         raise typer.Exit(130) from None
     except Exception as e:
         if debug:
@@ -372,7 +372,7 @@ def _grid(text: str | None, option: str) -> list[float]:
 
 
 @app.command(cls=Command)
-@with_options(SWEEP_INPUT, INPUT, FORM, SUBSPACE, SWEEP, WIDE, JSON, CACHE, JOBS, RUN)
+@with_options(SWEEP_INPUT, INPUT, SWEEP, FORM, SUBSPACE, WIDE, JSON, CACHE, JOBS, RUN)
 def sweep(
     output: Path,
     adapter: Path | None = None,
@@ -546,5 +546,5 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:  # between commands' own handling: typer's set-up or the end of an output
-        print("interrupted", file=sys.stderr)
+        interrupted("interrupted")
         sys.exit(130)

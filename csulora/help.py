@@ -11,6 +11,7 @@ metavar on flags; for them only the flags' and ``--help``'s are set, which chang
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -45,7 +46,13 @@ def _conventional(params: list) -> None:
 
 
 class Command(TyperCommand):
-    """A csulora command: conventional metavars; ``--help`` shown in the Runtime panel."""
+    """A csulora command: conventional metavars; ``--help`` shown in the Runtime panel; its description in
+    paragraphs that the terminal wraps (a docstring's line breaks would otherwise show mid-sentence)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.help:
+            self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
 
     def get_params(self, ctx: Any) -> list:
         params = super().get_params(ctx)
@@ -73,10 +80,12 @@ class Group(TyperGroup):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
+        global _interrupted
+        _interrupted = False  # one run, one line (in-process runners call main again)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.Abort:
-            _say("interrupted")
+            interrupted("interrupted")
             sys.exit(130)
         except Exception as e:  # click's ClickException, whichever copy of click this typer uses
             if not hasattr(e, "format_message") or not hasattr(e, "exit_code"):
@@ -88,13 +97,15 @@ class Group(TyperGroup):
                 sys.exit(e.exit_code)
             _say(f"error: {_usage_words(e, argv)}")
             sys.exit(e.exit_code)
+        if code == 130 and not _interrupted:  # typer turned a Ctrl-C while parsing into a silent exit 130
+            interrupted("interrupted")
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:  # outside a command's own handling (cli._errors): before it read or wrote
-            _say("interrupted")
+        except KeyboardInterrupt:  # outside a command's own handling (cli._errors), which says what it kept
+            interrupted("interrupted")
             raise typer.Exit(130) from None
 
 
@@ -111,3 +122,34 @@ def _usage_words(e: Any, argv: list[str]) -> str:
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+_interrupted = False
+
+
+def interrupted(text: str) -> None:
+    """The one line a Ctrl-C gets, said once, wherever it was caught."""
+    global _interrupted
+    if not _interrupted:
+        _interrupted = True
+        _say(text)
+
+
+def render_help(app: Any, args: list[str], width: int) -> str:
+    """``csulora ARGS --help`` as a terminal of ``width`` columns shows it (no colour): for the snapshot in
+    docs/cli-help.txt and its test."""
+    import os
+
+    from typer.testing import CliRunner
+
+    env = {"COLUMNS": str(width), "TERMINAL_WIDTH": None, "NO_COLOR": "1", "FORCE_COLOR": None, "TERM": "dumb"}
+    saved = {k: os.environ.get(k) for k in env}
+    result = CliRunner().invoke(app, [*args, "--help"], prog_name="csulora", env=env, color=False)
+    for k, v in saved.items():  # CliRunner restores them too; this keeps a caller's environment whatever it does
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if result.exit_code != 0:
+        raise RuntimeError(f"csulora {' '.join(args)} --help exited {result.exit_code}: {result.output}")
+    return "\n".join(line.rstrip() for line in result.stdout.splitlines()).strip("\n") + "\n"
