@@ -435,13 +435,13 @@ def sweep(
         err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if opts["json_out"]:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    broken = _broken_evaluation(result.points, output) if eval_cmd is not None else None
     failed = [p for p in result.points if p["status"] == "failed"]
-    for p in failed:
+    for p in failed if broken is None else []:  # a broken evaluator is one error below, not a warning per point
         err.print(f"warning: point {p['id']} failed: {one_line(p['message'])}", markup=False, highlight=False,
                   soft_wrap=True)  # fmt: skip
     wrote = [output / name for name in ("sweep.json", "sweep.html", "front.png") if (output / name).is_file()]
     screen.print(f"wrote {', '.join(map(str, wrote))}", markup=False, highlight=False, soft_wrap=True)
-    broken = _broken_evaluation(result.points, output) if eval_cmd is not None else None
     if broken is not None:
         err.print(f"[red]error:[/red] {escape(broken)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
