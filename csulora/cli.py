@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import CsuloraError, GateFailed, one_line
-from .help import Command, Group, interrupted
+from .help import Command, Group, before_command, entered, interrupted
 from .options import (
     ADAPTERS,
     BATCH,
@@ -80,6 +80,7 @@ NOTHING_WRITTEN = "nothing was written"
 def _errors(debug: bool, kept: Callable[[], str] = lambda: NOTHING_WRITTEN) -> Iterator[None]:
     """The one place where known failures become one line and an exit code; ``kept`` says, on Ctrl-C, what the
     interrupted run leaves behind (outputs appear whole or not at all)."""
+    entered()
     try:
         yield
     except CsuloraError as e:
@@ -144,16 +145,19 @@ def sanitize(
     """Rewrite an adapter so that it is safe to publish; write it with a per-layer report.
 
     Several --adapter, or a folder of adapter folders, make a batch: -o OUT receives OUT/<name>/ each."""
-    from .api import sanitize as api_sanitize
-    from .batch import is_batch, run_batch, summary_table
-
     command = card_command(sys.argv[1:])
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     inputs = {"aligned": opts["aligned"], "base": opts["base"], "trust_pickle": opts["trust_pickle"]}
-    batch = bool(adapter) and is_batch(adapter)
-    kept = (lambda: "the adapters finished are kept: rerun with --skip-existing to resume") if batch else (
-        lambda: NOTHING_WRITTEN)  # fmt: skip
+    batch = False
+
+    def kept() -> str:
+        return "the adapters finished are kept: rerun with --skip-existing to resume" if batch else NOTHING_WRITTEN
+
     with _errors(opts["debug"], kept):
+        from .api import sanitize as api_sanitize  # torch: seconds, inside the handler that answers a Ctrl-C
+        from .batch import is_batch, run_batch, summary_table
+
+        batch = bool(adapter) and is_batch(adapter)
         _one_input(adapter, model)
         settings = opts.settings()
         if model is not None:
@@ -237,14 +241,14 @@ def audit(
     """Report without writing an adapter; exit 1 when a threshold is exceeded (the gate before publishing).
 
     Several --adapter, or a folder of adapter folders, audit each."""
-    from .api import audit as api_audit
-    from .batch import find_adapters, is_batch
-    from .gate import Thresholds, audit_document, enforce
-    from .report import to_table
-    from .report_html import to_html
-
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     with _errors(opts["debug"]):
+        from .api import audit as api_audit
+        from .batch import find_adapters, is_batch
+        from .gate import Thresholds, audit_document, enforce
+        from .report import to_table
+        from .report_html import to_html
+
         _one_input(adapter, model)
         limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score, min_erosion, fail_on_kept)
         limits.validate()
@@ -312,10 +316,10 @@ def subspace(
     The subspace rule is --method's default unless --subspace-rank or --subspace-energy is given."""
     from rich.table import Table
 
-    from .api import precompute_subspaces
-
     kept = "the subspaces computed so far are cached"
     with _errors(opts["debug"], lambda: kept), _progress(opts["quiet"]) as progress:
+        from .api import precompute_subspaces
+
         if opts["no_cache"]:
             raise CsuloraError("precomputing subspaces without a cache keeps nothing; drop --no-cache")
         settings, source = opts.settings(), opts.source()
@@ -352,10 +356,10 @@ def demo(
 
     The default method, the paper's and Safe LoRA: the report, the behaviour side by side, and the sweep that
     picks a setting by measurement."""
-    from .demo import ADAPTER, run_demo
-    from .world import world_names
-
     with _errors(opts["debug"]):
+        from .demo import ADAPTER, run_demo
+        from .world import world_names
+
         if world is not None and world not in world_names():
             raise CsuloraError(f"--world {world!r}: no such world; choose one of {', '.join(world_names())}")
         run_demo(workdir, out, world, adapter or ADAPTER)
@@ -398,10 +402,6 @@ def sweep(
     Writes OUT/<method>-<setting>/ per point, OUT/sweep.json, OUT/sweep.html and OUT/front.png; with --maximize,
     copies the best point meeting every --pick to OUT/picked/. Exit 1 when no point meets the rules, 2 when the
     evaluation failed on every point (a broken --eval-cmd)."""
-    from .sweep import plan, run_sweep
-    from .sweep_render import sweep_table
-    from .sweep_result import parse_rule
-
     screen = err if opts["json_out"] else out
 
     def kept() -> str:
@@ -411,6 +411,10 @@ def sweep(
                 "(--force to start again)")  # fmt: skip
 
     with _errors(opts["debug"], kept):
+        from .sweep import plan, run_sweep
+        from .sweep_render import sweep_table
+        from .sweep_result import parse_rule
+
         _one_input([adapter] if adapter else None, model)
         if target_modules is not None and model is None:
             raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
@@ -517,12 +521,12 @@ def eval_command(
 
     With --json, stdout holds instead the whole result (metrics, settings and example completions) as one JSON
     document, as --json-out FILE writes it."""
-    from .evaluate import EvalOptions, evaluate, summary
-
     quiet, debug = opts["quiet"], opts["debug"]
-    options = EvalOptions(device=device, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-                      match=match, harmful_tokens=harmful_tokens)  # fmt: skip
     with _errors(debug):
+        from .evaluate import EvalOptions, evaluate, summary
+
+        options = EvalOptions(device=device, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              limit=limit, match=match, harmful_tokens=harmful_tokens)  # fmt: skip
         if json_file is not None and not json_file.parent.is_dir():
             raise CsuloraError(f"--json-out {json_file}: the folder {json_file.parent} does not exist; create it first")
         with _progress(quiet) as progress:
@@ -546,5 +550,5 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:  # between commands' own handling: typer's set-up or the end of an output
-        interrupted("interrupted")
+        interrupted(before_command())
         sys.exit(130)

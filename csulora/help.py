@@ -80,12 +80,12 @@ class Group(TyperGroup):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
-        global _interrupted
-        _interrupted = False  # one run, one line (in-process runners call main again)
+        global _interrupted, _entered
+        _interrupted = _entered = False  # one run, one line (in-process runners call main again)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.Abort:
-            interrupted("interrupted")
+            interrupted(before_command())
             sys.exit(130)
         except Exception as e:  # click's ClickException, whichever copy of click this typer uses
             if not hasattr(e, "format_message") or not hasattr(e, "exit_code"):
@@ -98,14 +98,14 @@ class Group(TyperGroup):
             _say(f"error: {_usage_words(e, argv)}")
             sys.exit(e.exit_code)
         if code == 130 and not _interrupted:  # typer turned a Ctrl-C while parsing into a silent exit 130
-            interrupted("interrupted")
+            interrupted(before_command())
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:  # outside a command's own handling (cli._errors), which says what it kept
-            interrupted("interrupted")
+            interrupted(before_command())
             raise typer.Exit(130) from None
 
 
@@ -125,6 +125,17 @@ def _say(text: str) -> None:
 
 
 _interrupted = False
+_entered = False  # a command's own handler (cli._errors) has started: from then on it says what it kept
+
+
+def entered() -> None:
+    global _entered
+    _entered = True
+
+
+def before_command(text: str = "interrupted") -> str:
+    """What a Ctrl-C outside a command's handler may claim: before it, nothing can have been written."""
+    return text if _entered else f"{text}; nothing was written"
 
 
 def interrupted(text: str) -> None:
