@@ -315,8 +315,8 @@ def _panel_order(p: inspect.Parameter) -> int:
 
 
 def with_options(*groups: Group) -> Callable:
-    """Give a command the options of ``groups``; it receives them as ``opts: Options``, and those it names as
-    parameters of its own (``adapter=None``) also as those arguments. Options a command still declares itself
+    """Give a command the options of ``groups``; it receives those it names as parameters of its own
+    (``adapter=None``) as those arguments, the others as ``opts: Options``. Options a command still declares itself
     (``Annotated[..., typer.Option(...)]``, not in a group) follow the groups'."""
     declared = {name: spec for group in groups for name, spec in group.items()}
 
@@ -326,7 +326,7 @@ def with_options(*groups: Group) -> Callable:
 
         @functools.wraps(fn)
         def command(**kwargs):
-            opts = Options({name: kwargs[name] if name in direct else kwargs.pop(name) for name in declared})
+            opts = Options({name: kwargs.pop(name) for name in declared if name not in direct})
             return fn(**kwargs, opts=opts)
 
         params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
