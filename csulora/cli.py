@@ -414,6 +414,7 @@ def sweep(
         from .sweep import plan, run_sweep
         from .sweep_render import sweep_table
         from .sweep_result import parse_rule
+        from .sweep_result import shown as metric_names
 
         _one_input([adapter] if adapter else None, model)
         if target_modules is not None and model is None:
@@ -455,7 +456,7 @@ def sweep(
                       highlight=False, soft_wrap=True)  # fmt: skip
             raise typer.Exit(1)
         chosen = result.point(result.picked)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in chosen["metrics"].items())
+        shown = ", ".join(f"{k}={chosen['metrics'][k]:.4g}" for k in metric_names([chosen]))
         screen.print(f"picked {result.picked} ({shown}) → {output / 'picked'}", markup=False, highlight=False,
                      soft_wrap=True)  # fmt: skip
 

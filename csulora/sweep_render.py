@@ -147,7 +147,7 @@ svg.front .end { text-anchor: end; } svg.front .axis { font-weight: 600; font-si
 svg.front .mid { text-anchor: middle; } svg.front .plot { fill: #fff; stroke: #a0aec0; }
 svg.front .grid { stroke: #edf2f7; } svg.front .rule { stroke: #c53030; stroke-dasharray: 5 4; stroke-width: 1.5; }
 svg.front .pt { stroke: #fff; stroke-width: 1; } svg.front .picked { fill: none; stroke: #1a202c; stroke-width: 2; }
-svg.front .pick { font-weight: 600; }
+svg.front .pick { font-weight: 600; paint-order: stroke; stroke: #fff; stroke-width: 4px; stroke-linejoin: round; }
 table.points { width: auto; max-width: 100%; font-size: 13px; } table.points td, table.points th { padding: 3px 8px; }
 table.points th { white-space: normal; }
 """
