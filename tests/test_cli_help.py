@@ -174,3 +174,13 @@ def test_sanitize_report_table_in_a_batch_is_silenced_by_quiet(llama_pair, tmp_p
     assert_one_line_error(again, "--skip-existing", "--force", "a0")
     quiet = run_cli(*args, "-q", "--force", in_process=True)
     assert quiet.returncode == 0 and quiet.stdout.strip() == "", quiet.stdout
+
+
+def test_shell_completion_completes_commands_and_options():
+    """What the script `csulora --install-completion` installs asks: the command's completions, fast (no torch)."""
+    code = "import sys; sys.argv = ['csulora']; from csulora.__main__ import main; main()"
+    for words, cword, expected in (("csulora sa", "1", "sanitize"), ("csulora sanitize --me", "2", "--method")):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "_CSULORA_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": cword}  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.split() == [expected], (proc.stdout, proc.stderr)
