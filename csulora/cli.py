@@ -482,7 +482,7 @@ def _broken_evaluation(points: list[dict], output: Path) -> str | None:
 NON_CONTENT_OPTIONS = {
     "--shard": True, "--skip-existing": False, "--force": False, "--cache-dir": True, "--no-cache": False,
     "--jobs": True,
-    "--quiet": False, "-q": False, "--json": False, "--debug": False,
+    "--quiet": False, "-q": False, "--json": False, "--debug": False, "--wide": False,
 }  # fmt: skip
 
 
