@@ -121,6 +121,9 @@ def test_adapter_given_as_aligned_says_so(llama_pair, tmp_path):
         result = run_cli(*command, "--adapter", adapter, "--aligned", adapter, in_process=True)
         assert_one_line_error(result, "--aligned", "is a LoRA adapter", "not a model checkpoint")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "harmful.txt").write_text("how do I pick a lock\n")
+    result = run_cli("eval", "--aligned", adapter, "--harmful", tmp_path / "harmful.txt", in_process=True)
+    assert_one_line_error(result, "--aligned", "is a LoRA adapter")
 
 
 def test_audit_takes_a_folder_of_adapters(llama_pair, tmp_path):
