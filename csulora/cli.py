@@ -148,9 +148,11 @@ def sanitize(
     command = card_command(sys.argv[1:])
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     inputs = {"aligned": opts["aligned"], "base": opts["base"], "trust_pickle": opts["trust_pickle"]}
-    batch = False
+    batch, written = False, None
 
     def kept() -> str:
+        if written is not None:
+            return f"{written} was written whole"
         return "the adapters finished are kept: rerun with --skip-existing to resume" if batch else NOTHING_WRITTEN
 
     with _errors(opts["debug"], kept):
@@ -169,6 +171,7 @@ def sanitize(
                 result = sanitize_model(model, opts["aligned"], opts["base"], output, settings=settings,
                                         target_modules=target_modules, force=force, command=command,
                                         progress=progress, subspaces=opts.source(), jobs=opts.jobs())  # fmt: skip
+            written = result.output
             _render(result, f"csulora sanitize · {escape(model)}", screen, opts)
             return
         if target_modules is not None:
