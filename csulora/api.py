@@ -14,7 +14,7 @@ from . import __version__
 from .adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
 from .cache import SubspaceSource
 from .card import model_card
-from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref
+from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, refuse_adapter
 from .determinism import fixed_threads
 from .errors import CsuloraError
 from .layouts import Target, is_block_weight
@@ -208,6 +208,8 @@ def _load(adapter_path: Path, aligned: str | None, base: str | None, trust_pickl
     if aligned is None:
         raise CsuloraError("pass --aligned (the safety-aligned checkpoint), or --subspace PACK")
     aligned_ref = parse_ref(aligned)
+    if aligned_ref.path is not None:  # before the base is looked for: that message would mislead
+        refuse_adapter(aligned_ref.path, "--aligned")
     base_ref, source = resolve_base(adapter, aligned_ref, base)
     order = check_pair_order(aligned_ref, base_ref, source, trained_on=adapter.base_model,
                              allow_swapped=allow_swapped)  # fmt: skip

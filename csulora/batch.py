@@ -21,7 +21,7 @@ from .checkpoints import parse_ref
 from .errors import CsuloraError, OutputExists
 from .methods import validate
 from .pair_order import check_pair_order
-from .report import Report, ratio
+from .report import Report, erosion_words, ratio
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
 
@@ -122,6 +122,11 @@ def run_batch(
     _check_pair(aligned, base, allow_swapped)
     items = select_shard(find_adapters(adapters), index, count)
     root = output if output is not None else default_batch_output(adapters)
+    present = [name for name, _ in items if (root / name).exists()]
+    if present and not (force or skip_existing):  # a rerun: one error up front, not N failed adapters
+        more = f" and {len(present) - 1} more" if len(present) > 1 else ""
+        raise CsuloraError(f"{root}: holds outputs of this batch already ({present[0]}{more}); pass --skip-existing "
+                           "to resume it or --force to replace them")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="csulora-cache-") as scratch:
         source = subspaces if subspaces is not None else SubspaceSource.open()
         if source.cache is None:  # --no-cache: still compute each subspace once for the batch
@@ -169,18 +174,22 @@ def _one(name, path, out, aligned, base, settings, force, skip_existing, trust_p
     return Outcome(name, path, "ok", out, report=result.report)
 
 
-def summary_table(outcomes: list[Outcome], title: str | None = None) -> Table:
+def summary_table(outcomes: list[Outcome], title: str | None = None, wide: bool = False) -> Table:
+    """One row per adapter: what happened, how the erosion moved, the norm kept, where it went (or why not);
+    ``wide`` adds the module count and the energy leaving the subspace."""
+    more = ("modules", "leaving before → after") if wide else ()
     table = Table(title=title)
-    for col in ("adapter", "status", "modules", "leaving before → after", "retained"):
-        table.add_column(col, justify="left" if col in ("adapter", "status") else "right", no_wrap=col == "adapter")
+    for col in ("adapter", "status", *more, "erosion", "retained"):
+        table.add_column(col, justify="left" if col in ("adapter", "status") else "right", no_wrap=True)
     table.add_column("output / error", overflow="fold")  # an error message is worth its every word
     for o in outcomes:
         if o.report is not None:
             t = o.report.totals()
-            cells = [str(t["modules"]), f"{t['leaving_energy_before']:.1%} → {t['leaving_energy_after']:.1%}",
+            extra = [str(t["modules"]), f"{t['leaving_energy_before']:.1%} → {t['leaving_energy_after']:.1%}"]
+            cells = [*(extra if wide else []), erosion_words(t["erosion_before"], t["erosion_after"]),
                      ratio(t["retained_norm"]), str(o.output)]  # fmt: skip
         else:
-            cells = ["", "", "", o.message if o.status == "failed" else f"{o.output} ({o.message})"]
+            cells = [*([""] * len(more)), "", "", o.message if o.status == "failed" else f"{o.output} ({o.message})"]
         style = {"ok": "green", "skipped": "yellow", "failed": "red"}[o.status]
         table.add_row(o.name, f"[{style}]{o.status}[/{style}]", *cells)
     return table

@@ -245,9 +245,20 @@ def _local_weight_map(folder: Path) -> dict[str, str]:
     single = folder / SINGLE
     if single.is_file():
         return {k: SINGLE for k in read_header(single).tensors}
+    refuse_adapter(folder)
     raise CsuloraError(
         f"{folder}: no {SINGLE} or {INDEX}; csulora reads safetensors checkpoints (convert .bin weights first)"
     )
+
+
+def refuse_adapter(folder: Path, option: str = "") -> None:
+    """A LoRA adapter folder given where a model checkpoint belongs (``--aligned``, ``--base``) says so."""
+    from .adapters import CONFIG
+
+    if (folder / CONFIG).is_file():
+        where = f"{option} {folder}" if option else str(folder)
+        raise CsuloraError(f"{where}: is a LoRA adapter ({CONFIG}), not a model checkpoint; pass it as --adapter and "
+                           "the safety-aligned model as --aligned")  # fmt: skip
 
 
 def _open_hub(ref: CheckpointRef) -> Checkpoint:

@@ -12,20 +12,21 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .api import audit as api_audit
-from .api import precompute_subspaces
-from .api import sanitize as api_sanitize
-from .batch import is_batch, run_batch, summary_table
-from .errors import CsuloraError, GateFailed
+from .errors import CsuloraError, GateFailed, one_line
+from .help import Command, Group, before_command, entered, interrupted
 from .options import (
+    ADAPTERS,
+    BATCH,
     CACHE,
     CALIBRATE,
     CORRECTION,
     DEBUG,
+    DEMO,
+    EVAL,
     FORM,
+    GATE,
     GENERATION,
     HARMFUL,
     INPUT,
@@ -34,41 +35,31 @@ from .options import (
     METHOD,
     PACK,
     PACK_OUTPUT,
+    PAIR,
     PAIR_ORDER,
     REFUSAL_GATE,
     RUN,
     SUBSPACE,
+    SWEEP,
+    SWEEP_INPUT,
+    WIDE,
+    WRITE,
     Options,
     with_options,
-)
-from .report import to_table
-from .sweep_render import sweep_table
+)  # fmt: skip
 
+# The API (and torch, seconds to import) loads inside the commands: `--help`, `--version` and shell completion
+# stay fast, and a Ctrl-C during that import is a command's one line, not a traceback.
 app = typer.Typer(
-    add_completion=False,
+    cls=Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Make fine-tuned LoRA adapters and models safe to publish: re-alignment, CSULoRA (the closest safe update), "
-    "Safe LoRA or RESTA.",
+    "Safe LoRA or RESTA.\n\nShell completion: csulora --install-completion, then open a new shell.",
 )
 # Logs and pipes get a wide table instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-AdaptersOpt = Annotated[
-    list[Path] | None,
-    typer.Option("--adapter", help="PEFT LoRA adapter folder, or a folder of them (a batch); may repeat."),
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", help="A full fine-tune or merged model instead of an adapter: folder or Hub id."),
-]
-TargetsOpt = Annotated[
-    str | None,
-    typer.Option("--target-modules", help="--model: correct only weights whose name matches this regular expression "
-                 "(searched, e.g. 'self_attn|mlp'). Default: every weight of the transformer blocks."),
-]
-
-
 def _one_input(adapter: list[Path] | None, model: str | None) -> None:
     if bool(adapter) == (model is not None):
         raise CsuloraError("pass --adapter (a PEFT adapter) or --model (a full fine-tune or merged model), one of them")
@@ -89,33 +80,33 @@ def _root(
     pass
 
 
-def _one_line(e: BaseException) -> str:
-    """A message from a library may span lines; the user gets one."""
-    return " ".join(str(e).split())
+NOTHING_WRITTEN = "nothing was written"
 
 
 @contextmanager
-def _errors(debug: bool) -> Iterator[None]:
-    """The one place where known failures become one line and an exit code."""
+def _errors(debug: bool, kept: Callable[[], str] = lambda: NOTHING_WRITTEN) -> Iterator[None]:
+    """The one place where known failures become one line and an exit code; ``kept`` says, on Ctrl-C, what the
+    interrupted run leaves behind (outputs appear whole or not at all)."""
+    entered()
     try:
         yield
     except CsuloraError as e:
         if debug:
             raise
         # escape: paths such as run[lr=1e-4] or x[/y] are not rich markup
-        err.print(f"[red]error:[/red] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except GateFailed as e:
-        err.print(f"[red]failed:[/red] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]failed:[/red] {escape(one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err.print("interrupted; nothing was written")
+        interrupted(f"interrupted; {kept()}")
         raise typer.Exit(130) from None
     except Exception as e:
         if debug:
             raise
         err.print(
-            f"[red]internal error:[/red] {type(e).__name__}: {escape(_one_line(e))} "
+            f"[red]internal error:[/red] {type(e).__name__}: {escape(one_line(e))} "
             "(rerun with --debug for a traceback)",
             highlight=False,
             soft_wrap=True,
@@ -129,6 +120,8 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
     if quiet or not err.is_terminal:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn("[bold]{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[item]}", markup=False), console=err, transient=True,
@@ -143,25 +136,19 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, str], None] | No
         yield update
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(
-    INPUT, PAIR_ORDER, PACK, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, CALIBRATE, HARMFUL, GENERATION, JSON,
-    RUN,
+    ADAPTERS, INPUT, PAIR_ORDER, PACK, METHOD, CORRECTION, FORM, SUBSPACE, CALIBRATE, HARMFUL, GENERATION, WRITE,
+    WIDE, JSON, BATCH, CACHE, JOBS, RUN,
 )
 def sanitize(
-    adapter: AdaptersOpt = None,
-    model: ModelOpt = None,
-    target_modules: TargetsOpt = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output folder (default: <adapter>-sanitized).")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
-    skip_existing: Annotated[
-        bool, typer.Option("--skip-existing", help="Batch: leave adapters whose output exists (resume a run).")
-    ] = False,
-    shard: Annotated[
-        str | None, typer.Option(help="Batch: process only slice i of N (i/N, 1-based), e.g. for array jobs.")
-    ] = None,
+    adapter: list[Path] | None = None,
+    model: str | None = None,
+    target_modules: str | None = None,
+    output: Path | None = None,
+    force: bool = False,
+    skip_existing: bool = False,
+    shard: str | None = None,
     *,
     opts: Options,
 ) -> None:
@@ -172,7 +159,18 @@ def sanitize(
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     inputs = {"aligned": opts["aligned"], "base": opts["base"], "trust_pickle": opts["trust_pickle"],
               "allow_swapped": opts["allow_swapped"]}  # fmt: skip
-    with _errors(opts["debug"]):
+    batch, written = False, None
+
+    def kept() -> str:
+        if written is not None:
+            return f"{written} was written whole"
+        return "the adapters finished are kept: rerun with --skip-existing to resume" if batch else NOTHING_WRITTEN
+
+    with _errors(opts["debug"], kept):
+        from .api import sanitize as api_sanitize  # torch: seconds, inside the handler that answers a Ctrl-C
+        from .batch import is_batch, run_batch, summary_table
+
+        batch = bool(adapter) and is_batch(adapter)
         _one_input(adapter, model)
         _pack_inputs(opts, model)
         if opts["calibrate"] or any(opts[k] for k in ("harmful", "prompts", "general", "calibrate_all")):
@@ -189,23 +187,26 @@ def sanitize(
                                         target_modules=target_modules, force=force, command=command,
                                         progress=progress, subspaces=opts.source(), jobs=opts.jobs(),
                                         allow_swapped=opts["allow_swapped"])  # fmt: skip
+            written = result.output
             _render(result, f"csulora sanitize · {escape(model)}", screen, opts)
             return
         if target_modules is not None:
             raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
-        if is_batch(adapter):
+        if batch:
             with _progress(opts["quiet"]) as progress:
                 outcomes = run_batch(
                     adapter, output=output, settings=settings, force=force, skip_existing=skip_existing,
                     shard=shard, subspaces=opts.source(), command=command, progress=progress, jobs=opts.jobs(),
                     **inputs,
                 )  # fmt: skip
-            screen.print(summary_table(outcomes, title="csulora sanitize · batch"))
+            if not opts["quiet"]:
+                _show(screen, summary_table(outcomes, title="csulora sanitize · batch", wide=opts["wide"]))
             if opts["json_out"]:
                 sys.stdout.write(json.dumps([o.to_dict() for o in outcomes], indent=2, sort_keys=True) + "\n")
-            failed = sum(o.status == "failed" for o in outcomes)
+            failed = [o.name for o in outcomes if o.status == "failed"]
             if failed:
-                raise GateFailed(f"{failed} of {len(outcomes)} adapters failed; the others were written")
+                raise GateFailed(f"{len(failed)} of {len(outcomes)} adapters failed ({', '.join(failed)}); the others "
+                                 "were written")  # fmt: skip
             return
         if skip_existing or shard:
             raise CsuloraError("--skip-existing and --shard apply to batches (a folder of adapters, or several)")
@@ -220,6 +221,7 @@ def sanitize(
 def _calibrate(adapter: list[Path] | None, model: str | None, output: Path | None, force: bool, command: list[str],
                screen: Console, opts: Options) -> None:  # fmt: skip
     """``sanitize --calibrate``: measure the ladder, pick, write (calibrate.py); exit 1 when nothing qualifies."""
+    from .batch import is_batch
     from .calibrate import PROMPTS, CalibrationFailed, calibrate, calibration_table
     from .prompts import load_prompts
 
@@ -244,66 +246,69 @@ def _calibrate(adapter: list[Path] | None, model: str | None, output: Path | Non
             )  # fmt: skip
         except CalibrationFailed as e:
             if not opts["quiet"]:
-                screen.print(calibration_table(e.calibration))
+                _show(screen, calibration_table(e.calibration))
             if opts["json_out"]:
                 sys.stdout.write(json.dumps({"calibration": e.calibration.block()}, indent=2, sort_keys=True) + "\n")
             raise
     if not opts["quiet"]:
-        screen.print(calibration_table(calibration))
+        _show(screen, calibration_table(calibration))
     screen.print(calibration.summary(), markup=False, highlight=False, soft_wrap=True)
     _render(result, f"csulora sanitize --calibrate · {escape(str(adapter[0]))}", screen, opts)
 
 
+def _show(screen: Console, table) -> None:
+    """A table at the terminal's width; piped or logged, at the width it needs (no cut headers or values)."""
+    if screen.is_terminal:
+        screen.print(table)
+    else:
+        need = screen.measure(table, options=screen.options.update_width(10_000)).maximum
+        width, screen.width = screen.width, max(screen.width, need)  # print(width=) is capped at the console's
+        try:
+            screen.print(table)
+        finally:
+            screen.width = width
+
+
 def _render(result, title: str, screen: Console, opts: Options) -> None:
+    from .report import to_table
+
     if not opts["quiet"]:
-        screen.print(to_table(result.report, title=title))
+        _show(screen, to_table(result.report, title=title, wide=opts["wide"]))
     _warn(result.report.warnings)
     screen.print(f"wrote {result.output}", markup=False, highlight=False, soft_wrap=True)
     if opts["json_out"]:
         sys.stdout.write(result.report.to_json())
 
 
-@app.command()
+@app.command(cls=Command)
 @with_options(
-    INPUT, PAIR_ORDER, PACK, METHOD, CORRECTION, FORM, SUBSPACE, CACHE, JOBS, HARMFUL, REFUSAL_GATE, GENERATION,
-    JSON, RUN,
+    ADAPTERS, INPUT, PAIR_ORDER, PACK, METHOD, CORRECTION, FORM, SUBSPACE, GATE, REFUSAL_GATE, HARMFUL, GENERATION,
+    WIDE, JSON, CACHE, JOBS, RUN,
 )
 def audit(
-    adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="PEFT LoRA adapter folder (repeatable).")] = (
-        None
-    ),
-    model: ModelOpt = None,
-    target_modules: TargetsOpt = None,
-    max_off_energy: Annotated[
-        float | None, typer.Option(help="Fail when the adapter's total off-subspace energy ρ_O exceeds this.")
-    ] = None,
-    max_layer_off_energy: Annotated[
-        float | None, typer.Option(help="Fail when any module's off-subspace energy ρ_O exceeds this.")
-    ] = None,
-    min_safe_lora_score: Annotated[
-        float | None, typer.Option(help="Fail when any module's Safe LoRA score is below this.")
-    ] = None,
-    min_erosion: Annotated[
-        float | None,
-        typer.Option(help="Fail when the adapter's erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖² is below this (e.g. -0.1): "
-                     "it turns the aligned directions back."),
-    ] = None,
-    fail_on_kept: Annotated[
-        bool,
-        typer.Option("--fail-on-kept", help="Fail when the adapter saves tensors that are kept as trained, not "
-                     "sanitized (DoRA magnitudes, biases, resized embeddings, trainable tokens; copies of the aligned "
-                     "weights pass); --model: weights left out by --target-modules (norms, embeddings, head pass)."),
-    ] = False,
-    html: Annotated[Path | None, typer.Option(help="Also write the HTML report to this file (one adapter).")] = None,
+    adapter: list[Path] | None = None,
+    model: str | None = None,
+    target_modules: str | None = None,
+    max_off_energy: float | None = None,
+    max_layer_off_energy: float | None = None,
+    min_safe_lora_score: float | None = None,
+    min_erosion: float | None = None,
+    fail_on_kept: bool = False,
+    html: Path | None = None,
     *,
     opts: Options,
 ) -> None:
-    """Report without writing an adapter; exit 1 when a threshold is exceeded (the gate before publishing)."""
-    from .gate import Thresholds, audit_document, enforce
-    from .report_html import to_html
+    """Report without writing an adapter; exit 1 when a threshold is exceeded (the gate before publishing).
 
+    Several --adapter, or a folder of adapter folders, audit each."""
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     with _errors(opts["debug"]):
+        from .api import audit as api_audit
+        from .batch import find_adapters, is_batch
+        from .gate import Thresholds, audit_document, enforce
+        from .report import to_table
+        from .report_html import to_html
+
         _one_input(adapter, model)
         _pack_inputs(opts, model)
         limits = Thresholds(max_off_energy, max_layer_off_energy, min_safe_lora_score, min_erosion, fail_on_kept)
@@ -311,6 +316,8 @@ def audit(
         settings = opts.settings()
         if target_modules is not None and model is None:
             raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
+        if adapter and is_batch(adapter):
+            adapter = [path for _, path in find_adapters(adapter)]
         if html is not None and len(adapter or [model]) != 1:
             raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
         behaviour = _behaviour_check(opts, model)  # bad prompt files fail before anything runs
@@ -335,7 +342,7 @@ def audit(
                     )  # fmt: skip
             reports.append(result.report)
             if not opts["quiet"]:
-                screen.print(to_table(result.report, title=f"csulora audit · {escape(str(path))}"))
+                _show(screen, to_table(result.report, title=f"csulora audit · {escape(str(path))}", wide=opts["wide"]))
             _warn(result.report.warnings)
         if html is not None:
             try:
@@ -363,6 +370,8 @@ def _behaviour_check(opts: Options, model: str | None):
         if opts["min_refusal"] is not None:
             raise CsuloraError("--min-refusal needs --harmful: the prompts the refusal is measured on")
         return None
+    if opts.get("subspace"):
+        raise CsuloraError("--harmful runs the model: pass --aligned (a subspace pack has no weights to run)")
     check_limits(opts["min_refusal"], opts["min_refusal_ratio"])
     options = opts.generation(opts["device"], limit=PROMPTS)
     options.validate()
@@ -392,30 +401,25 @@ def _warn(warnings: list[str]) -> None:
         err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
-@with_options(PAIR_ORDER, METHOD, SUBSPACE, CACHE, PACK_OUTPUT, JOBS, RUN)
+@app.command(cls=Command)
+@with_options(PAIR, PAIR_ORDER, METHOD, SUBSPACE, PACK_OUTPUT, CACHE, JOBS, RUN)
 def subspace(
     action: Annotated[
-        str | None, typer.Argument(help="verify: recompute modules of PACK from --aligned and --base and compare.")
+        str | None, typer.Argument(metavar="[verify]", help="verify: recompute modules of PACK from --aligned and "
+                                   "--base and compare.", show_default=False)
     ] = None,
-    pack: Annotated[str | None, typer.Argument(help="verify: the pack (folder or Hub id).", show_default=False)] = None,
-    aligned: Annotated[str | None, typer.Option("--aligned", help="Safety-aligned checkpoint: folder or Hub id.")] = (
-        None
-    ),
-    base: Annotated[str | None, typer.Option(help="Pretrained (unaligned) checkpoint: folder or Hub id.")] = None,
-    modules: Annotated[
-        list[str] | None,
-        typer.Option("--modules", help="Modules (e.g. q_proj; comma-separated or repeated). Default: all linear. "
-                     "verify: N (spread over the pack; default 16), all, or names."),
+    pack: Annotated[
+        str | None, typer.Argument(metavar="[PACK]", help="verify: the pack (folder or Hub id).", show_default=False)
     ] = None,
-    fan_in_fan_out: Annotated[
-        bool, typer.Option("--fan-in-fan-out", help="For adapters with fan_in_fan_out (GPT-2 Conv1D).")
-    ] = False,
+    aligned: str | None = None,
+    base: str | None = None,
+    modules: list[str] | None = None,
+    fan_in_fan_out: bool = False,
     *,
     opts: Options,
 ) -> None:
-    """Compute and cache the safety subspaces of a checkpoint pair once, for many later sanitize/audit runs; with -o,
-    write them as a portable pack (docs/packs.md). `csulora subspace verify PACK --aligned A --base B` checks one.
+    """Compute and cache the safety subspaces of a checkpoint pair once, for many later sanitize/audit runs; with
+    -o, write them as a portable pack (docs/packs.md). csulora subspace verify PACK --aligned A --base B checks one.
 
     The subspace rule is --method's default unless --subspace-rank or --subspace-energy is given."""
     if action is not None or pack is not None:
@@ -426,7 +430,10 @@ def subspace(
         return
     from rich.table import Table
 
-    with _errors(opts["debug"]), _progress(opts["quiet"]) as progress:
+    kept = "the subspaces computed so far are cached"
+    with _errors(opts["debug"], lambda: kept), _progress(opts["quiet"]) as progress:
+        from .api import precompute_subspaces
+
         _pair_given(aligned, base)
         if opts["no_cache"]:
             raise CsuloraError("precomputing subspaces without a cache keeps nothing; drop --no-cache or pass -o PACK")
@@ -443,7 +450,7 @@ def subspace(
         for r in rows:
             table.add_row(r.module, "×".join(map(str, r.shape)), str(r.k), f"{r.captured:.1%}",
                           "cache" if r.cached else "computed")  # fmt: skip
-        out.print(table)
+        _show(out, table)
     cached = sum(r.cached for r in rows)
     out.print(f"{len(rows)} subspaces in {source.cache.root} ({len(rows) - cached} computed, {cached} already cached)",
               highlight=False, soft_wrap=True)  # fmt: skip
@@ -459,15 +466,15 @@ def _pair_given(aligned: str | None, base: str | None) -> None:
 def _write_pack(aligned: str | None, base: str | None, modules: list[str] | None, fan_in_fan_out: bool,
                 opts: Options) -> None:  # fmt: skip
     """``subspace -o PACK``: the pack of a pair (DESIGN.md §11)."""
-    from .pack import build_pack
-
     with _errors(opts["debug"]), _progress(opts["quiet"]) as progress:
+        from .pack import build_pack
+
         _pair_given(aligned, base)
         names = [m for item in modules for m in item.split(",") if m] if modules else None
         summary = build_pack(
             aligned, base, opts["pack_output"], names, settings=opts.settings(), fan_in_fan_out=fan_in_fan_out,
             force=opts["force"], command=" ".join(card_command(sys.argv[1:])), subspaces=opts.source(),
-            progress=progress, jobs=opts.jobs(),
+            progress=progress, jobs=opts.jobs(), allow_swapped=opts["allow_swapped"],
         )  # fmt: skip
     out.print(f"wrote {summary.path}: {summary.modules} modules in {summary.shards} shard(s), "
               f"{summary.bytes / 1e6:.2f} MB ({summary.computed} computed, {summary.loaded} from the cache)",
@@ -477,9 +484,9 @@ def _write_pack(aligned: str | None, base: str | None, modules: list[str] | None
 def _verify(action: str | None, pack: str | None, aligned: str | None, base: str | None,
             modules: list[str] | None, opts: Options) -> None:  # fmt: skip
     """``subspace verify PACK --aligned A --base B``: recompute and compare; exit 1 names what differs."""
-    from .pack import verify_pack
-
     with _errors(opts["debug"]), _progress(opts["quiet"]) as progress:
+        from .pack import verify_pack
+
         if action != "verify" or pack is None:
             raise CsuloraError(f"csulora subspace {action}: unknown; the one action is: csulora subspace verify PACK "
                                "--aligned A --base B")  # fmt: skip
@@ -499,31 +506,33 @@ def _pack_inputs(opts: Options, model: str | None, methods: list[str] | None = N
         if opts["aligned"] is not None or opts["base"] is not None:
             raise CsuloraError("--subspace replaces --aligned and --base (the pack names its pair); pass one or the "
                                "other")  # fmt: skip
-        if "safe-lora" in (methods or []):
+        if "safe-lora" in (methods or [opts.get("method")]):
             raise CsuloraError("--method safe-lora needs the whole displacement D; a subspace pack holds only U_k, "
-                               "Σ_k, V_k: pass --aligned and --base, or sweep realign, csulora or resta")  # fmt: skip
+                               "Σ_k, V_k: pass --aligned and --base, or use realign, csulora or resta")  # fmt: skip
     elif opts["aligned"] is None:
         raise CsuloraError("pass --aligned (the safety-aligned checkpoint), or --subspace PACK")
 
 
-@app.command()
-@with_options(DEBUG)
+@app.command(cls=Command)
+@with_options(DEMO, DEBUG)
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("csulora-demo"),
-    world: Annotated[str | None, typer.Option(help="A shipped world: tiny (default), wide, brief, moe, topic.")] = None,
-    adapter: Annotated[str, typer.Option("--adapter", help="An adapter of that world.")] = "adv-r8-all-s0",
+    workdir: Path = Path("csulora-demo"),
+    world: str | None = None,
+    adapter: str | None = None,
     *,
     opts: Options,
 ) -> None:
-    """Sanitize an adapter of a shipped miniature world with the default method, the paper's and Safe LoRA; show
-    the report and, side by side, how each behaves; print the sweep that picks a setting by measurement."""
-    from .demo import run_demo
-    from .world import world_names
+    """Sanitize an adapter of a shipped miniature world with three methods and compare how each behaves.
 
+    The default method, the paper's and Safe LoRA: the report, the behaviour side by side, and the sweep that
+    picks a setting by measurement."""
     with _errors(opts["debug"]):
+        from .demo import ADAPTER, run_demo
+        from .world import world_names
+
         if world is not None and world not in world_names():
             raise CsuloraError(f"--world {world!r}: no such world; choose one of {', '.join(world_names())}")
-        run_demo(workdir, out, world, adapter)
+        run_demo(workdir, out, world, adapter or ADAPTER)
 
 
 def _grid(text: str | None, option: str) -> list[float]:
@@ -536,52 +545,47 @@ def _grid(text: str | None, option: str) -> list[float]:
         raise CsuloraError(f"{option} {text!r}: expected numbers separated by commas, e.g. 0.5,2,inf") from None
 
 
-@app.command()
-@with_options(INPUT, PAIR_ORDER, PACK, FORM, SUBSPACE, CACHE, JOBS, JSON, RUN)
+@app.command(cls=Command)
+@with_options(SWEEP_INPUT, INPUT, PAIR_ORDER, PACK, SWEEP, FORM, SUBSPACE, WIDE, JSON, CACHE, JOBS, RUN)
 def sweep(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder of the sweep: one subfolder per point.")],
-    adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT LoRA adapter folder.")] = None,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", help="A full fine-tune or merged model instead: every point is a whole model."),
-    ] = None,
-    target_modules: TargetsOpt = None,
-    method: Annotated[
-        list[str] | None, typer.Option("--method", help="A method of the ladder; may repeat. Default: the default one.")
-    ] = None,
-    lambdas: Annotated[str | None, typer.Option(help="λ values, e.g. 0.5,2,8,inf (realign, csulora).")] = None,
-    betas: Annotated[str | None, typer.Option(help="β values, e.g. 0,0.25 (realign).")] = None,
-    thresholds: Annotated[str | None, typer.Option(help="τ values, e.g. 0.3,0.5 (safe-lora).")] = None,
-    gammas: Annotated[str | None, typer.Option(help="γ values, e.g. 0.1,0.25,0.5 (resta).")] = None,
-    eval_cmd: Annotated[
-        str | None,
-        typer.Option(help="Shell command run once per point, {adapter} (or {model}) replaced by its folder; its last "
-                     "stdout line is one JSON object of numeric metrics (e.g. csulora eval … --adapter {adapter})."),
-    ] = None,
-    eval_timeout: Annotated[float | None, typer.Option(help="Seconds before an evaluation counts as failed.")] = None,
-    pick: Annotated[
-        list[str] | None, typer.Option("--pick", help="Rule METRIC>=X or METRIC<=X every picked point meets; repeat.")
-    ] = None,
-    maximize: Annotated[
-        str | None, typer.Option(help="Pick the qualifying point with the largest METRIC; copied to OUT/picked/.")
-    ] = None,
-    plot: Annotated[str | None, typer.Option(help="X,Y: the metrics the front is drawn with.")] = None,
-    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Resume: keep the points already done.")] = (
-        False
-    ),
-    force: Annotated[bool, typer.Option("--force", help="Redo every point of an existing sweep.")] = False,
+    output: Path,
+    adapter: Path | None = None,
+    model: str | None = None,
+    target_modules: str | None = None,
+    method: list[str] | None = None,
+    lambdas: str | None = None,
+    betas: str | None = None,
+    thresholds: str | None = None,
+    gammas: str | None = None,
+    eval_cmd: str | None = None,
+    eval_timeout: float | None = None,
+    pick: list[str] | None = None,
+    maximize: str | None = None,
+    plot: str | None = None,
+    skip_existing: bool = False,
+    force: bool = False,
     *,
     opts: Options,
 ) -> None:
     """A ladder of sanitized candidates from one subspace pass, each measured by --eval-cmd; pick one by rule.
 
     Writes OUT/<method>-<setting>/ per point, OUT/sweep.json, OUT/sweep.html and OUT/front.png; with --maximize,
-    copies the best point meeting every --pick to OUT/picked/ (exit 1 when none does)."""
-    from .sweep import plan, run_sweep
-    from .sweep_result import parse_rule
-
+    copies the best point meeting every --pick to OUT/picked/. Exit 1 when no point meets the rules, 2 when the
+    evaluation failed on every point (a broken --eval-cmd)."""
     screen = err if opts["json_out"] else out
-    with _errors(opts["debug"]):
+
+    def kept() -> str:
+        if not (output / "sweep.json").is_file():
+            return NOTHING_WRITTEN
+        return (f"the points done and {output / 'sweep.json'} are kept: rerun with --skip-existing to resume "
+                "(--force to start again)")  # fmt: skip
+
+    with _errors(opts["debug"], kept):
+        from .sweep import plan, run_sweep
+        from .sweep_render import sweep_table
+        from .sweep_result import parse_rule
+        from .sweep_result import shown as metric_names
+
         _one_input([adapter] if adapter else None, model)
         _pack_inputs(opts, model, method)
         if target_modules is not None and model is None:
@@ -603,26 +607,45 @@ def sweep(
                 notice=lambda text: err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True),
             )  # fmt: skip
     if not opts["quiet"]:
-        screen.print(sweep_table(result))
+        _show(screen, sweep_table(result, wide=opts["wide"]))
     for note in result.notes:
         err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if opts["json_out"]:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    broken = _broken_evaluation(result.points, output) if eval_cmd is not None else None
     failed = [p for p in result.points if p["status"] == "failed"]
-    for p in failed:
-        err.print(f"warning: point {p['id']} failed: {_one_line(p['message'])}", markup=False, highlight=False,
+    for p in failed if broken is None else []:  # a broken evaluator is one error below, not a warning per point
+        err.print(f"warning: point {p['id']} failed: {one_line(p['message'])}", markup=False, highlight=False,
                   soft_wrap=True)  # fmt: skip
-    screen.print(f"wrote {output / 'sweep.json'}, {output / 'sweep.html'}", markup=False, highlight=False,
-                 soft_wrap=True)  # fmt: skip
+    wrote = [output / name for name in ("sweep.json", "sweep.html", "front.png") if (output / name).is_file()]
+    screen.print(f"wrote {', '.join(map(str, wrote))}", markup=False, highlight=False, soft_wrap=True)
+    if broken is not None:
+        err.print(f"[red]error:[/red] {escape(broken)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     if maximize is not None:
         if result.picked is None:
             err.print(f"[red]failed:[/red] no point meets {', '.join(map(str, rules)) or 'the rules'}",
                       highlight=False, soft_wrap=True)  # fmt: skip
             raise typer.Exit(1)
         chosen = result.point(result.picked)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in chosen["metrics"].items())
+        shown = ", ".join(f"{k}={chosen['metrics'][k]:.4g}" for k in metric_names([chosen]))
         screen.print(f"picked {result.picked} ({shown}) → {output / 'picked'}", markup=False, highlight=False,
                      soft_wrap=True)  # fmt: skip
+
+
+def _broken_evaluation(points: list[dict], output: Path) -> str | None:
+    """When --eval-cmd measured no point and failed on one it ran, the evaluator (or its setup) is broken: a bad
+    input (exit 2), not a rule that measured and failed (exit 1). The message names its error."""
+    if any(p["status"] == "ok" for p in points):
+        return None
+    ran = [p for p in points if p.get("totals") is not None]  # written, then evaluated and failed
+    if not ran:
+        return None
+    from .sweep import EVAL_STDERR
+
+    first = ran[0]
+    return (f"the evaluation failed on every point ({len(ran)}), so nothing was measured: {one_line(first['message'])} "
+            f"(its stderr: {output / first['path'] / EVAL_STDERR}); check --eval-cmd")
 
 
 # Options that choose which adapters run, where subspaces come from, or what the terminal shows, but never a
@@ -631,7 +654,7 @@ def sweep(
 NON_CONTENT_OPTIONS = {
     "--shard": True, "--skip-existing": False, "--force": False, "--cache-dir": True, "--no-cache": False,
     "--jobs": True,
-    "--quiet": False, "-q": False, "--json": False, "--debug": False,
+    "--quiet": False, "-q": False, "--json": False, "--debug": False, "--wide": False,
 }  # fmt: skip
 
 
@@ -649,48 +672,50 @@ def card_command(argv: list[str]) -> list[str]:
     return command
 
 
-EvalModelOpt = Annotated[str, typer.Option("--aligned", help="Model to run (the adapter goes on it): folder, Hub id.")]
-HarmfulOpt = Annotated[Path, typer.Option(help="Harmful prompts: one per line, AdvBench's CSV (a goal column), JSON "
-                                             "lines, or a Hub dataset org/name[:file].")]
-UtilityOpt = Annotated[Path | None, typer.Option(help='Utility prompts: JSON lines {"prompt": …, "answer": …}.')]
-MatchOpt = Annotated[str, typer.Option(help="Utility: contains (the answer appears) or exact (stripped equal).")]
-
-
-@app.command("eval")
-@with_options(GENERATION, RUN)
+@app.command("eval", cls=Command)
+@with_options(EVAL, GENERATION, JSON, RUN)
 def eval_command(
-    aligned: EvalModelOpt,
-    harmful: HarmfulOpt,
-    adapter: Annotated[Path | None, typer.Option(help="PEFT LoRA adapter folder (default: the model alone).")] = None,
-    utility: UtilityOpt = None,
-    match: MatchOpt = "contains",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    json_file: Annotated[Path | None, typer.Option("--json", help="Also write metrics and examples here.")] = None,
+    aligned: str,
+    harmful: str,
+    adapter: Path | None = None,
+    utility: Path | None = None,
+    match: str = "contains",
+    device: str = "auto",
+    json_file: Path | None = None,
     *,
     opts: Options,
 ) -> None:
-    """Refusal rate on harmful prompts, and utility, by greedy generation; the last stdout line is the metrics JSON."""
-    from .evaluate import evaluate, summary
+    """Refusal rate on harmful prompts, and utility, by greedy generation; the last stdout line is the metrics JSON.
 
+    With --json, stdout holds instead the whole result (metrics, settings and example completions) as one JSON
+    document, as --json-out FILE writes it."""
     quiet, debug = opts["quiet"], opts["debug"]
-    options = opts.generation(device, match)
     with _errors(debug):
+        from .evaluate import evaluate, summary
+
+        options = opts.generation(device, match)
         if json_file is not None and not json_file.parent.is_dir():
-            raise CsuloraError(f"--json {json_file}: the folder {json_file.parent} does not exist; create it first")
+            raise CsuloraError(f"--json-out {json_file}: the folder {json_file.parent} does not exist; create it first")
         with _progress(quiet) as progress:
             result = evaluate(aligned, harmful, utility, adapter, options, progress)
+        inputs = {"aligned": aligned, "adapter": adapter, "harmful": harmful, "utility": utility}
+        settings = {**{k: None if v is None else str(v) for k, v in inputs.items()}, **vars(options)}
+        document = json.dumps(result.to_dict(settings), indent=2) + "\n"
         if json_file is not None:
-            inputs = {"aligned": aligned, "adapter": adapter, "harmful": harmful, "utility": utility}
-            settings = {**{k: None if v is None else str(v) for k, v in inputs.items()}, **vars(options)}
             try:
-                json_file.write_text(json.dumps(result.to_dict(settings), indent=2) + "\n")
+                json_file.write_text(document)
             except OSError as e:
-                raise CsuloraError(f"--json {json_file}: cannot write it ({e.strerror or e}); check permissions") from e
+                raise CsuloraError(f"--json-out {json_file}: cannot write it ({e.strerror or e}); check "
+                                   "permissions") from e
     if not quiet:
         err.print(summary(result.metrics, str(adapter or aligned), match), markup=False, highlight=False,
                   soft_wrap=True)  # fmt: skip
-    sys.stdout.write(json.dumps(result.metrics) + "\n")
+    sys.stdout.write(document if opts["json_out"] else json.dumps(result.metrics) + "\n")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # between commands' own handling: typer's set-up or the end of an output
+        interrupted(before_command())
+        sys.exit(130)

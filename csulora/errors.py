@@ -11,3 +11,8 @@ class OutputExists(CsuloraError):
 
 class GateFailed(Exception):
     """An audit threshold was exceeded, or an adapter of a batch failed; exit code 1."""
+
+
+def one_line(e: BaseException | str) -> str:
+    """A message from a library may span lines; the user gets one."""
+    return " ".join(str(e).split())

@@ -21,7 +21,7 @@ import torch
 
 from .adapters import CONFIG
 from .api import Settings
-from .checkpoints import parse_ref
+from .checkpoints import parse_ref, refuse_adapter
 from .errors import CsuloraError
 from .prompts import load_prompts
 
@@ -197,6 +197,8 @@ def load(aligned: str, adapter: Path | None, device: torch.device, dtype: torch.
     except ImportError as e:
         raise CsuloraError(f"csulora eval runs the model with transformers and peft; {EXTRA}") from e
     ref = parse_ref(aligned)
+    if ref.path is not None:
+        refuse_adapter(ref.path, "--aligned")
     source = str(ref.path) if ref.path is not None else ref.repo_id
     logging.disable_progress_bar()
     try:

@@ -30,6 +30,7 @@ from .entries import BadEntry, entry_record, read_entry, write_entries
 from .errors import CsuloraError, GateFailed
 from .layouts import FUSED_EXPERTS, TRANSPOSED_EXPERTS, Source, Target, is_block_weight, resolve
 from .outputs import check_output, write_folder
+from .pair_order import check_pair_order
 from .parallel import default_workers, ordered
 from .settings import Settings
 from .subspace import Subspace
@@ -144,14 +145,17 @@ def build_pack(
     subspaces: SubspaceSource | None = None,
     progress: Progress | None = None,
     jobs: int | None = None,
+    allow_swapped: bool = False,
 ) -> PackSummary:
     """Write the pack of a checkpoint pair to ``output`` (temp folder, then rename: a kill leaves the old folder or
-    the whole new one). Subspaces come from ``subspaces`` (the cache: the same bytes as computing them)."""
+    the whole new one). Subspaces come from ``subspaces`` (the cache: the same bytes as computing them). A pair the
+    metadata says is swapped is refused unless ``allow_swapped`` (pair_order.py): its pack would sanitize backwards."""
     settings = settings.resolved()
     out = Path(output)
     aligned_ref, base_ref = parse_ref(aligned), parse_ref(base)
     if base_ref.same_as(aligned_ref):
         raise CsuloraError(f"base {base} is the aligned checkpoint itself; pass the pretrained checkpoint as --base")
+    check_pair_order(aligned_ref, base_ref, "--base", allow_swapped=allow_swapped)
     check_output(out, force, [p for p in (aligned_ref.path, base_ref.path) if p is not None])
     source = subspaces or SubspaceSource.open()
     params, device = settings.subspace_params(), settings.torch_device()

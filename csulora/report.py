@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from rich import box
 from rich.table import Table
 
 from .adapters import Kept
@@ -416,13 +417,43 @@ def _subspace_words(s: dict) -> str:
     return f"{rule}, cap {s['max_subspace_rank']}, {svd}"
 
 
-def to_table(report: Report, title: str | None = None) -> Table:
-    table = Table(title=title, caption=" · ".join(_summary_lines(report)))
-    for i, col in enumerate(columns(report)):
-        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for m in grouped(report.modules):
-        table.add_row(*cells(report, m))
+# The terminal table's default columns (80 columns wide): what is off the subspace, what is left after, how the
+# erosion moved, the norm kept. `--wide` shows every column; the JSON, the Markdown and the HTML always have them.
+NARROW = ("module", "ρ_O", "ρ_F after", "off after", "retained", "erosion")
+
+
+def to_table(report: Report, title: str | None = None, wide: bool = False) -> Table:
+    names = columns(report)
+    shown = [i for i, col in enumerate(names) if wide or col in NARROW]
+    rows = grouped(report.modules)
+    modules = [m.module for m in rows]
+    prefix = "" if wide else common_prefix(modules)
+    lines = _summary_lines(report)
+    if prefix:
+        lines.append(f"module names under {prefix}; --wide: every column")
+    elif not wide:
+        lines.append("--wide: every column")
+    table = Table(title=title, caption="\n".join(lines), caption_justify="left",
+                  box=box.HEAVY_HEAD if wide else None, pad_edge=wide, header_style="bold")  # fmt: skip
+    for i in shown:
+        table.add_column(names[i], justify="left" if i == 0 else "right", no_wrap=True)
+    for m in rows:
+        row = cells(report, m)
+        if not wide:
+            row[0] = row[0].removeprefix(prefix).replace(" experts", "")
+            row[names.index("erosion")] = row[names.index("erosion")].replace(" → ", "→")
+        table.add_row(*(row[i] for i in shown))
     return table
+
+
+def common_prefix(names: list[str]) -> str:
+    """The leading dotted components every name shares up to its first numbered one (``model.`` of
+    ``model.layers.0.mlp``): the part a narrow table leaves out."""
+    parts = [n.split(".") for n in names]
+    i = 0
+    while parts and all(len(p) > i + 2 and p[i] == parts[0][i] and not p[i + 1].isdigit() for p in parts):
+        i += 1
+    return ".".join(parts[0][:i]) + "." if i else ""
 
 
 def rank_warning(report: Report) -> str:

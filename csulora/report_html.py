@@ -32,7 +32,9 @@ FACTORS = {  # the factor applied to H_in, H_out, O: column titles per form
     "resta": (("γ", "× D_k added"), ("erosion", "before"), ("erosion", "after")),
 }
 
-ROW_H, BAR_H, BAR_W, FACTOR_W, GAP, CHAR_W, TOP = 30, 10, 460, 70, 56, 7.0, 34
+# CHAR_W: the advance of one character of the 12 px monospace labels, with room to spare (DejaVu Sans Mono and
+# Menlo are 0.60 em = 7.2 px); an estimate below the font's cut long module names at the left edge
+ROW_H, BAR_H, BAR_W, FACTOR_W, GAP, CHAR_W, TOP = 30, 10, 460, 70, 56, 7.6, 34
 
 
 def _natural(name: str) -> list:

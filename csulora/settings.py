@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
-
-from .cache import SubspaceParams
 from .errors import CsuloraError
+
+if TYPE_CHECKING:  # torch and the cache load when used: `csulora --help` and `--version` stay fast
+    import torch
+
+    from .cache import SubspaceParams
 
 FORMS = ("factored", "block")
 # The default method and every method's default settings come from the safety benchmark across the shipped
@@ -98,16 +101,22 @@ class Settings:
             raise CsuloraError(f"--top-n must be ≥ 1, got {self.top_n}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise CsuloraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        import torch
+
         if self.device == "cuda" and not torch.cuda.is_available():
             raise CsuloraError("--device cuda: no CUDA device is available; use --device cpu")
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def subspace_params(self) -> SubspaceParams:
         """The subspace rule of resolved settings, as the cache keys it."""
+        from .cache import SubspaceParams
+
         return SubspaceParams(
             rank=self.subspace_rank, energy=self.subspace_energy if self.subspace_rank is None else 0.0,
             max_rank=self.max_subspace_rank, exact=self.exact_svd, seed=self.seed,

@@ -258,7 +258,8 @@ def _point(point: Point, out: Path, write, eval_cmd: str | None, eval_timeout: f
         evaluation, stderr = evaluate(eval_cmd, folder, eval_timeout)
         try:  # kept with the point: what the evaluation said, and the end of its stderr
             replace_file(folder / EVAL_STDERR, lambda tmp: tmp.write_text(stderr))
-            replace_file(saved, lambda tmp: tmp.write_text(json.dumps(vars(evaluation), sort_keys=True) + "\n"))
+            # the evaluator's order of metrics, not sorted: a resumed sweep shows its columns as the first run did
+            replace_file(saved, lambda tmp: tmp.write_text(json.dumps(vars(evaluation)) + "\n"))
         except OSError as e:
             raise CsuloraError(f"{folder}: cannot write the evaluation ({e.strerror or e})") from e
     return {**record, "status": evaluation.status, "metrics": evaluation.metrics, "message": evaluation.message}

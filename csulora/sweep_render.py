@@ -8,11 +8,12 @@ import math
 from html import escape
 
 from .report_html import CSS
-from .sweep_result import SweepResult, candidates, measured, require_measured
+from .sweep_result import SweepResult, candidates, measured, require_measured, shown
 
 PALETTE = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#4a5568")
 W, H, PAD_L, PAD_R, PAD_T, PAD_B, INSET = 640, 420, 64, 24, 24, 52, 10
 TOTALS = ("retained_norm", "leaving_energy_after", "erosion_after")  # report totals worth a column
+LABELS = {"retained_norm": "retained", "leaving_energy_after": "leaving after", "erosion_after": "erosion after"}
 
 
 def axes(result: SweepResult, plot: tuple[str, str] | None = None) -> tuple[str, str] | None:
@@ -22,7 +23,7 @@ def axes(result: SweepResult, plot: tuple[str, str] | None = None) -> tuple[str,
     if plot is not None and ok:
         require_measured(ok, list(plot), "--plot")
         return plot
-    names = measured(ok)
+    names = shown(ok) or measured(ok)
     if not names:
         return None
     y = result.maximize if result.maximize in names else names[0]
@@ -126,19 +127,18 @@ def _settings_words(settings: dict) -> str:
 
 
 def _table(result: SweepResult) -> str:
-    metrics = measured(result.points)
-    head = ["point", "method", "settings", "status", *metrics, *TOTALS]
+    metrics = shown(result.points)
+    head = ["point", "settings", "status", *metrics, *(LABELS[t] for t in TOTALS)]
     rows = []
     for p in result.points:
         totals = p.get("totals") or {}
-        cells = [p["id"] + (" ★" if p["id"] == result.picked else ""), p["method"],
-                 _settings_words(p["settings"]), p["status"],
+        cells = [p["id"] + (" ★" if p["id"] == result.picked else ""), _settings_words(p["settings"]), p["status"],
                  *(f"{p['metrics'][m]:.4g}" if m in p["metrics"] else "" for m in metrics),
                  *(f"{totals[t]:.4g}" if totals.get(t) is not None else "" for t in TOTALS)]  # fmt: skip
         title = f' title="{escape(p["message"])}"' if p.get("message") else ""
         rows.append(f"<tr{title}>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>")
     head_html = "".join(f"<th>{escape(h)}</th>" for h in head)
-    return f'<table class="modules"><thead><tr>{head_html}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return f'<table class="modules points"><thead><tr>{head_html}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 SWEEP_CSS = """
@@ -147,7 +147,9 @@ svg.front .end { text-anchor: end; } svg.front .axis { font-weight: 600; font-si
 svg.front .mid { text-anchor: middle; } svg.front .plot { fill: #fff; stroke: #a0aec0; }
 svg.front .grid { stroke: #edf2f7; } svg.front .rule { stroke: #c53030; stroke-dasharray: 5 4; stroke-width: 1.5; }
 svg.front .pt { stroke: #fff; stroke-width: 1; } svg.front .picked { fill: none; stroke: #1a202c; stroke-width: 2; }
-svg.front .pick { font-weight: 600; }
+svg.front .pick { font-weight: 600; paint-order: stroke; stroke: #fff; stroke-width: 4px; stroke-linejoin: round; }
+table.points { width: auto; max-width: 100%; font-size: 13px; } table.points td, table.points th { padding: 3px 8px; }
+table.points th { white-space: normal; }
 """
 
 
@@ -200,8 +202,10 @@ def _png(result: SweepResult, chosen: tuple[str, str]) -> None:
             if p["id"] == result.picked:
                 ax.scatter([x], [y], s=300, facecolors="none", edgecolors="black", linewidths=1.8, zorder=4)
                 left = x > middle  # the label goes inwards, never off the plot
+                # on a white box above the rules' dashed lines, which would otherwise cross it
                 ax.annotate(f"picked: {p['id']}", (x, y), xytext=(-12 if left else 12, 12), fontsize=9,
-                            textcoords="offset points", ha="right" if left else "left")  # fmt: skip
+                            textcoords="offset points", ha="right" if left else "left", zorder=5,
+                            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.9})  # fmt: skip
     for rule in result.rules:
         if rule.metric == x_name:
             ax.axvline(rule.value, color="#c53030", ls="--", lw=1.2, label=str(rule))
@@ -218,18 +222,21 @@ def _png(result: SweepResult, chosen: tuple[str, str]) -> None:
     plt.close(fig)
 
 
-def sweep_table(result: SweepResult):
-    """The points as a rich table for the terminal: settings, status, metrics, what is left of the update."""
+def sweep_table(result: SweepResult, wide: bool = False):
+    """The points as a rich table for the terminal: point, status, metrics; ``wide`` adds what is left of the
+    update (the totals; sweep.json and sweep.html always have them)."""
     from rich.table import Table
 
-    metrics = measured(result.points)
-    table = Table(title=f"csulora sweep · {result.out}")
-    for col in ("point", "status", *metrics, *TOTALS):
-        table.add_column(col, justify="left" if col in ("point", "status") else "right", no_wrap=col == "point")
+    metrics = shown(result.points)
+    totals_shown = TOTALS if wide else ()
+    table = Table(title=f"csulora sweep · {result.out}", caption=None if wide else "--wide: the report's totals too",
+                  caption_justify="left")  # fmt: skip
+    for col in ("point", "status", *metrics, *(LABELS[t] for t in totals_shown)):
+        table.add_column(col, justify="left" if col in ("point", "status") else "right", no_wrap=True)
     for p in result.points:
         totals = p.get("totals") or {}
         style = "green" if p["status"] == "ok" else "red"
         table.add_row(p["id"] + (" ★" if p["id"] == result.picked else ""), f"[{style}]{p['status']}[/{style}]",
                       *(f"{p['metrics'][m]:.4g}" if m in p["metrics"] else "" for m in metrics),
-                      *(f"{totals[t]:.4g}" if totals.get(t) is not None else "" for t in TOTALS))  # fmt: skip
+                      *(f"{totals[t]:.4g}" if totals.get(t) is not None else "" for t in totals_shown))  # fmt: skip
     return table

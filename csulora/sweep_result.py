@@ -71,6 +71,12 @@ def measured(points: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for p in points for k in p["metrics"]))
 
 
+def shown(points: list[dict]) -> list[str]:
+    """The metrics a table shows: all but counts (``n_harmful``, ``n_utility``: how many prompts ``csulora eval``
+    measured on), which rules may still name but are not a result of the point."""
+    return [m for m in measured(points) if not m.startswith("n_")]
+
+
 def require_measured(points: list[dict], names: list[str], what: str) -> None:
     """Bad input when a name is neither a metric nor a total of any successful point (no check without one)."""
     ok = [p for p in points if p["status"] == "ok"]

@@ -167,7 +167,7 @@ def test_realign_report_shows_what_it_did(report):
     markdown = to_markdown(realigned)
     assert "| c | ρ_F after | trunc. loss |" in markdown and erosion in markdown and "re-alignment" in markdown
     console = Console(width=250, record=True)
-    console.print(to_table(realigned))
+    console.print(to_table(realigned, wide=True))  # --wide: every column
     text = console.export_text()
     assert "trunc. loss" in text and erosion in text and "erosion coefficient" in text
 

@@ -126,9 +126,9 @@ def test_skip_existing_resumes(pair, tmp_path):
     assert "already exists" in next(o.message for o in outcomes if o.name == "adapter-02")
     for name in ("adapter-00", "adapter-01"):
         assert (out / name / "adapter_model.safetensors").stat().st_mtime_ns == kept[name]
-    # without --skip-existing an existing output fails (it needs --force) and the rest still go on
-    outcomes = run_batch([folder], str(pair["aligned"]), None, out, subspaces=cache)
-    assert {o.status for o in outcomes} == {"failed"}
+    # without --skip-existing or --force a rerun over existing outputs is one error that names both, before any work
+    with pytest.raises(CsuloraError, match="--skip-existing.*--force"):
+        run_batch([folder], str(pair["aligned"]), None, out, subspaces=cache)
     outcomes = run_batch([folder], str(pair["aligned"]), None, out, force=True, subspaces=cache)
     assert {o.status for o in outcomes} == {"ok"}
     with pytest.raises(CsuloraError, match="contradict"):

@@ -92,9 +92,11 @@ def test_limit_and_json_file(world, files, tmp_path):
     paths = world["paths"]
     report = tmp_path / "eval.json"
     result = run_cli("eval", "--aligned", paths["aligned"], "--adapter", paths[ADAPTER], "--harmful", files["csv"],
-                     "--utility", files["utility"], *WORLD_LIKE, "--limit", "5", "--json", report,
+                     "--utility", files["utility"], *WORLD_LIKE, "--limit", "5", "--json-out", report, "--json",
                      in_process=True)  # fmt: skip
-    m = _metrics(result)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == json.loads(report.read_text())  # --json: stdout holds the document alone
+    m = json.loads(result.stdout)["metrics"]
     assert m["n_harmful"] == m["n_utility"] == 5
     model = W.with_adapter(W.load_model(paths["aligned"]), paths[ADAPTER])
     assert m["refusal"] == W.refusal_rate(model, world["harmful"][:5])
@@ -144,7 +146,8 @@ BAD = {
     "unknown match": (["--match", "fuzzy"], ["--match", "fuzzy"]),
     "zero limit": (["--limit", "0"], ["--limit", "≥ 1"]),
     "adapter without config": (["--adapter", "{tmp}"], ["--adapter", "adapter_config.json"]),
-    "json in a missing folder": (["--json", "{tmp}/no/such/eval.json"], ["--json", "does not exist"]),
+    "json in a missing folder": (["--json-out", "{tmp}/no/such/eval.json"], ["--json-out", "does not exist"]),
+    "json given a path (before 0.3)": (["--json", "{tmp}/eval.json"], ["--json is a flag", "--json-out"]),
     "uncached Hub id offline": (["--aligned", "csulora-test/no-such-model"], ["csulora-test/no-such-model"]),
 }
 if not torch.cuda.is_available():

@@ -96,7 +96,7 @@ def example(world, request) -> dict:
 def test_card_leaves_out_scheduling_options(world):
     argv = ["sanitize", "--adapter", "a", "--shard", "1/2", "--skip-existing", "-q", "--cache-dir=/c", "--aligned",
             "b", "--shard=2/2", "-o", "o", "--lambda", "2", "--json", "--no-cache", "--force", "--debug", "--quiet",
-            "--cache-dir", "/d", "--trust-pickle"]  # fmt: skip
+            "--cache-dir", "/d", "--trust-pickle", "--wide"]  # fmt: skip
     assert card_command(argv) == ["csulora", "sanitize", "--adapter", "a", "--aligned", "b", "-o", "o", "--lambda",
                                   "2", "--trust-pickle"]  # fmt: skip
     env = world["env"]

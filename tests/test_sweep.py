@@ -166,10 +166,13 @@ def test_pick_copies_the_best_qualifying_point_and_exit_codes(tmp_path, pair, ad
     assert html.count('class="pt"') == len(ok) and 'class="rule"' in html
     assert not re.search(r"https?:|<script|\bsrc\s*=|<link|@import|url\(", html, re.I)  # self-contained
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "front.png" in next(line for line in r.stdout.splitlines() if line.startswith("wrote "))
 
     # none qualifies: exit 1, and the picked/ of the last run is gone; the report totals are rules too
     none = run_cli(*common, "--skip-existing", "--pick", "kept>=2", "--maximize", "safety", in_process=True)
     assert none.returncode == 1 and "no point meets kept>=2" in none.stderr
+    header = next(line for line in none.stdout.splitlines() if "status" in line).split()
+    assert [h for h in header if h in ("kept", "safety", "n")] == ["kept", "safety", "n"]  # resumed: the same order
     assert json.loads((out / "sweep.json").read_text())["picked"] is None and not (out / "picked").exists()
     totals = run_cli(*common, "--skip-existing", "--pick", "erosion_after<=1", "--maximize", "retained_norm",
                      in_process=True)  # fmt: skip
@@ -268,3 +271,14 @@ def test_sweep_with_csulora_eval_on_the_world(tmp_path):
     assert realigned["metrics"]["utility"] >= 0.5  # … and the new task stays
     assert document["picked"] == "realign-lambdainf-beta0.5" and f"picked {document['picked']}" in r.stdout
     assert (out / "picked" / "adapter_model.safetensors").is_file()
+
+
+def test_an_evaluator_that_always_fails_is_bad_input(tmp_path, pair, adapter):
+    """Nothing measured is a broken evaluation or setup: exit 2 naming its error, not 1 as a failed rule."""
+    out = tmp_path / "sweep"
+    for cmd, needle in (("echo hi", "not one JSON object"), ("cat /no/such/prompts.txt", "No such file")):
+        result = run_cli(*sweep_args(adapter, pair, out, "--method", "csulora", "--lambdas", "1,8", "--eval-cmd", cmd,
+                                     "--pick", "refusal>=0.5", "--maximize", "refusal", "--force"), in_process=True)
+        assert_one_line_error(result, "failed on every point (2)", needle, "eval.stderr.txt", "--eval-cmd")
+        assert (out / "sweep.json").is_file()
+

@@ -102,7 +102,7 @@ def test_demo_prints_behaviour_side_by_side(tmp_path):
     assert report["inputs"]["base"]["source"] == "aligned model card"
     assert Path(report["inputs"]["base"]["ref"]).resolve() == W.world_paths()["base"].resolve()
     assert len(report["modules"]) == 21  # 3 layers × 7 linear modules
-    assert "model.layers.0.self_attn.q_proj" in r.stdout and str(out) in r.stdout
+    assert "layers.0.self_attn.q_proj" in r.stdout and str(out) in r.stdout
     assert (tmp_path / "prompts" / "harmful.txt").is_file() and (tmp_path / "prompts" / "utility.jsonl").is_file()
     sweep = r.stdout.strip().splitlines()[-1]
     assert sweep.startswith("csulora sweep ") and "--eval-cmd 'csulora eval " in sweep and "{adapter}" in sweep
