@@ -405,11 +405,11 @@ def _warn(warnings: list[str]) -> None:
 @with_options(PAIR, PAIR_ORDER, METHOD, SUBSPACE, PACK_OUTPUT, CACHE, JOBS, RUN)
 def subspace(
     action: Annotated[
-        str | None, typer.Argument(metavar="[verify]", help="verify: recompute modules of PACK from --aligned and "
+        str | None, typer.Argument(metavar="verify", help="verify: recompute modules of PACK from --aligned and "
                                    "--base and compare.", show_default=False)
     ] = None,
     pack: Annotated[
-        str | None, typer.Argument(metavar="[PACK]", help="verify: the pack (folder or Hub id).", show_default=False)
+        str | None, typer.Argument(metavar="PACK", help="verify: the pack (folder or Hub id).", show_default=False)
     ] = None,
     aligned: str | None = None,
     base: str | None = None,

@@ -43,6 +43,8 @@ def _conventional(params: list) -> None:
             p.metavar = conventional_metavar(p)
         if getattr(p, "is_flag", False) and p.metavar is None:  # --help, whose metavar typer leaves unset
             p.metavar = ""
+        if isinstance(p, typer.core.TyperArgument):  # its name column is its metavar; typer's type column would be
+            p.display_type_rich = lambda ctx: None  # the Python annotation (<str>)
 
 
 class Command(TyperCommand):
