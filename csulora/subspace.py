@@ -76,7 +76,7 @@ def _top(D: Tensor, want: int, exact: bool, seed: int) -> tuple[Tensor, Tensor, 
     if exact or want + OVERSAMPLE >= min(D.shape):
         U, S, V = exact_svd(D)
     else:
-        U, S, V = randomized_svd(D, want + OVERSAMPLE, seed)
+        U, S, V = randomized_svd(D, want + OVERSAMPLE, seed, NITER)
     return U[:, :want], S[:want], V[:, :want]
 
 
