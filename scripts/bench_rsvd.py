@@ -279,8 +279,9 @@ def summarize(rows: list[dict], adapter_rows: list[dict]) -> list[dict]:
     for group, pick in groups.items():
         for method in METHODS_MEASURED:
             for setting in map(sid, SETTINGS):
-                sel = [r for r in rows
-                       if pick(r) and r["method"] == method and r["setting"] == setting and r["randomized"]]
+                sel = [
+                    r for r in rows if pick(r) and r["method"] == method and r["setting"] == setting and r["randomized"]
+                ]
                 if not sel:
                     continue
                 if group == "worlds":
@@ -316,8 +317,10 @@ def render_table(summary: list[dict]) -> str:
 def render_behaviour(rows: list[dict]) -> str:
     if not rows:
         return "(not measured)\n"
-    head = ("| world / adapter | method | SVD | refusal (trained) | refusal (held out) | new task | original tasks |\n"
-            "|---|---|---|---|---|---|---|\n")
+    head = (
+        "| world / adapter | method | SVD | refusal (trained) | refusal (held out) | new task | original tasks |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
     return head + "\n".join(f"| {r['world']} / {r['adapter']} | {r['method']} | {r['setting']} | "
                             f"{r['refusal_trained']:.3f} | {r['refusal_heldout']:.3f} | {r['new_task_accuracy']:.3f} | "
                             f"{r['original_accuracy']:.3f} |" for r in rows) + "\n"  # fmt: skip
@@ -348,11 +351,19 @@ def plot(summary: list[dict], path: Path) -> None:
         for g_i, group in enumerate(groups):
             for m_i, method in enumerate(METHODS_MEASURED):
                 for p, marker in ((5, "v"), (10, "o"), (20, "^")):
-                    pts = [(s["time_s"] * 1000, max(s[key], 1e-9)) for s in summary
-                           if s["group"] == group and s["method"] == method and s["setting"].endswith(f"p={p}")]
+                    pts = [
+                        (s["time_s"] * 1000, max(s[key], 1e-9))
+                        for s in summary
+                        if s["group"] == group and s["method"] == method and s["setting"].endswith(f"p={p}")
+                    ]
                     if pts:
-                        ax.plot(*zip(*pts, strict=True), marker=marker, color=f"C{g_i * 2 + m_i}",
-                                linestyle="-" if p == 10 else ":", label=f"{group}, {method}" if p == 10 else None)
+                        ax.plot(
+                            *zip(*pts, strict=True),
+                            marker=marker,
+                            color=f"C{g_i * 2 + m_i}",
+                            linestyle="-" if p == 10 else ":",
+                            label=f"{group}, {method}" if p == 10 else None,
+                        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("SVD time per module, ms (1 thread; points: niter 1, 2, 4)")
@@ -370,8 +381,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="randomized-SVD seeds on the synthetic matrices")
     ap.add_argument("--worlds", default=None, help="comma-separated worlds (default: all shipped)")
     ap.add_argument("--no-behaviour", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "docs" / "rsvd"),
-                    help="writes OUT.json, OUT.png and the tables into OUT.md")
+    ap.add_argument(
+        "--out", default=str(REPO / "docs" / "rsvd"), help="writes OUT.json, OUT.png and the tables into OUT.md"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -392,8 +404,13 @@ def main() -> None:
     meta = {"command": "nice -n 10 python scripts/bench_rsvd.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
             "seconds": round(time.perf_counter() - t0)}  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps({**meta, "summary": summary, "behaviour": behaviour_rows,
-                                                    "adapters": adapter_rows, "matrices": rows}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {**meta, "summary": summary, "behaviour": behaviour_rows, "adapters": adapter_rows, "matrices": rows},
+            indent=1,
+        )
+        + "\n"
+    )
     write_results(out.with_suffix(".md"), f"{table}\n### Behaviour\n\n{behaviour}", meta)
     plot(summary, out.with_suffix(".png"))
     print(f"wrote {out}.json, .md, .png in {meta['seconds']} s")
