@@ -15,7 +15,8 @@ rule η = 0.25, ``settings.METHOD_DEFAULTS``):
 (c) behaviour on the shipped worlds: refusal and accuracy (``csulora.world.behaviour``, 240 prompts a group) of the
     first mixed adapter of each world sanitized by ``csulora.sanitize`` with each SVD;
 and, for completeness, principal angles (sine of the largest, output and input side), ``k`` of the energy rule
-against the exact one, and the SVD's time on one thread (as the module workers run it).
+against the exact one, and the SVD's time on one thread (as the module workers run it). Synthetic matrices: the
+rank rule with the randomized SVD's seeds 0, 1, 2 (the worst is reported), the energy rule (10× the cost) with seed 0.
 
 Matrices: every module the shipped worlds' adapters target (``D`` from the worlds' fp16 checkpoints), and
 synthetic ``D`` of 1B shapes (2048×2048, 5632×2048) with flat spectra: power laws ``σ_i = i^-α`` at full rank
@@ -122,13 +123,27 @@ class Reference:
                 "sin_U": sin_max(sub.U, self.U[:, :k]), "sin_V": sin_max(sub.V, self.V[:, :k])}  # fmt: skip
 
 
-def subspace(D: torch.Tensor, total: float, method: str, setting: tuple[int, int] | None, seed: int = 0):
-    """The method's default subspace of ``D`` with ``setting`` (``None``: the exact path) and its time (one thread)."""
+def subspace(
+    D: torch.Tensor,
+    total: float,
+    method: str,
+    setting: tuple[int, int] | None,
+    seed: int = 0,
+    ref: Reference | None = None,
+):
+    """The method's default subspace of ``D`` with ``setting`` (``None``: the exact path, reusing ``ref``'s SVD of
+    ``D`` when given) and its time (one thread)."""
     params = Settings(method=method, exact_svd=setting is None, seed=seed).resolved().subspace_params()
-    with algorithm(setting), fixed_threads():
-        t = time.perf_counter()
-        sub = subspace_of(D, total, params)
-        return sub, time.perf_counter() - t
+    exact = subspace_module.exact_svd
+    if ref is not None:
+        subspace_module.exact_svd = lambda M: (ref.U, ref.S, ref.V) if M is ref.D else exact(M)
+    try:
+        with algorithm(setting), fixed_threads():
+            t = time.perf_counter()
+            sub = subspace_of(D, total, params)
+            return sub, time.perf_counter() - t
+    finally:
+        subspace_module.exact_svd = exact
 
 
 def corrected(module: LoraModule, sub, method: str) -> torch.Tensor:
@@ -182,16 +197,16 @@ def run_synthetic(shapes, seeds, rows: list[dict]) -> None:
             module = synthetic_module(D)
             dW = module.scaling * module.B.double() @ module.A.double()
             for method in METHODS_MEASURED:
-                sub_e, t_exact = subspace(D, ref.total, method, None)
+                sub_e = subspace(D, ref.total, method, None, ref=ref)[0]
                 out_e = corrected(module, sub_e, method)
                 out2, corr2 = float(out_e.square().sum()), float((dW - out_e).square().sum())
                 for setting in SETTINGS:
-                    for seed in seeds:
+                    for seed in seeds if method == "realign" else seeds[:1]:  # the energy rule costs 10×: one seed
                         sub, t = subspace(D, ref.total, method, setting, seed)
                         diff2 = float((corrected(module, sub, method) - out_e).square().sum())
                         rows.append({"source": "synthetic", "matrix": f"{shape[0]}x{shape[1]} {spectrum}",
                                      "shape": list(shape), "spectrum": spectrum, "method": method,
-                                     "setting": sid(setting), "seed": seed, "time_s": t, "exact_time_s": t_exact,
+                                     "setting": sid(setting), "seed": seed, "time_s": t,
                                      "randomized": randomized_path(shape, method, setting[1]),
                                      **ref.metrics(sub, method), **relative(diff2, out2, corr2)})  # fmt: skip
             print(f"  synthetic {shape} {spectrum}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -219,7 +234,7 @@ def run_world(name: str, rows: list[dict], adapter_rows: list[dict]) -> None:
         D, total = pair.displacement(target, torch.device("cpu"))
         ref = Reference(D, total)
         for method in METHODS_MEASURED:
-            subs[tid, method, None] = subspace(D, total, method, None)[0]
+            subs[tid, method, None] = subspace(D, total, method, None, ref=ref)[0]
             for setting in SETTINGS:
                 sub, t = subspace(D, total, method, setting)
                 subs[tid, method, setting] = sub
