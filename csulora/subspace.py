@@ -12,8 +12,13 @@ from torch import Tensor
 
 from .precision import widen
 
+# The randomized SVD's settings: the cheapest measured to hold the tolerance below on flat spectra
+# (scripts/bench_rsvd.py, docs/rsvd.md). A change changes every subspace: the cache key holds both.
 OVERSAMPLE = 10
 NITER = 4
+# Tolerance of the randomized SVD (docs/design-notes.md): the computed k-dim subspace holds at least
+# 1 − ENERGY_TOLERANCE of the exact top-k energy Σ_{i≤k} σ_i² of D.
+ENERGY_TOLERANCE = 0.01
 FIRST_GUESS = 32  # initial rank of the adaptive randomized SVD when k is chosen by energy
 
 
