@@ -396,10 +396,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="randomized-SVD seeds on the synthetic matrices")
     ap.add_argument("--worlds", default=None, help="comma-separated worlds (default: all shipped)")
     ap.add_argument("--no-behaviour", action="store_true")
+    ap.add_argument("--settings", default=None, help="NITER:P,… to measure instead of the grid, e.g. 3:10,3:20")
     ap.add_argument(
         "--out", default=str(REPO / "docs" / "rsvd"), help="writes OUT.json, OUT.png and the tables into OUT.md"
     )
     args = ap.parse_args()
+    if args.settings:
+        SETTINGS[:] = [tuple(int(x) for x in item.split(":")) for item in args.settings.split(",")]
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     worlds = args.worlds.split(",") if args.worlds else (["tiny", "moe"] if args.quick else W.world_names())
@@ -409,7 +412,7 @@ def main() -> None:
     run_synthetic(SHAPES["quick" if args.quick else "full"], [int(s) for s in args.seeds.split(",")], rows)
     if not (args.quick or args.no_behaviour):
         for name in worlds:
-            run_behaviour(name, BEHAVIOUR_SETTINGS, behaviour_rows)
+            run_behaviour(name, BEHAVIOUR_SETTINGS if args.settings is None else SETTINGS, behaviour_rows)
     summary = summarize(rows, adapter_rows)
     table, behaviour = render_table(summary), render_behaviour(behaviour_rows)
     print(table)
