@@ -27,6 +27,7 @@ B ~ N(0, 0.01²)), half an attack ``−c·D Aᵀ A`` that turns D back where A r
 
     nice -n 10 python scripts/bench_rsvd.py                # writes docs/rsvd.{md,json,png}
     python scripts/bench_rsvd.py --quick --out /tmp/rsvd   # small shapes, two worlds, no behaviour
+    python scripts/bench_rsvd.py --time-pair /tmp/bench    # CPU time of niter 4 vs 3 on a bench_speed.py 1b pair
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ from csulora.adapters import LoraModule, read_adapter  # noqa: E402
 from csulora.cache import SubspaceSource, subspace_of  # noqa: E402
 from csulora.checkpoints import Checkpoint, CheckpointPair, parse_ref  # noqa: E402
 from csulora.determinism import fixed_threads  # noqa: E402
+from csulora.layouts import Target  # noqa: E402
 from csulora.methods import METHODS  # noqa: E402
 from csulora.settings import METHOD_DEFAULTS  # noqa: E402
-from csulora.subspace import energy_rank, exact_svd, squared_norm  # noqa: E402
+from csulora.subspace import energy_rank, exact_svd, safety_subspace, squared_norm  # noqa: E402
+from csulora.synthetic import PER_LAYER  # noqa: E402
 from csulora.targets import bind  # noqa: E402
 
 SETTINGS = [(n, p) for n in (1, 2, 4) for p in (5, 10, 20)]  # (niter, oversampling)
@@ -280,6 +283,28 @@ def run_behaviour(name: str, settings: list, rows: list[dict]) -> None:
     print(f"  behaviour {name}/{adapter}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def time_pair(root: Path, settings: list[tuple[int, int]], layers: tuple[int, ...] = (0, 11), reps: int = 4) -> None:
+    """CPU seconds of the rank-8 subspaces (realign's default) of every weight of ``layers`` of a bench_speed pair
+    (``root/aligned``, ``root/base``) per setting, on one thread, the settings alternated ``reps`` times."""
+    pair = CheckpointPair(*(Checkpoint.open(parse_ref(str(root / n))) for n in ("aligned", "base")))
+    targets = [Target(f"model.layers.{i}.{n}.weight") for i in layers for n in PER_LAYER]
+    pair.prepare(targets)
+    Ds = [pair.displacement(t, torch.device("cpu")) for t in targets]
+    seconds: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+    for rep in range(reps):
+        for setting in settings if rep % 2 == 0 else settings[::-1]:
+            with algorithm(setting), fixed_threads():
+                t = time.process_time()
+                for D, total in Ds:
+                    safety_subspace(D, rank=8, total=total)
+                seconds[setting].append(time.process_time() - t)
+    for setting, v in seconds.items():
+        print(
+            f"{sid(setting)}: {len(Ds)} modules of layers {layers}, CPU s median {statistics.median(v):.2f} "
+            f"(min {min(v):.2f}, max {max(v):.2f}, {reps} runs)"
+        )
+
+
 # ---------------------------------------------------------------- summary, rendering
 
 
@@ -396,11 +421,21 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="randomized-SVD seeds on the synthetic matrices")
     ap.add_argument("--worlds", default=None, help="comma-separated worlds (default: all shipped)")
     ap.add_argument("--no-behaviour", action="store_true")
+    ap.add_argument(
+        "--time-pair",
+        default=None,
+        metavar="DIR",
+        help="only time niter 4 against 3 on two layers of a scripts/bench_speed.py pair in DIR",
+    )
     ap.add_argument("--settings", default=None, help="NITER:P,… to measure instead of the grid, e.g. 3:10,3:20")
     ap.add_argument(
         "--out", default=str(REPO / "docs" / "rsvd"), help="writes OUT.json, OUT.png and the tables into OUT.md"
     )
     args = ap.parse_args()
+    if args.time_pair:
+        torch.set_num_threads(1)
+        time_pair(Path(args.time_pair), [(4, 10), (3, 10)])
+        return
     if args.settings:
         SETTINGS[:] = [tuple(int(x) for x in item.split(":")) for item in args.settings.split(",")]
     torch.set_num_threads(1)
