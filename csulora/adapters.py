@@ -18,6 +18,7 @@ import torch
 
 from .errors import CsuloraError
 from .layouts import Target
+from .precision import all_finite
 from .tensorfile import read_header, save_sorted, sha256_file
 
 CONFIG = "adapter_config.json"
@@ -398,7 +399,7 @@ def _sort(
                                "whose ranks differ; the file is damaged: re-save the adapter")  # fmt: skip
         if not A.is_floating_point() or not B.is_floating_point():
             raise CsuloraError(f"{where}: module {path} has non-floating-point LoRA factors")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        if not (all_finite(A) and all_finite(B)):
             raise CsuloraError(f"{where}: module {path} has NaN or Inf values; the training diverged, fix it first")
         layers.append(Layer(path, sides["A"], sides["B"], A, B, embedding))
     return layers, full, kept, dora

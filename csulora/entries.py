@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import CsuloraError
+from .precision import all_finite
 from .subspace import Subspace
 from .tensorfile import TensorReader, save_sorted
 
@@ -77,7 +78,7 @@ def read_entry(reader: TensorReader, path: Path, name: str, key: str, shape: tup
                        f"{[d_out, d_in]}")  # fmt: skip
     if checksum(U, S, V) != stored_sum:
         raise BadEntry("checksum mismatch (changed tensor bytes)")
-    if not all(bool(torch.isfinite(t).all()) for t in (U, S, V)):
+    if not all(all_finite(t) for t in (U, S, V)):
         raise BadEntry("non-finite values")
     if not (math.isfinite(total) and 0 <= captured <= total * (1 + 1e-6)):
         raise BadEntry("impossible energies")
