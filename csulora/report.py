@@ -387,14 +387,34 @@ def to_markdown(report: Report) -> str:
         *([f"- {pack_words(report)}"] if pack_words(report) else []),
         *(f"- {line}" for line in _summary_lines(report)),
         "",
-        "| " + " | ".join(columns(report)) + " |",
-        "|" + "---|" * len(columns(report)),
-        *("| " + " | ".join(cells(report, m)) + " |" for m in grouped(report.modules)),
+        "| " + " | ".join([*columns(report), AFTER_ALL]) + " |",
+        "|" + "---|" * (len(columns(report)) + 1),
+        *("| " + " | ".join([*cells(report, m), _after_all(m)]) + " |" for m in grouped(report.modules)),
+        "",
+        *MARKDOWN_LEGEND,
         *_kept_markdown(report),
     ]
     if report.warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in report.warnings)]
     return "\n".join(lines) + "\n"
+
+
+# The Markdown report is a document, not a terminal: it has every column, all four "after" shares and a legend.
+AFTER_ALL = "after: ρ_F / ρ_Hin / ρ_Hout / ρ_O"
+MARKDOWN_LEGEND = [
+    "**Columns.** `k`: the subspace rank; `captured`: the share of ‖D‖² the rank-k subspace holds; `ρ_F`, `ρ_Hin`, "
+    "`ρ_Hout`, `ρ_O`: the shares of the adapter's update ‖ΔW‖² that lie fully in the safety subspace, leave it on the "
+    "input side only, on the output side only, or on both (DESIGN §3; they add up to 1); `c` (realign) or `γ` "
+    "(resta): the method's strength; `γ_in`, `γ_out` (csulora): the attenuation of each side; `off after`, "
+    f"`ρ_F after` and `{AFTER_ALL}`: the same shares of the *written* update's own energy, measured on the file as "
+    "written (what `csulora audit` of it reports); `trunc. loss`: the energy the rank-r factored form drops, as a "
+    "share of ‖ΔW‖²; `retained`: ‖ΔW'‖/‖ΔW‖; `erosion`: ⟨ΔW, D_k⟩/‖D_k‖² before → after (negative: the update turns "
+    "the aligned directions back); `SafeLoRA`: Safe LoRA's cosine score (its basis is named above).",
+]
+
+
+def _after_all(m: ModuleRow) -> str:
+    return " / ".join(pct(m.rho_after[c]) for c in COMPONENTS)
 
 
 def provenance_words(report: Report, name=lambda ref: ref) -> str:

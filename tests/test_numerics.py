@@ -156,6 +156,12 @@ def test_after_values_are_what_audit_of_the_output_reports(llama_pair, peft_adap
     for after, before in (("off_energy_after", "off_energy_before"), ("leaving_energy_after", "leaving_energy_before"),
                           ("erosion_after", "erosion_before")):  # fmt: skip
         assert t[after] == pytest.approx(u[before], rel=1e-9, abs=1e-12)
+    # the Markdown report shows all four "after" shares of each row, as audit of the output reports them
+    markdown = (tmp_path / "out" / "csulora_report.md").read_text()
+    assert "**Columns.**" in markdown
+    for m in again.modules:
+        line = next(row for row in markdown.splitlines() if row.startswith(f"| {m.module} |"))
+        assert line.rstrip(" |").endswith(" / ".join(f"{100 * m.rho[c]:.1f}%" for c in ("F", "H_in", "H_out", "O")))
 
 
 # ------------------------------------------------------------------ item 2: fp16 underflow
