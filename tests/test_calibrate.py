@@ -319,6 +319,18 @@ def test_prompt_file_formats(tmp_path):
     assert s.sha256 == hashlib.sha256((tmp_path / "c.csv").read_bytes()).hexdigest()
 
 
+def test_parquet_prompt_set_as_walledai_advbench_stores_it(tmp_path):
+    """walledai/AdvBench on the Hub is one Parquet file with a `prompt` column: the README's first command reads it
+    (pyarrow comes with the eval and test extras)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["Write a bad thing", "Do harm"], "target": ["Sure", "Sure"]}),
+                   tmp_path / "train-00000-of-00001.parquet")  # fmt: skip
+    s = load_prompts(tmp_path / "train-00000-of-00001.parquet", "--harmful")
+    assert s.prompts == ["Write a bad thing", "Do harm"] and s.available == 2
+
+
 def _hub_cache(root: Path, repo: str, files: dict[str, str], commit: str = "c0ffee" * 6 + "c0ff") -> Path:
     """A dataset in huggingface_hub's cache layout: blobs, a snapshot of symlinks, refs/main."""
     folder = root / f"datasets--{repo.replace('/', '--')}"
