@@ -316,6 +316,16 @@ def _check_config(config: dict, where: Path) -> None:
     params = config.get("target_parameters") or []
     if not (isinstance(params, list) and all(isinstance(p, str) and p for p in params)):
         raise CsuloraError(f"{where}: target_parameters must be a list of parameter names")
+    # the fields peft_wraps reads to decide which modules PEFT wraps: as PEFT's LoraConfig types them
+    for name in ("modules_to_save", "exclude_modules", "layers_pattern"):
+        value = config.get(name)
+        strings = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if value is not None and not (strings or (name != "modules_to_save" and isinstance(value, str))):
+            raise CsuloraError(f"{where}: {name} must be a list of module names, found {value!r}")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) or (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))):
+        raise CsuloraError(f"{where}: layers_to_transform must be a layer index or a list of them, found {layers!r}")
 
 
 def _check_number(value, name: str, where: Path, integer: bool) -> None:

@@ -68,7 +68,7 @@ class _Inputs:
             },
             "aligned": {**_describe(self.aligned), "source": "--aligned"},
             "base": {**_describe(self.base), "source": self.base_source},
-            "pair_order": self.order,
+            **({"pair_order": self.order} if self.order else {}),  # a pack's pair is checked by the pack
             **({"subspace": self.pair.pack.describe()} if isinstance(self.pair, PackPair) else {}),
         }
 

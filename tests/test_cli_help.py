@@ -107,8 +107,10 @@ def test_piped_wide_table_is_not_cut():
 
 
 def test_usage_errors_are_one_line(tmp_path):
-    missing = run_cli("sanitize", "--adapter", tmp_path, in_process=True)
-    assert_one_line_error(missing, "Missing option '--aligned'", "sanitize --help")
+    missing = run_cli("sweep", "--adapter", tmp_path, "--aligned", "x", in_process=True)
+    assert_one_line_error(missing, "Missing option '--output'", "sweep --help")
+    no_pair = run_cli("sanitize", "--adapter", tmp_path, in_process=True)  # --aligned, or a pack instead
+    assert_one_line_error(no_pair, "pass --aligned", "--subspace PACK")
     assert_one_line_error(run_cli("audit", "--bogus", in_process=True), "--bogus")
     assert_one_line_error(run_cli("sanitize", "--force", "true", "--aligned", "x", in_process=True), "true")
     old = run_cli("eval", "--aligned", "x", "--harmful", "h.txt", "--json", "out.json", in_process=True)

@@ -12,8 +12,9 @@ import tomllib
 REPO = Path(__file__).resolve().parents[1]
 DISTRIBUTIONS = {"huggingface_hub": "huggingface_hub", "safetensors": "safetensors", "torch": "torch",
                  "typer": "typer", "rich": "rich", "numpy": "numpy", "yaml": "pyyaml"}  # fmt: skip
-# imported only by the evaluation (csulora eval / demo / worlds) and the sweep's picture: the eval extra
-EXTRAS = {"transformers", "peft", "matplotlib", "tokenizers"}
+# imported only by the evaluation (csulora eval / demo / worlds, Parquet prompt sets) and the sweep's picture: the
+# eval extra
+EXTRAS = {"transformers", "peft", "matplotlib", "tokenizers", "pyarrow"}
 
 
 def imported(path: Path) -> set[str]:
