@@ -11,24 +11,24 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
 from .cache import SubspaceSource
-from .card import model_card
-from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, refuse_adapter
 from .determinism import fixed_threads
 from .errors import CsuloraError
-from .layouts import Target, is_block_weight
+from .io.adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
+from .io.checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, refuse_adapter
+from .io.layouts import Target, is_block_weight
+from .io.outputs import check_output, write_folder
+from .io.targets import Plan, bind
 from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate, summary_warnings
-from .outputs import check_output, write_folder
 from .pack import PackPair, PackSource
 from .pair_order import check_pair_order, names_checkpoint, weight_hint
 from .parallel import default_workers, ordered
-from .report import Report, to_markdown
-from .report_html import to_html
+from .reports.card import model_card
+from .reports.report import Report, to_markdown
+from .reports.report_html import to_html
 from .settings import Settings
 from .subspace import rank_cut
-from .targets import Plan, bind
 
 # (phase, done, total, item): phases "reading" (adapter and headers), "subspaces" (one step per module:
 # read W_a, W_b and take the SVD, or load the cached subspace; then correct), "writing"

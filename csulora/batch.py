@@ -14,14 +14,14 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .adapters import CONFIG, WEIGHTS
 from .api import Progress, Settings, default_output, sanitize
 from .cache import SubspaceSource
-from .checkpoints import parse_ref
 from .errors import CsuloraError, OutputExists
+from .io.adapters import CONFIG, WEIGHTS
+from .io.checkpoints import parse_ref
 from .methods import validate
 from .pair_order import check_pair_order
-from .report import Report, erosion_words, ratio
+from .reports.report import Report, erosion_words, ratio
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
 

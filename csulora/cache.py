@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointPair
 from .determinism import fixed_threads
 from .entries import BadEntry, read_entry, write_entries
-from .layouts import Target
-from .outputs import replace_file
+from .io.checkpoints import CheckpointPair
+from .io.layouts import Target
+from .io.outputs import replace_file
+from .io.tensorfile import TensorReader
 from .subspace import FIRST_GUESS, NITER, OVERSAMPLE, Subspace, safety_subspace
-from .tensorfile import TensorReader
 
 CACHE_FORMAT = 2  # 2: keyed by module targets (experts, fused layouts, orientation); entries: entries.py
 

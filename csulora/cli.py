@@ -222,8 +222,8 @@ def _calibrate(adapter: list[Path] | None, model: str | None, output: Path | Non
                screen: Console, opts: Options) -> None:  # fmt: skip
     """``sanitize --calibrate``: measure the ladder, pick, write (calibrate.py); exit 1 when nothing qualifies."""
     from .batch import is_batch
-    from .calibrate import PROMPTS, CalibrationFailed, calibrate, calibration_table
     from .prompts import load_prompts
+    from .tuning.calibrate import PROMPTS, CalibrationFailed, calibrate, calibration_table
 
     if not opts["calibrate"]:
         raise CsuloraError("--harmful, --prompts, --general and --calibrate-all apply to --calibrate")
@@ -270,7 +270,7 @@ def _show(screen: Console, table) -> None:
 
 
 def _render(result, title: str, screen: Console, opts: Options) -> None:
-    from .report import to_table
+    from .reports.report import to_table
 
     if not opts["quiet"]:
         _show(screen, to_table(result.report, title=title, wide=opts["wide"]))
@@ -305,9 +305,9 @@ def audit(
     with _errors(opts["debug"]):
         from .api import audit as api_audit
         from .batch import find_adapters, is_batch
-        from .gate import Thresholds, audit_document, enforce
-        from .report import to_table
-        from .report_html import to_html
+        from .reports.gate import Thresholds, audit_document, enforce
+        from .reports.report import to_table
+        from .reports.report_html import to_html
 
         _one_input(adapter, model)
         _pack_inputs(opts, model)
@@ -362,9 +362,9 @@ def audit(
 
 def _behaviour_check(opts: Options, model: str | None):
     """audit --harmful: the prompt set and options, checked; ``None`` without --harmful."""
-    from .calibrate import PROMPTS
     from .prompts import load_prompts
     from .refusal_gate import check_limits
+    from .tuning.calibrate import PROMPTS
 
     if opts["harmful"] is None:
         if opts["min_refusal"] is not None:
@@ -581,10 +581,10 @@ def sweep(
                 "(--force to start again)")  # fmt: skip
 
     with _errors(opts["debug"], kept):
-        from .sweep import plan, run_sweep
-        from .sweep_render import sweep_table
-        from .sweep_result import parse_rule
-        from .sweep_result import shown as metric_names
+        from .tuning.sweep import plan, run_sweep
+        from .tuning.sweep_render import sweep_table
+        from .tuning.sweep_result import parse_rule
+        from .tuning.sweep_result import shown as metric_names
 
         _one_input([adapter] if adapter else None, model)
         _pack_inputs(opts, model, method)
@@ -641,7 +641,7 @@ def _broken_evaluation(points: list[dict], output: Path) -> str | None:
     ran = [p for p in points if p.get("totals") is not None]  # written, then evaluated and failed
     if not ran:
         return None
-    from .sweep import EVAL_STDERR
+    from .tuning.sweep import EVAL_STDERR
 
     first = ran[0]
     return (f"the evaluation failed on every point ({len(ran)}), so nothing was measured: {one_line(first['message'])} "

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import world
 from .api import sanitize
-from .report import to_table
+from .reports.report import to_table
 from .settings import Settings
 
 ADAPTER = "adv-r8-all-s0"
@@ -116,9 +116,9 @@ def calibrate_command(paths: dict[str, Path], adapter: str, files: dict[str, Pat
 def _calibrated(root: Path, paths: dict[str, Path], adapter: str, workdir: Path, say) -> tuple[str, Path] | None:
     """``sanitize --calibrate`` on the world (calibrate.py): the column title and folder of its pick, or ``None``
     (said) when the rule picks nothing."""
-    from .calibrate import CalibrationFailed, calibrate
     from .evaluate import EvalOptions
     from .prompts import load_prompts
+    from .tuning.calibrate import CalibrationFailed, calibrate
 
     files = world.write_calibration_files(workdir / "calibration-prompts", world.world_info(root))
     out = workdir / "adapter-calibrated"

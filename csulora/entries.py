@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from .errors import CsuloraError
+from .io.tensorfile import TensorReader, save_sorted
 from .precision import all_finite
 from .subspace import Subspace
-from .tensorfile import TensorReader, save_sorted
 
 TENSORS = ("U", "S", "V")
 

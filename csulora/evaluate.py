@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import CONFIG
 from .api import Settings
-from .checkpoints import parse_ref, refuse_adapter
 from .errors import CsuloraError
+from .io.adapters import CONFIG
+from .io.checkpoints import parse_ref, refuse_adapter
 from .prompts import load_prompts
 
 # GCG's refusal prefixes (Zou et al. 2023, llm-attacks), matched as case-sensitive substrings.

@@ -21,23 +21,23 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import CONFIG, OUTSIDE_METHOD, DenseModule, Kept
 from .api import Progress, Result, _describe, _phase, correct_module, default_output
 from .cache import SubspaceSource
-from .card import model_card
-from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, public_name
 from .determinism import fixed_threads
 from .errors import CsuloraError
-from .layouts import Target, is_block_weight
+from .io.adapters import CONFIG, OUTSIDE_METHOD, DenseModule, Kept
+from .io.checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, public_name
+from .io.layouts import Target, is_block_weight
+from .io.outputs import check_output, write_folder
+from .io.tensorfile import READABLE_DTYPES, rewrite
 from .methods import METHODS, validate
 from .methods.base import summary_warnings
-from .outputs import check_output, write_folder
 from .pair_order import check_pair_order, weight_hint
 from .parallel import default_workers, ordered
-from .report import Report, to_markdown
-from .report_html import to_html
+from .reports.card import model_card
+from .reports.report import Report, to_markdown
+from .reports.report_html import to_html
 from .settings import Settings
-from .tensorfile import READABLE_DTYPES, rewrite
 
 # Files never copied from a model folder: weights in other formats hold the unsanitized model again.
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz", ".ot", ".tflite",

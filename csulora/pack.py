@@ -24,17 +24,17 @@ import torch
 
 from . import __version__
 from .cache import SubspaceParams, SubspaceSource, compute_subspace
-from .checkpoints import Checkpoint, CheckpointPair, CheckpointRef, _hub_errors, parse_ref
 from .determinism import fixed_threads
 from .entries import BadEntry, entry_record, read_entry, write_entries
 from .errors import CsuloraError, GateFailed
-from .layouts import FUSED_EXPERTS, TRANSPOSED_EXPERTS, Source, Target, is_block_weight, resolve
-from .outputs import check_output, write_folder
+from .io.checkpoints import Checkpoint, CheckpointPair, CheckpointRef, _hub_errors, parse_ref
+from .io.layouts import FUSED_EXPERTS, TRANSPOSED_EXPERTS, Source, Target, is_block_weight, resolve
+from .io.outputs import check_output, write_folder
+from .io.tensorfile import TensorInfo, TensorReader
 from .pair_order import check_pair_order
 from .parallel import default_workers, ordered
 from .settings import Settings
 from .subspace import Subspace
-from .tensorfile import TensorInfo, TensorReader
 
 MANIFEST = "csulora_subspace.json"
 PACK_FORMAT = 1

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoints import CheckpointRef, card_base_model, parse_ref, public_name
 from .errors import CsuloraError
+from .io.checkpoints import CheckpointRef, card_base_model, parse_ref, public_name
 
 OVERRIDE = "--allow-swapped"
 NO_METADATA = "no metadata says"

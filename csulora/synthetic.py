@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import save_file
 
-from .tensorfile import TensorReader, read_header, rewrite
+from .io.tensorfile import TensorReader, read_header, rewrite
 
 PER_LAYER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Validation of ``sanitize --calibrate`` on the shipped worlds (a script that prints measurements, not a test).
 
-For each world and adapter: the calibrated pick (``csulora.calibrate.calibrate``, the code path of the command,
+For each world and adapter: the calibrated pick (``csulora.tuning.calibrate.calibrate``, the code path of the command,
 on prompts of the worlds' *training* split: ``world.write_calibration_files``) judged by the world's own evaluation
 (240 held-out prompts per group, seed 1234, the split no calibration prompt comes from), beside
 
@@ -40,9 +40,9 @@ sys.path.insert(0, str(REPO))
 from csulora import world as W  # noqa: E402
 from csulora.api import sanitize  # noqa: E402
 from csulora.cache import SubspaceSource  # noqa: E402
-from csulora.calibrate import CalibrationFailed, Rule, calibrate, choose, search_ladders  # noqa: E402
 from csulora.evaluate import EvalOptions  # noqa: E402
 from csulora.prompts import load_prompts  # noqa: E402
+from csulora.tuning.calibrate import CalibrationFailed, Rule, calibrate, choose, search_ladders  # noqa: E402
 
 JSON_OUT = REPO / "docs" / "calibration.json"
 PLOT_OUT = REPO / "docs" / "calibration.png"
@@ -299,8 +299,8 @@ def long_outputs(lengths=(8, 32, 128), scales=(1.0, 0.9, 0.75, 0.5, 0.25, 0.0), 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from csulora.calibrate import REPRODUCED, agreement
     from csulora.evaluate import generate_ids
+    from csulora.tuning.calibrate import REPRODUCED, agreement
 
     torch.manual_seed(0)
     vocab = [f"w{i}" for i in range(512)]

@@ -51,16 +51,16 @@ sys.path.insert(0, str(REPO))
 from csulora import Settings, sanitize  # noqa: E402
 from csulora import subspace as subspace_module  # noqa: E402
 from csulora import world as W  # noqa: E402
-from csulora.adapters import LoraModule, read_adapter  # noqa: E402
 from csulora.cache import SubspaceSource, subspace_of  # noqa: E402
-from csulora.checkpoints import Checkpoint, CheckpointPair, parse_ref  # noqa: E402
 from csulora.determinism import fixed_threads  # noqa: E402
-from csulora.layouts import Target  # noqa: E402
+from csulora.io.adapters import LoraModule, read_adapter  # noqa: E402
+from csulora.io.checkpoints import Checkpoint, CheckpointPair, parse_ref  # noqa: E402
+from csulora.io.layouts import Target  # noqa: E402
+from csulora.io.targets import bind  # noqa: E402
 from csulora.methods import METHODS  # noqa: E402
 from csulora.settings import METHOD_DEFAULTS  # noqa: E402
 from csulora.subspace import energy_rank, exact_svd, safety_subspace, squared_norm  # noqa: E402
 from csulora.synthetic import PER_LAYER  # noqa: E402
-from csulora.targets import bind  # noqa: E402
 
 SETTINGS = [(n, p) for n in (1, 2, 4) for p in (5, 10, 20)]  # (niter, oversampling)
 BEHAVIOUR_SETTINGS = [(1, 10), (2, 10), (4, 10)]

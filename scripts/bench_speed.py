@@ -209,7 +209,7 @@ def reference_model(model: Path, aligned: Path, base: Path, out: Path, tau: floa
     import torch
     from safetensors.torch import save_file
 
-    from csulora.layouts import is_block_weight
+    from csulora.io.layouts import is_block_weight
 
     base_model, aligned_model = load_model(base), load_model(aligned)
     dtypes: dict = {}

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from csulora.api import audit  # noqa: E402
 from csulora.cache import SubspaceSource  # noqa: E402
-from csulora.checkpoints import Checkpoint, parse_ref  # noqa: E402
-from csulora.layouts import is_block_weight  # noqa: E402
+from csulora.io.checkpoints import Checkpoint, parse_ref  # noqa: E402
+from csulora.io.layouts import is_block_weight  # noqa: E402
 from csulora.models import audit_model  # noqa: E402
 from csulora.world import ALIGNED, BASE, FULL, world_dir, world_names  # noqa: E402
 

@@ -12,8 +12,8 @@ import math
 import torch
 
 from csulora import Settings
-from csulora.adapters import DenseModule, LoraModule
-from csulora.layouts import Target
+from csulora.io.adapters import DenseModule, LoraModule
+from csulora.io.layouts import Target
 from csulora.methods import METHODS
 from csulora.methods.base import DenseUpdate
 from csulora.subspace import safety_subspace

@@ -213,7 +213,7 @@ def test_every_lora_variant_of_the_installed_peft_is_read_or_refused_by_name():
     csulora's table of refusals; the init methods that rewrite base weights are refused."""
     from peft import LoraConfig
 
-    from csulora.adapters import INIT_VARIANTS, VARIANTS
+    from csulora.io.adapters import INIT_VARIANTS, VARIANTS
 
     fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
     tagged = {name for name, f in fields.items() if f.metadata.get("is_lora_variant")}

@@ -16,8 +16,8 @@ import pytest
 
 from csulora import Settings, audit, sanitize
 from csulora.errors import CsuloraError
-from csulora.gate import Thresholds, violations
-from csulora.report_html import to_html
+from csulora.reports.gate import Thresholds, violations
+from csulora.reports.report_html import to_html
 from tests.conftest import REPO, make_peft_adapter, run_cli
 
 
@@ -155,7 +155,7 @@ def test_realign_report_shows_what_it_did(report):
     """c, ρ_F after, the truncation loss and the erosion coefficient before → after, in every rendering."""
     from rich.console import Console
 
-    from csulora.report import to_markdown, to_table
+    from csulora.reports.report import to_markdown, to_table
 
     adapter, aligned = report.inputs["adapter"]["path"], report.inputs["aligned"]["ref"]
     realigned = audit(adapter, aligned, settings=Settings(method="realign", lam=3.0, beta=0.5)).report

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 import csulora.cache as cache_mod
 from csulora.api import Settings, audit, precompute_subspaces, sanitize
 from csulora.cache import SubspaceCache, SubspaceSource, default_cache_dir
-from csulora.checkpoints import Checkpoint, parse_ref
 from csulora.cli import app
+from csulora.io.checkpoints import Checkpoint, parse_ref
+from csulora.io.tensorfile import TensorReader
 from csulora.synthetic import SIZES, write_adapter, write_pair
-from csulora.tensorfile import TensorReader
 from tests.conftest import REPO
 
 TINY = SIZES["tiny"]

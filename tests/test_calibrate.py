@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from csulora import world as W
-from csulora.calibrate import BETAS, RANKS, Rule, agreement, choose, search, search_ladders
 from csulora.prompts import load_prompts
+from csulora.tuning.calibrate import BETAS, RANKS, Rule, agreement, choose, search, search_ladders
 from tests.conftest import assert_one_line_error, run_cli
 
 pytest.importorskip("transformers")
@@ -218,7 +218,7 @@ def test_calibrate_works_on_every_world(world, tmp_path):
 
 
 def test_no_candidate_meeting_the_rule_is_exit_1_and_writes_nothing(tiny_files, tmp_path, monkeypatch):
-    import csulora.calibrate as C
+    import csulora.tuning.calibrate as C
 
     monkeypatch.setattr(C, "choose", lambda measured, aligned, rule=None: (None, "none"))
     monkeypatch.setattr(C, "search_ladders", lambda sizes, measure, *args: {(0, 0): measure(0, 0)})  # one is enough

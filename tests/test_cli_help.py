@@ -82,7 +82,7 @@ def reports():
 
 @pytest.mark.parametrize("width", [80, 120])
 def test_per_layer_table_fits_and_cuts_nothing(reports, width):
-    from csulora.report import columns, grouped, to_table
+    from csulora.reports.report import columns, grouped, to_table
 
     for report in reports:
         console = Console(file=io.StringIO(), width=width, color_system=None)

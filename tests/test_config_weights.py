@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, folder_bytes, run_cli
 
-from csulora.adapters import peft_wraps
+from csulora.io.adapters import peft_wraps
 from csulora.world import ALIGNED, world_dir
 
 ROOT = world_dir("tiny")

@@ -17,7 +17,7 @@ from huggingface_hub import errors
 
 from csulora.api import audit
 from csulora.cache import SubspaceSource
-from csulora.checkpoints import Checkpoint, parse_ref
+from csulora.io.checkpoints import Checkpoint, parse_ref
 from csulora.synthetic import SIZES, write_adapter, write_pair
 
 TINY = SIZES["tiny"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from csulora import Settings, sanitize
-from csulora.adapters import CONFIG
+from csulora.io.adapters import CONFIG
 from tests import oracle
 from tests.conftest import TARGETS, load_llama, make_peft_adapter
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from csulora.cache import SubspaceSource
-from csulora.layouts import is_block_weight
+from csulora.io.layouts import is_block_weight
 from csulora.models import audit_model, sanitize_model
 from csulora.settings import Settings
 from tests.conftest import assert_one_line_error, folder_bytes, run_cli
@@ -272,9 +272,9 @@ def test_sweep_of_a_model_writes_whole_models_and_picks_one(full, tmp_path, monk
         card = (out / p["id"] / "README.md").read_text()
         assert "csulora sanitize --model" in card and "--form" not in card
     assert (out / "picked" / "model.safetensors.index.json").is_file()
-    import csulora.sweep
+    import csulora.tuning.sweep
 
-    monkeypatch.setattr(csulora.sweep.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))
+    monkeypatch.setattr(csulora.tuning.sweep.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))
     refused = run_cli(*args, "-o", tmp_path / "sweep2", in_process=True)
     assert_one_line_error(refused, "needed", "are free")
     assert not (tmp_path / "sweep2" / "sweep.json").exists()

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from csulora import Settings
-from csulora.adapters import CONFIG, WEIGHTS, DenseModule, LoraModule
 from csulora.api import audit, sanitize
 from csulora.correction import safe_lora_project
-from csulora.layouts import Target
+from csulora.io.adapters import CONFIG, WEIGHTS, DenseModule, LoraModule
+from csulora.io.layouts import Target
 from csulora.methods import METHODS
 from csulora.methods.base import DenseUpdate
 from csulora.precision import cast_back, widen

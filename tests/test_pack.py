@@ -19,11 +19,11 @@ from csulora import pack as pack_module
 from csulora.api import audit, sanitize
 from csulora.cache import SubspaceSource
 from csulora.entries import write_entries
+from csulora.io.tensorfile import TensorReader
 from csulora.pack import MANIFEST, PackSource, _digest, build_pack
 from csulora.settings import Settings
 from csulora.subspace import Subspace
 from csulora.synthetic import SIZES, write_adapter, write_pair
-from csulora.tensorfile import TensorReader
 from csulora.world import world_dir
 from tests.conftest import REPO, assert_one_line_error, folder_bytes
 from tests.conftest import run_cli as _run_cli

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csulora import Settings
-from csulora.adapters import LoraModule
 from csulora.correction import (
     best_rank,
     erosion,
@@ -20,6 +19,7 @@ from csulora.correction import (
     shift_block_factors,
     subspace_block,
 )
+from csulora.io.adapters import LoraModule
 from csulora.methods import METHODS
 from csulora.subspace import safety_subspace
 from tests import oracle

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from csulora import Settings
-from csulora.adapters import DenseModule, LoraModule
-from csulora.layouts import Target
+from csulora.io.adapters import DenseModule, LoraModule
+from csulora.io.layouts import Target
 from csulora.methods import METHODS
 from csulora.methods.base import DenseUpdate
 from csulora.precision import unit_roundoff, widen

@@ -29,7 +29,7 @@ OLD_LAMBDA, NEW_LAMBDA = 0.5, 2.0
 WRAPPER = r"""
 import os, sys, time
 from pathlib import Path
-import csulora.adapters as adapters, csulora.outputs as outputs
+import csulora.io.adapters as adapters, csulora.io.outputs as outputs
 stop, mode, out, lam, adapter, aligned, base = sys.argv[1:8]
 
 def step(name):

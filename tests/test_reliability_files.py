@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from csulora.errors import CsuloraError
+from csulora.io.tensorfile import read_header
 from csulora.synthetic import write_adapter, write_pair
-from csulora.tensorfile import read_header
 from tests.conftest import assert_one_line_error, run_cli
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.0.self_attn.v_proj": (8, 16)}

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from csulora.adapters import pattern_value
+from csulora.io.adapters import pattern_value
 from csulora.synthetic import write_adapter, write_pair
 from tests import oracle
 from tests.conftest import assert_one_line_error, run_cli

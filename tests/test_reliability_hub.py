@@ -8,8 +8,8 @@ import httpx2
 import pytest
 from huggingface_hub.utils import hf_raise_for_status
 
-from csulora.checkpoints import _hub_errors, parse_ref
 from csulora.errors import CsuloraError
+from csulora.io.checkpoints import _hub_errors, parse_ref
 from csulora.synthetic import write_adapter, write_pair
 from tests.conftest import assert_one_line_error, run_cli
 

@@ -20,9 +20,9 @@ import csulora.cache as cache_mod
 from csulora import Settings
 from csulora.cache import SubspaceSource
 from csulora.errors import CsuloraError
-from csulora.sweep import plan, run_sweep
-from csulora.sweep_result import parse_rule, pick
 from csulora.synthetic import SIZES, write_adapter, write_pair
+from csulora.tuning.sweep import plan, run_sweep
+from csulora.tuning.sweep_result import parse_rule, pick
 from tests.conftest import OUTPUT_FILES, REPO, assert_one_line_error, folder_bytes, run_cli
 
 TINY = SIZES["tiny"]

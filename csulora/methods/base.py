@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from ..adapters import Adapter, DenseModule, LoraModule, pattern_value
 from ..correction import (
     DenseSplit,
     best_rank,
@@ -36,8 +35,9 @@ from ..correction import (
     subspace_block,
 )
 from ..errors import CsuloraError
+from ..io.adapters import Adapter, DenseModule, LoraModule, pattern_value
 from ..precision import WRITE_LOSS_ULPS, cast_back, wide_dtype, widen, write_loss_limit
-from ..report import CORRECTION_LOST_LIMIT, ModuleRow
+from ..reports.report import CORRECTION_LOST_LIMIT, ModuleRow
 from ..settings import Settings
 from ..subspace import Subspace, squared_norm
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import LoraModule
 from ..correction import (
     attenuation,
     block_attenuation,
@@ -23,6 +22,7 @@ from ..correction import (
     safe_lora_score_subspace,
     split,
 )
+from ..io.adapters import LoraModule
 from ..settings import Settings
 from ..subspace import Subspace
 from .base import Corrected, DenseUpdate, Method, dense_row, in_float64, lambda_words, module_row, write

@@ -10,8 +10,8 @@ import dataclasses
 
 import torch
 
-from ..adapters import LoraModule
 from ..correction import cosine, dense_energies, dense_split, safe_lora_cosine, safe_lora_project
+from ..io.adapters import LoraModule
 from ..settings import Settings
 from ..subspace import Subspace
 from .base import Corrected, DenseUpdate, Method, dense_row, in_float64, module_row, write

@@ -6,9 +6,9 @@ import json
 import re
 import shlex
 
-from .checkpoints import public_name
+from ..io.checkpoints import public_name
+from ..settings import DEFAULT_METHOD, METHOD_NOTES
 from .report import Report, kept_words, pack_words, pct, provenance_words, rank_warning, ratio
-from .settings import DEFAULT_METHOD, METHOD_NOTES
 
 # A local absolute path in a command line (``/…``, ``~/…``), alone or after ``--option=``; not a URL's ``//``.
 _LOCAL_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)[^\s'\"]*")

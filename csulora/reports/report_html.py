@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from html import escape
 
-from .correction import COMPONENTS
+from ..correction import COMPONENTS
 from .report import (
     Report,
     _subspace_words,

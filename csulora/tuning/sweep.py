@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .api import Progress, check_inputs, sanitize
-from .batch import is_complete
-from .cache import SubspaceSource
-from .errors import CsuloraError
-from .methods import METHODS, validate
-from .models import check_model_inputs, sanitize_model
-from .outputs import replace_file, write_folder
-from .settings import Settings
+from ..api import Progress, check_inputs, sanitize
+from ..batch import is_complete
+from ..cache import SubspaceSource
+from ..errors import CsuloraError
+from ..io.outputs import replace_file, write_folder
+from ..methods import METHODS, validate
+from ..models import check_model_inputs, sanitize_model
+from ..settings import Settings
 from .sweep_render import write_pictures
 from .sweep_result import Rule, SweepResult, pick
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CsuloraError
+from ..errors import CsuloraError
+from ..subspace import displacement, squared_norm
 from .layouts import Source, Target, resolve
-from .subspace import displacement, squared_norm
 from .tensorfile import Header, TensorInfo, TensorReader, read_header
 
 INDEX = "model.safetensors.index.json"

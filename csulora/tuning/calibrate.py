@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from .api import Progress, Result, check_inputs, check_output, default_output, sanitize
-from .cache import SubspaceSource
-from .errors import CsuloraError, GateFailed
-from .evaluate import EvalOptions, encode, generate_ids, load, refusal_rate
-from .prompts import PromptSet
-from .settings import Settings
+from ..api import Progress, Result, check_inputs, check_output, default_output, sanitize
+from ..cache import SubspaceSource
+from ..errors import CsuloraError, GateFailed
+from ..evaluate import EvalOptions, encode, generate_ids, load, refusal_rate
+from ..prompts import PromptSet
+from ..settings import Settings
 from .sweep import Point, plan
 
 # Subspace ranks of the ladders, in the order searched: realign's default k = 8 first; then k = 2, which touches

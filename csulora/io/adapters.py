@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CsuloraError
+from ..errors import CsuloraError
+from ..precision import all_finite
 from .layouts import Target
-from .precision import all_finite
 from .tensorfile import read_header, save_sorted, sha256_file
 
 CONFIG = "adapter_config.json"

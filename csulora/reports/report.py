@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from rich import box
 from rich.table import Table
 
-from .adapters import Kept
-from .correction import COMPONENTS
+from ..correction import COMPONENTS
+from ..io.adapters import Kept
 
 SCHEMA_VERSION = 3  # 2: module kinds (experts, dense), kept tensors; 3: "after" shares of the written update
 CORRECTION_LOST_LIMIT = 0.1  # a full weight losing more than this share of its correction in the cast is reported

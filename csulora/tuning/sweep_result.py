@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CsuloraError
+from ..errors import CsuloraError
 
 SCHEMA_VERSION = 1
 _RULE = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(>=|<=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .adapters import OUTSIDE_METHOD
-from .errors import CsuloraError, GateFailed
+from ..errors import CsuloraError, GateFailed
+from ..io.adapters import OUTSIDE_METHOD
 from .report import SCHEMA_VERSION, ModuleRow, Report
 
 NAMED = 5  # modules named per violation in the one-line message

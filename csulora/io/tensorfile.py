@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CsuloraError
+from ..errors import CsuloraError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 _DTYPE_BYTES = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .report_html import CSS
+from ..reports.report_html import CSS
 from .sweep_result import SweepResult, candidates, measured, require_measured, shown
 
 PALETTE = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#4a5568")

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import CsuloraError, OutputExists
+from ..errors import CsuloraError, OutputExists
 
 
 def check_output(out: Path, force: bool, inputs: list[Path]) -> None:

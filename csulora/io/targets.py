@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import CsuloraError
 from .adapters import (
     CONFIG,
     PREFIX,
@@ -25,7 +26,6 @@ from .adapters import (
     targeted_module,
 )
 from .checkpoints import Checkpoint
-from .errors import CsuloraError
 from .layouts import TRANSPOSED_EXPERTS, Target, expert_count, resolve
 
 # Parameters of one module are wrapped in the order the module declares them (the first is innermost).
