@@ -51,12 +51,14 @@ def product_energy(B: Tensor, A: Tensor) -> float:
 
 
 def component_energies(sp: Split) -> dict[str, float]:
-    """Component energies (§3): ``e_F = ‖B1A1‖², e_Hin = ‖B1A2‖², e_Hout = ‖B2A1‖², e_O = ‖B2A2‖²``."""
+    """Component energies (§3): ``e_F = ‖B1A1‖², e_Hin = ‖B1A2‖², e_Hout = ‖B2A1‖², e_O = ‖B2A2‖²``, each
+    ``tr(BᵢᵀBᵢ · AⱼAⱼᵀ)``: the four ``r × r`` Grams are formed once each (they are the cost: ``d × r²``)."""
+    G_B1, G_B2, G_A1, G_A2 = sp.B1.T @ sp.B1, sp.B2.T @ sp.B2, sp.A1 @ sp.A1.T, sp.A2 @ sp.A2.T
     return {
-        "F": product_energy(sp.B1, sp.A1),
-        "H_in": product_energy(sp.B1, sp.A2),
-        "H_out": product_energy(sp.B2, sp.A1),
-        "O": product_energy(sp.B2, sp.A2),
+        "F": float((G_B1 * G_A1).sum()),
+        "H_in": float((G_B1 * G_A2).sum()),
+        "H_out": float((G_B2 * G_A1).sum()),
+        "O": float((G_B2 * G_A2).sum()),
     }
 
 
