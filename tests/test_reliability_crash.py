@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from csulora import outputs, sanitize
+from csulora import sanitize
+from csulora.io import outputs
 from csulora.api import Settings
 from csulora.errors import CsuloraError, OutputExists
 from csulora.synthetic import module_names, write_adapter, write_pair
