@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from csulora import sanitize
-from csulora.io import outputs
 from csulora.api import Settings
 from csulora.errors import CsuloraError, OutputExists
+from csulora.io import outputs
 from csulora.synthetic import module_names, write_adapter, write_pair
 from tests.conftest import REPO, folder_bytes
 
