@@ -66,7 +66,8 @@ class _Inputs:
                 "weights_sha256": self.adapter.weights_sha256,
                 "base_model_name_or_path": self.adapter.base_model,
             },
-            "aligned": {**_describe(self.aligned), "source": "--aligned"},
+            "aligned": {**_describe(self.aligned), "source": "subspace pack" if isinstance(self.pair, PackPair)
+                        else "--aligned"},  # fmt: skip
             "base": {**_describe(self.base), "source": self.base_source},
             **({"pair_order": self.order} if self.order else {}),  # a pack's pair is checked by the pack
             **({"subspace": self.pair.pack.describe()} if isinstance(self.pair, PackPair) else {}),

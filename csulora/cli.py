@@ -506,7 +506,7 @@ def _pack_inputs(opts: Options, model: str | None, methods: list[str] | None = N
         if opts["aligned"] is not None or opts["base"] is not None:
             raise CsuloraError("--subspace replaces --aligned and --base (the pack names its pair); pass one or the "
                                "other")  # fmt: skip
-        if "safe-lora" in (methods or [opts.get("method")]):
+        if "safe-lora" in (methods or []):  # a sweep's methods; one method's settings: PackSource.serve says it
             raise CsuloraError("--method safe-lora needs the whole displacement D; a subspace pack holds only U_k, "
                                "Σ_k, V_k: pass --aligned and --base, or use realign, csulora or resta")  # fmt: skip
     elif opts["aligned"] is None:
