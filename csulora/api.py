@@ -153,8 +153,12 @@ def audit(
     subspaces: SubspaceSource | None = None,
     jobs: int | None = None,
     allow_swapped: bool = False,
+    before_only: bool = False,
 ) -> Result:
-    """Compute the same decomposition and report as ``sanitize()`` without writing anything."""
+    """Compute the same decomposition and report as ``sanitize()`` without writing anything.
+
+    ``before_only``: the adapter as it is, without running the method (every gate statistic is a "before" value):
+    the report has no "after" values, and an audit costs a fraction of a run (BENCHMARKS.md, packs)."""
     settings = _served(settings, subspaces)
     validate(settings)
     t0 = time.perf_counter()
@@ -163,7 +167,7 @@ def audit(
     _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
     report, _, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
-                        jobs or default_workers(settings.device))  # fmt: skip
+                        jobs or default_workers(settings.device), before_only)  # fmt: skip
     return Result(report, None, {"load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
 
 
@@ -253,11 +257,13 @@ def resolve_base(adapter: Adapter, aligned: CheckpointRef, base: str | None) -> 
 
 
 def _run(
-    inputs: _Inputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource, jobs: int
+    inputs: _Inputs, settings: Settings, progress: Progress | None, subspaces: SubspaceSource, jobs: int,
+    before_only: bool = False,
 ) -> tuple[Report, dict[str, torch.Tensor], dict | None]:
     """Stream the modules one at a time, shard by shard: read (or load the cached subspace), correct, free.
 
-    Returns the report, the tensors to write, and the new ``adapter_config.json`` (``None``: unchanged)."""
+    Returns the report, the tensors to write, and the new ``adapter_config.json`` (``None``: unchanged);
+    ``before_only``: measure the modules as they are, correct nothing (the report and no tensors)."""
     method = METHODS[settings.method]
     plan, pair = inputs.plan, inputs.pair
     if settings.form == "block" and any(k.kind == "resized" and ".lora_" in k.key for k in plan.kept):
@@ -268,7 +274,7 @@ def _run(
     kept, warnings = list(plan.kept), []
     try:
         with fixed_threads():  # once for every worker: each module's math on one thread (determinism.py)
-            steps = ordered(lambda m: correct_module(m, pair, settings, subspaces), work, jobs)
+            steps = ordered(lambda m: correct_module(m, pair, settings, subspaces, before_only), work, jobs)
             for i, (module, (done, warning)) in enumerate(steps):
                 if progress:
                     progress("subspaces", i + 1, len(work), module.name)
@@ -281,7 +287,8 @@ def _run(
         pair.close()
     if progress:
         progress("subspaces", len(work), len(work), "")
-    method.finish(results, settings)
+    if not before_only:
+        method.finish(results, settings)
     rows = [results[name].row for name in sorted(results)]
     warnings += summary_warnings(rows)
     if results and all(r.displacement_norm == 0 for r in rows):
@@ -289,7 +296,7 @@ def _run(
             f"base {inputs.base.ref} and aligned {inputs.aligned.ref} are identical in every targeted tensor; "
             "pass the pretrained (unaligned) checkpoint as --base"
         )
-    tensors, ranks = assemble(inputs.adapter, plan, results)
+    tensors, ranks = assemble(inputs.adapter, plan, results) if not before_only else ({}, {})
     for row in rows:
         if row.kind == "expert":  # the layer's stacked factors hold every expert at the largest rank
             row.rank_after = ranks[row.module.rpartition("[")[0]] if row.output_rank != row.rank else None
@@ -303,6 +310,7 @@ def _run(
         warnings=warnings,
         description=method.words(settings.to_dict(), settings.form),
         kept=sorted(kept, key=lambda k: k.key),
+        before_only=before_only,
     )
     hint = weight_hint(inputs.order, report.totals()["erosion_before"], full_model=False)
     report.warnings += [hint] if hint else []
@@ -314,11 +322,13 @@ def _run(
 
 
 def correct_module(
-    module: LoraModule | DenseModule, pair: CheckpointPair, settings: Settings, subspaces: SubspaceSource
+    module: LoraModule | DenseModule, pair: CheckpointPair, settings: Settings, subspaces: SubspaceSource,
+    before_only: bool = False,
 ) -> tuple[Corrected | Kept, str | None]:
     """One module through its method: its subspace (cached, or from ``D``, read when the method needs it), the
     correction, freed after; and a warning, if any. A dense module identical to the aligned weight is no update:
-    kept, unchanged. Safe to run for several modules at once (``parallel.ordered``)."""
+    kept, unchanged. ``before_only``: the module measured as it is, no correction (``Method.before``). Safe to run
+    for several modules at once (``parallel.ordered``)."""
     method, device = METHODS[settings.method], settings.torch_device()
     with fixed_threads():  # same bytes whatever the caller's thread count (determinism.py)
         update, W_a = None, None
@@ -335,7 +345,9 @@ def correct_module(
         found = pair.displacement(module.target, device, W_a) if needs_D else None  # D itself, not its subspace
         sub, _ = subspaces.get(pair, module.target, settings.subspace_params(), device, found, aligned=W_a)
         D = found[0] if found else None
-        if update is not None:
+        if before_only:
+            done = method.before_dense(update, sub, D) if update is not None else method.before(module, sub, D)
+        elif update is not None:
             done = method.correct_dense(update, sub, settings, D)
         else:
             done = method.correct(module, sub, settings, D)

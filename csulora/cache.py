@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .determinism import fixed_threads
-from .entries import BadEntry, read_entry, write_entries
+from .entries import BadEntry, Memo, read_entry, write_entries
 from .io.checkpoints import CheckpointPair
 from .io.layouts import Target
 from .io.outputs import replace_file
@@ -114,6 +114,7 @@ class SubspaceSource:
     computed: int = 0
     loaded: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # workers count concurrently
+    _memo: Memo = field(default_factory=Memo, repr=False)  # entries already checked, for the batch's next adapter
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -133,8 +134,9 @@ class SubspaceSource:
         shape = pair.aligned.shape(pair.sources(target)[0])
         shape = shape[::-1] if target.transposed else shape
         key = entry_key(pair, target, params) if self.cache else None
-        sub = self.cache.load(key, shape) if self.cache else None
+        sub = (self._memo.get(key) or self.cache.load(key, shape)) if self.cache else None
         if sub is not None:
+            self._memo.put(key, sub)
             self._count("loaded")
             return Subspace(sub.U.to(device), sub.S.to(device), sub.V.to(device), sub.total_energy,
                             sub.captured_energy), True  # fmt: skip
@@ -146,6 +148,7 @@ class SubspaceSource:
         self._count("computed")
         if self.cache:
             self.cache.store(key, sub, device.type)
+            self._memo.put(key, sub)
         return sub, False
 
 

@@ -295,6 +295,7 @@ def audit(
     min_erosion: float | None = None,
     fail_on_kept: bool = False,
     html: Path | None = None,
+    before_only: bool = False,
     *,
     opts: Options,
 ) -> None:
@@ -318,6 +319,10 @@ def audit(
             raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
         if adapter and is_batch(adapter):
             adapter = [path for _, path in find_adapters(adapter)]
+        if before_only and model is not None:
+            raise CsuloraError("--before-only audits adapters; drop it for --model")
+        if before_only and html is not None:
+            raise CsuloraError("--html shows what the method does; drop --before-only to write it")
         if html is not None and len(adapter or [model]) != 1:
             raise CsuloraError("--html writes one adapter's report; pass a single --adapter with it")
         behaviour = _behaviour_check(opts, model)  # bad prompt files fail before anything runs
@@ -339,6 +344,7 @@ def audit(
                     result = api_audit(
                         path, opts["aligned"], opts["base"], settings=settings, trust_pickle=opts["trust_pickle"],
                         progress=progress, subspaces=source, jobs=opts.jobs(), allow_swapped=opts["allow_swapped"],
+                        before_only=before_only,
                     )  # fmt: skip
             reports.append(result.report)
             if not opts["quiet"]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from .precision import all_finite
 from .subspace import Subspace
 
 TENSORS = ("U", "S", "V")
+MEMO_BYTES = 512 * 2**20  # checked entries a process keeps for a batch (an 8B pack at k = 8 is 85 MB)
 
 
 class BadEntry(Exception):
@@ -83,3 +86,33 @@ def read_entry(reader: TensorReader, path: Path, name: str, key: str, shape: tup
     if not (math.isfinite(total) and 0 <= captured <= total * (1 + 1e-6)):
         raise BadEntry("impossible energies")
     return Subspace(U=U, S=S, V=V, total_energy=total, captured_energy=captured)
+
+
+class Memo:
+    """Entries already read and checked, kept in memory for the next run of a batch: a folder of adapters over one
+    pair reads and checksums each entry once. Bounded by ``limit`` bytes, least recently used dropped first."""
+
+    def __init__(self, limit: int = MEMO_BYTES):
+        self.limit, self.size = limit, 0
+        self._entries: OrderedDict[str, Subspace] = OrderedDict()
+        self._lock = threading.Lock()  # module workers share it
+
+    def get(self, key: str) -> Subspace | None:
+        with self._lock:
+            sub = self._entries.get(key)
+            if sub is not None:
+                self._entries.move_to_end(key)
+            return sub
+
+    def put(self, key: str, sub: Subspace) -> None:
+        size = sum(t.numel() * t.element_size() for t in (sub.U, sub.S, sub.V))
+        if size > self.limit or sub.U.device.type != "cpu":
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = sub
+            self.size += size
+            while self.size > self.limit:
+                _, old = self._entries.popitem(last=False)
+                self.size -= sum(t.numel() * t.element_size() for t in (old.U, old.S, old.V))

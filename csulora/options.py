@@ -169,6 +169,11 @@ GATE: Group = {  # `audit`: the thresholds that make it exit 1
     "html": (Annotated[Path | None, typer.Option(
         metavar="PATH", rich_help_panel="Output",
         help="Also write the HTML report to this file (one adapter).")], None),
+    "before_only": (Annotated[bool, typer.Option(
+        "--before-only", rich_help_panel="Gate",
+        help="Measure each adapter as it is, without running the method: every threshold above is a \"before\" "
+             "value, and a folder of adapters is audited several times faster; the report has no \"after\" values. "
+             "Adapters only.")], False),
 }  # fmt: skip
 SWEEP: Group = {
     "output": (Annotated[Path, typer.Option("--output", "-o", metavar="PATH", rich_help_panel="Output",

@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .cache import SubspaceParams, SubspaceSource, compute_subspace
 from .determinism import fixed_threads
-from .entries import BadEntry, entry_record, read_entry, write_entries
+from .entries import BadEntry, Memo, entry_record, read_entry, write_entries
 from .errors import CsuloraError, GateFailed
 from .io.checkpoints import Checkpoint, CheckpointPair, CheckpointRef, _hub_errors, parse_ref
 from .io.layouts import FUSED_EXPERTS, TRANSPOSED_EXPERTS, Source, Target, is_block_weight, resolve
@@ -444,6 +444,7 @@ class PackSource:
     loaded: int = 0
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _memo: Memo = field(default_factory=Memo, repr=False)
 
     @property
     def cache(self) -> Pack:  # where entries live (a sweep keeps this source, as it keeps a cache)
@@ -491,10 +492,14 @@ class PackSource:
                                "(a pack lacks them): pass --aligned and --base")  # fmt: skip
         if params != self.pack.params:
             raise CsuloraError(f"{self.pack.spec}: the pack serves {settings_words(self.pack.params.to_dict())}")
-        reader = getattr(self._local, "reader", None)
-        if reader is None:
-            reader = self._local.reader = TensorReader()
-        sub = self.pack.entry(reader, pair.module(target))
+        module = pair.module(target)
+        sub = self._memo.get(module["key"])
+        if sub is None:  # read and checked once a process: a batch reuses it
+            reader = getattr(self._local, "reader", None)
+            if reader is None:
+                reader = self._local.reader = TensorReader()
+            sub = self.pack.entry(reader, module)
+            self._memo.put(module["key"], sub)
         with self._lock:
             self.loaded += 1
         return Subspace(sub.U.to(device), sub.S.to(device), sub.V.to(device), sub.total_energy,

@@ -58,14 +58,20 @@ def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
 
 
-def run_packs(size: str, workdir: Path, paths: dict, runs: int, throughput: int) -> dict:
+RULES = {"k8": ["--subspace-rank", "8"], "energy": ["--subspace-energy", "0.5"]}
+
+
+def run_packs(size: str, workdir: Path, paths: dict, runs: int, throughput: int,
+              rules: tuple[str, ...] = ("k8", "energy"), checkpoint_runs: int | None = None) -> dict:  # fmt: skip
+    """``rules``: the packs to build (k8 always: the rows run from it); ``checkpoint_runs``: runs of the rows from
+    the checkpoints (default ``runs``; at 7B each is minutes)."""
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "CSULORA_CACHE": str(workdir / "cache-unused")}
     cli = [sys.executable, "-m", "csulora"]
     pair = ["--aligned", str(paths["aligned"]), "--base", str(paths["base"])]
     results: dict = {"size": size, "packs": {}, "rows": {}}
     ckpt_mb = sum(f.stat().st_size for which in ("aligned", "base") for f in paths[which].glob("*.safetensors")) / 1e6
     results["pair_mb"] = ckpt_mb
-    for name, rule in (("k8", ["--subspace-rank", "8"]), ("energy", ["--subspace-energy", "0.5"])):
+    for name, rule in ((n, RULES[n]) for n in ("k8", *(r for r in rules if r != "k8"))):
         out = workdir / f"pack-{name}"
         t = time.perf_counter()
         subprocess.run([*cli, "subspace", *pair, *rule, "-o", str(out), "--force", "--no-cache", "-q"], check=True,
@@ -86,17 +92,19 @@ def run_packs(size: str, workdir: Path, paths: dict, runs: int, throughput: int)
                            str(workdir / "out-pack"), "--force"],
     }  # fmt: skip
     for label, cmd in rows.items():
-        results["rows"][label] = measured(cmd, env, runs)
+        results["rows"][label] = measured(cmd, env, runs if "pack" in label else checkpoint_runs or runs)
         print(label, {k: v for k, v in results["rows"][label].items() if k != "spread"}, flush=True)
     same = (workdir / "out-ckpt" / "adapter_model.safetensors").read_bytes() == (
         workdir / "out-pack" / "adapter_model.safetensors").read_bytes()
     results["identical"] = same
     if throughput:
-        results["throughput"] = throughput_run(size, workdir, pack, throughput, env)
+        results["throughput"] = [throughput_run(size, workdir, pack, throughput, env, before_only=b)
+                                 for b in (True, False)]  # fmt: skip
     return results
 
 
-def throughput_run(size: str, workdir: Path, pack: str, n: int, env: dict, cli: bool = True) -> dict:
+def throughput_run(size: str, workdir: Path, pack: str, n: int, env: dict, cli: bool = True,
+                   before_only: bool = False) -> dict:  # fmt: skip
     import torch
 
     from csulora.api import audit
@@ -117,13 +125,13 @@ def throughput_run(size: str, workdir: Path, pack: str, n: int, env: dict, cli: 
     load, compute = [], []
     t = time.perf_counter()
     for i, a in enumerate(adapters):
-        result = audit(a, None, None, subspaces=source)
+        result = audit(a, None, None, subspaces=source, before_only=before_only)
         print(f"{i + 1}/{n} {result.timings}", flush=True)
         load.append(result.timings["load_s"])
         compute.append(result.timings["compute_s"])
     wall = time.perf_counter() - t
     cmd = [sys.executable, "-m", "csulora", "audit", *(x for a in adapters for x in ("--adapter", str(a))),
-           "--subspace", pack, "-q", "--json"]  # fmt: skip
+           "--subspace", pack, "-q", "--json", *(["--before-only"] if before_only else [])]  # fmt: skip
     cli_wall = float("nan")
     if cli:  # the same folder as one command line (its torch import included)
         t = time.perf_counter()
@@ -133,7 +141,8 @@ def throughput_run(size: str, workdir: Path, pack: str, n: int, env: dict, cli: 
         if proc.returncode not in (0, 1):
             raise SystemExit(f"audit of {n} adapters failed: {proc.stderr[-2000:]}")
     adapter_mb = sum(f.stat().st_size for a in adapters for f in a.iterdir()) / 1e6 / n
-    found = {"n": n, "api_wall_s": wall, "per_minute": 60 * n / wall, "read_s": sum(load), "compute_s": sum(compute),
+    found = {"n": n, "before_only": before_only, "api_wall_s": wall, "per_minute": 60 * n / wall,
+             "read_s": sum(load), "compute_s": sum(compute),
              "median_read_s": statistics.median(load), "median_compute_s": statistics.median(compute),
              "cli_wall_s": cli_wall, "cli_per_minute": 60 * n / cli_wall, "adapter_mb": adapter_mb}  # fmt: skip
     print("throughput", found, flush=True)
@@ -146,6 +155,8 @@ def table(r: dict, machine: str, load: str) -> str:
              "| pack | modules | k min/median/max | size (MB) | of the pair | build, no cache (s) |",
              "|---|---:|---|---:|---:|---:|"]  # fmt: skip
     for name, words in (("k8", "k = 8"), ("energy", "energy η = 0.5, cap 256")):
+        if name not in r["packs"]:
+            continue
         p = r["packs"][name]
         lines.append(f"| {words} | {p['modules']} | {p['k']} | {p['mb']:.1f} | 1/{r['pair_mb'] / p['mb']:.0f} | "
                      f"{p['build_s']:.1f} |")  # fmt: skip
@@ -156,14 +167,32 @@ def table(r: dict, machine: str, load: str) -> str:
         lines.append(f"| {label} | {row['wall_s']:.2f} ({row['spread']}) | {row['rss_mb']:.0f} | "
                      f"{row['read_mb']:.1f} |")
     lines += ["", f"Sanitized adapter from the pack byte-identical to the checkpoints' run: {r['identical']}."]
-    t = r.get("throughput")
-    if t:
-        lines += ["", f"Throughput: `audit` of {t['n']} synthetic rank-16 all-linear bf16 adapters "
+    lines += [throughput_words(t) for t in r.get("throughput", [])]
+    return "\n".join(lines) + "\n"
+
+
+def throughput_words(t: dict) -> str:
+    what = "`audit --before-only`" if t.get("before_only") else "`audit` (the method run, \"after\" values measured)"
+    return "\n".join(["", f"Throughput: {what} of {t['n']} synthetic rank-16 all-linear bf16 adapters "
                   f"({t['adapter_mb']:.0f} MB each) from the k = 8 pack in one process: {t['per_minute']:.0f} "
                   f"adapters/minute through the API ({t['api_wall_s']:.1f} s; reading {t['read_s']:.1f} s, "
                   f"computing {t['compute_s']:.1f} s, median per adapter {t['median_read_s']:.2f} s + "
                   f"{t['median_compute_s']:.2f} s)"
                   + (f", {t['cli_per_minute']:.0f}/minute as one `csulora audit` command line ({t['cli_wall_s']:.1f} "
                      "s, torch import included)" if t["cli_wall_s"] == t["cli_wall_s"] else "")
-                  + f". Goal: ≥ 200/minute: {'met' if t['per_minute'] >= 200 else 'not met'}."]  # fmt: skip
-    return "\n".join(lines) + "\n"
+                  + f". Goal: ≥ 200/minute: {'met' if t['per_minute'] >= 200 else 'not met'}."])  # fmt: skip
+
+
+if __name__ == "__main__":  # the throughput alone, on a work folder bench_speed.py --packs made
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, required=True, help="bench_speed.py's work folder (pair, pack-k8)")
+    parser.add_argument("--size", default="1b")
+    parser.add_argument("--throughput", type=int, default=100)
+    args = parser.parse_args()
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    runs = [throughput_run(args.size, args.workdir, str(args.workdir / "pack-k8"), args.throughput, env,
+                           before_only=b) for b in (True, False)]  # fmt: skip
+    (args.workdir / "throughput.json").write_text(json.dumps(runs, indent=1))
+    print("".join(throughput_words(t) + "\n" for t in runs))

@@ -308,6 +308,8 @@ def main() -> None:
                              "from a pack against the checkpoints, and --throughput")  # fmt: skip
     parser.add_argument("--throughput", type=int, default=0, help="--packs: audit this many adapters from the pack")
     parser.add_argument("--runs", type=int, default=3, help="--packs: farm-bench runs per row (median quoted)")
+    parser.add_argument("--pack-rules", default="k8,energy", help="--packs: the packs to build (k8, energy)")
+    parser.add_argument("--checkpoint-runs", type=int, help="--packs: runs of the checkpoint rows (default --runs)")
     parser.add_argument("--reference-run", nargs=4, help=argparse.SUPPRESS)  # adapter aligned base out
     parser.add_argument("--reference-model-run", nargs=4, help=argparse.SUPPRESS)  # model aligned base out
     args = parser.parse_args()
@@ -325,7 +327,8 @@ def main() -> None:
 
         workdir = args.workdir or Path(f"/tmp/csulora-bench-{args.size}")
         load = f"Load average at start: {os.getloadavg()[0]:.1f}. {args.note}".strip()
-        found = run_packs(args.size, workdir, generate(workdir, args.size, model=False), args.runs, args.throughput)
+        found = run_packs(args.size, workdir, generate(workdir, args.size, model=False), args.runs, args.throughput,
+                          tuple(args.pack_rules.split(",")), args.checkpoint_runs)  # fmt: skip
         (workdir / "packs.json").write_text(json.dumps(found, indent=1))
         text = table(found, machine(), load)
         print(text)

@@ -239,3 +239,29 @@ def test_ci_example_fails_over_threshold_and_sanitizes_otherwise(tmp_path, adapt
     for name in ("one", "two"):
         assert (tmp_path / "gate-passed" / name / "adapter_model.safetensors").is_file()
         assert (tmp_path / "gate-passed" / name / "csulora_report.html").is_file()
+
+
+@pytest.mark.parametrize("settings", [Settings(method="safe-lora", top_n=3), Settings(method="csulora", form="block")],
+                         ids=["safe-lora", "csulora-block"])  # fmt: skip
+def test_before_only_from_the_checkpoints(adapters, llama_pair, schema, settings, monkeypatch):
+    """From the checkpoints too: the full audit's "before" values (Safe LoRA's exact score where the method reads
+    ``D``), "after" values null; the second adapter of a batch loads no cache entry from disk again."""
+    from csulora.cache import SubspaceCache, SubspaceSource
+
+    loads = []
+    load = SubspaceCache.load
+    monkeypatch.setattr(SubspaceCache, "load", lambda self, *a: loads.append(a[0]) or load(self, *a))
+    source = SubspaceSource.open(adapters.parent / f"cache-{settings.method}")
+    full = audit(adapters / "two", str(llama_pair["aligned"]), settings=settings, subspaces=source).report
+    fast = audit(adapters / "two", str(llama_pair["aligned"]), settings=settings, subspaces=source,
+                 before_only=True).report  # fmt: skip
+    assert len(loads) == len(full.modules) and source.computed == len(full.modules)  # the first run only
+    for a, b in zip(full.modules, fast.modules, strict=True):
+        assert (a.module, a.rho, a.erosion, a.safe_lora_score, a.update_norm) == \
+            (b.module, b.rho, b.erosion, b.safe_lora_score, b.update_norm)  # fmt: skip
+    document = fast.to_dict()
+    jsonschema.validate(document, schema)
+    assert document["totals"]["erosion_after"] is None and document["modules"][0]["rho_after"] is None
+    r = run_cli("audit", "--model", str(llama_pair["aligned"]), "--aligned", str(llama_pair["aligned"]),
+                "--before-only")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--before-only" in r.stderr

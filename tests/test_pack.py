@@ -308,3 +308,64 @@ def test_hub_pack_fetches_only_the_needed_shards(tmp_path, monkeypatch):
     assert fake.fetched["org/pack"] == {MANIFEST, layer1}
     assert fake.fetched["org/aligned"] == fake.fetched["org/base"] == set()
     assert len(result.report.modules) == 1 and result.report.inputs["subspace"]["revision"]
+
+
+BEFORE = ("module", "kind", "shape", "rank", "scaling", "k", "captured", "displacement_norm", "subspace_norm",
+          "update_norm", "rho", "erosion", "safe_lora_score", "off_energy_before", "leaving_energy_before")  # fmt: skip
+
+
+@pytest.mark.parametrize(("world", "adapter"), CASES)
+def test_before_only_audit_is_the_full_audits_before_values(packs, world, adapter):
+    """``audit --before-only`` runs no method: every "before" value and every gate verdict is the full audit's, bit
+    for bit, and every "after" value is null (not "unchanged")."""
+    from csulora.reports.gate import Thresholds, violations
+    from csulora.reports.report import AFTER_FIELDS, AFTER_TOTALS
+
+    path = _world(world) / "adapters" / adapter
+    source = PackSource.open(str(packs[world]))
+    full, fast = (audit(path, None, subspaces=source, before_only=b).report for b in (False, True))
+    a, b = full.to_dict(), fast.to_dict()
+    assert [{k: m[k] for k in BEFORE} for m in a["modules"]] == [{k: m[k] for k in BEFORE} for m in b["modules"]]
+    assert {k: v for k, v in a["totals"].items() if k not in AFTER_TOTALS} == \
+        {k: v for k, v in b["totals"].items() if k not in AFTER_TOTALS}  # fmt: skip
+    assert all(m[k] is None for m in b["modules"] for k in AFTER_FIELDS)
+    assert all(b["totals"][k] is None for k in AFTER_TOTALS) and b["before_only"] is True
+    assert "before_only" not in a and a["totals"]["erosion_after"] != a["totals"]["erosion_before"]
+    t = a["totals"]
+    limits = Thresholds(max_off_energy=t["off_energy_before"] / 2, min_erosion=t["erosion_before"] + 0.01,
+                        min_safe_lora_score=1.0, max_layer_off_energy=0.0)  # fmt: skip
+    assert violations(fast, limits) == violations(full, limits) and len(violations(full, limits)) == 4
+    jsonschema.validate(b, json.loads((REPO / "csulora" / "report.schema.json").read_text()))
+
+
+def test_a_batch_reads_each_pack_entry_once(packs, tmp_path, monkeypatch):
+    """The pack's entries are read and checked once a process: the second adapter of a batch reads none, and its
+    output is byte-identical to a fresh process's."""
+    reads = []
+    entry = pack_module.Pack.entry
+    monkeypatch.setattr(pack_module.Pack, "entry", lambda self, *a: reads.append(a[1]["id"]) or entry(self, *a))
+    adapters = _world("tiny") / "adapters"
+    source = PackSource.open(str(packs["tiny"]))
+    audit(adapters / "adv-r8-all-s0", None, subspaces=source, before_only=True)
+    first = len(reads)
+    assert first > 0 and len(set(reads)) == first
+    sanitize(adapters / "adv-r8-all-dora-s0", None, None, tmp_path / "batch", subspaces=source)
+    assert len(reads) == first  # every module of the second adapter was served from memory
+    sanitize(adapters / "adv-r8-all-dora-s0", None, None, tmp_path / "fresh",
+             subspaces=PackSource.open(str(packs["tiny"])))  # fmt: skip
+    assert len(reads) == 2 * first
+    assert folder_bytes(tmp_path / "batch") == folder_bytes(tmp_path / "fresh")
+
+
+def test_before_only_at_80_columns_and_its_refusals(packs, tmp_path):
+    adapter = _world("tiny") / "adapters" / "adv-r8-all-s0"
+    r = run_cli("audit", "--adapter", adapter, "--subspace", packs["tiny"], "--before-only", "--min-erosion", "-1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "before only" in r.stdout and "audit passed" in r.stdout
+    header = next(line for line in lines if "module" in line and "erosion" in line)
+    assert "after" not in header and "retained" not in header and "SafeLoRA" in header
+    r = run_cli("audit", "--adapter", adapter, "--subspace", packs["tiny"], "--before-only", "--html",
+                tmp_path / "r.html")  # fmt: skip
+    assert_one_line_error(r, "--html", "--before-only")
+    assert not (tmp_path / "r.html").exists()

@@ -77,6 +77,19 @@ class Method:
     def finish(self, results: dict[str, Corrected], settings: Settings) -> None:
         """Whole-adapter step after every module (default: none)."""
 
+    def before(self, module: LoraModule, sub: Subspace, D: torch.Tensor | None) -> Corrected:
+        """The module as it is, no method run (``audit --before-only``): the report row's "before" values, the
+        decomposition (§3), the erosion (§5b) and the Safe LoRA score (§5) from the subspace, as ``correct`` has
+        them."""
+        A, B, U, _ = in_float64(module, sub)
+        return Corrected(module_row(module, sub, A, module.scaling * B, safe_lora_score_subspace(A, B, U, sub.S)))
+
+    def before_dense(self, update: DenseUpdate, sub: Subspace, D: torch.Tensor | None) -> Corrected:
+        """``before`` for a dense update (§6b)."""
+        sub = update.subspace(sub)
+        sp = dense_split(update.dW, sub.U, sub.V)
+        return Corrected(dense_row(update, sub, sp, safe_lora_score_dense(sp, sub.S), dense_energies(sp)))
+
     def words(self, settings: dict, form: str) -> str:
         """What was done, for the model card and the reports (``settings`` as the report records them)."""
         return self.name

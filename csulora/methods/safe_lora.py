@@ -12,6 +12,7 @@ import torch
 
 from ..correction import cosine, dense_energies, dense_split, safe_lora_cosine, safe_lora_project
 from ..io.adapters import LoraModule
+from ..reports.report import ModuleRow
 from ..settings import Settings
 from ..subspace import Subspace
 from .base import Corrected, DenseUpdate, Method, dense_row, in_float64, module_row, write
@@ -24,13 +25,23 @@ class SafeLora(Method):
     dense_reads_displacement = True
     verb = "projected"
 
-    def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
+    def _scored(self, module: LoraModule, sub: Subspace, D: torch.Tensor) -> tuple[torch.Tensor | None, ModuleRow]:
+        """``C·B`` (``None`` where ``D = 0``) and the module's row with its exact score."""
         A, B, _, _ = in_float64(module, sub)
         B_in = module.B.to(sub.U.device)
         # C is undefined where D = 0; ‖D‖_F² is the subspace's one-pass float64 sum, not a float32 norm
         CB = safe_lora_project(B_in, D, sub.total_energy) if sub.total_energy else None
         score = safe_lora_cosine(CB, B_in, A) if CB is not None else 0.0
-        row = module_row(module, sub, A, module.scaling * B, score)  # unchanged until finish() selects it
+        return CB, module_row(module, sub, A, module.scaling * B, score)
+
+    def before(self, module: LoraModule, sub: Subspace, D: torch.Tensor | None) -> Corrected:
+        return Corrected(self._scored(module, sub, D)[1])  # the score exact, as this method reports it
+
+    def before_dense(self, update: DenseUpdate, sub: Subspace, D: torch.Tensor | None) -> Corrected:
+        return Corrected(self._scored_dense(update, sub, D)[1])
+
+    def correct(self, module: LoraModule, sub: Subspace, settings: Settings, D: torch.Tensor | None) -> Corrected:
+        CB, row = self._scored(module, sub, D)  # row unchanged until finish() selects the module
         if CB is None:
             return Corrected(row, module.A, module.B)
         # what B ← C·B would write, cast and measured now while the subspace is in memory, on a copy of the row
@@ -43,16 +54,22 @@ class SafeLora(Method):
     ) -> Corrected:
         """``ΔW ← C ΔW = D (Dᵀ ΔW) / ‖D‖_F`` when selected; the score ``cos(vec(C ΔW), vec(ΔW))`` is exact."""
         sub = update.subspace(sub)
-        sp = dense_split(update.dW, sub.U, sub.V)
-        energies = dense_energies(sp)
-        CdW = safe_lora_project(update.dW, D.to(update.dW.dtype), sub.total_energy) if sub.total_energy else None
-        score = cosine(CdW, update.dW) if CdW is not None else 0.0
-        row = dense_row(update, sub, sp, score, energies)
+        CdW, row = self._scored_dense(update, sub, D)
         if CdW is None:
             return Corrected(row, W=update.write(None, sub, row))
         candidate = dataclasses.replace(row, notes=list(row.notes))
         return Corrected(row, W=update.module.W, pending=(None, update.write(CdW, sub, candidate), candidate,
                                                                 len(row.notes)))
+
+    def _scored_dense(
+        self, update: DenseUpdate, sub: Subspace, D: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ModuleRow]:
+        """``C ΔW`` (``None`` where ``D = 0``) and the dense module's row with its exact score."""
+        sub = update.subspace(sub)
+        sp = dense_split(update.dW, sub.U, sub.V)
+        CdW = safe_lora_project(update.dW, D.to(update.dW.dtype), sub.total_energy) if sub.total_energy else None
+        score = cosine(CdW, update.dW) if CdW is not None else 0.0
+        return CdW, dense_row(update, sub, sp, score, dense_energies(sp))
 
     def finish(self, results: dict[str, Corrected], settings: Settings) -> None:
         scores = {name: res.row.safe_lora_score for name, res in results.items() if res.pending is not None}

@@ -155,6 +155,7 @@ class Report:
     description: str = ""  # what the method did, in words (each method says it: methods/)
     kept: list[Kept] = field(default_factory=list)  # saved tensors written back as trained, not sanitized
     calibration: dict | None = None  # sanitize --calibrate: what was measured and chosen (calibrate.py)
+    before_only: bool = False  # audit --before-only: the adapter as it is, no method run, no "after" values
 
     @property
     def subject(self) -> tuple[str, str]:
@@ -212,6 +213,14 @@ class Report:
         return {m.module: getattr(m, field) * m.subspace_norm**2 / weight if weight else 0.0 for m in self.modules}
 
     def to_dict(self) -> dict:
+        if self.before_only:  # nothing was run: every "after" value is unknown, not "unchanged"
+            return {**self._to_dict(), "before_only": True,
+                    "totals": {k: (None if k in AFTER_TOTALS else v) for k, v in self.totals().items()},
+                    "modules": [{k: (None if k in AFTER_FIELDS else v) for k, v in m.to_dict().items()}
+                                for m in self.modules]}  # fmt: skip
+        return self._to_dict()
+
+    def _to_dict(self) -> dict:
         return {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "csulora", "version": self.tool_version},
@@ -230,6 +239,13 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+# What a method's run adds to a report: null under ``audit --before-only``.
+AFTER_FIELDS = ("rho_after", "erosion_after", "energy_after", "rank_after", "gamma_in", "gamma_out", "gamma_off",
+                "retained_norm", "update_norm_after", "off_energy_after", "leaving_energy_after", "write_error")
+AFTER_TOTALS = ("rho_after", "retained_norm", "update_norm_after", "max_write_error", "off_energy_after",
+                "leaving_energy_after", "erosion_after")
 
 
 def expert_layer(m: ModuleRow) -> str | None:
@@ -296,12 +312,17 @@ def ratio(x: float | None) -> str:
 
 def columns(report: Report) -> list[str]:
     """The per-module table's columns: the decomposition, what the method did, what is left."""
+    if report.before_only:
+        return ["module", "k", "captured", "ρ_F", "ρ_Hin", "ρ_Hout", "ρ_O", "erosion", "SafeLoRA"]
     shifts = {"realign": ["c", "ρ_F after", "trunc. loss"], "resta": ["γ", "ρ_F after", "trunc. loss"]}
     done = shifts.get(report.method, ["γ_in", "γ_out", "off after"])
     return ["module", "k", "captured", "ρ_F", "ρ_Hin", "ρ_Hout", "ρ_O", *done, "retained", "erosion", "SafeLoRA"]
 
 
 def cells(report: Report, m: ModuleRow) -> list[str]:
+    if report.before_only:
+        return [m.module, str(m.k), pct(m.captured), *(pct(m.rho[c]) for c in COMPONENTS), f"{m.erosion:+.3f}",
+                f"{m.safe_lora_score:+.3f}"]  # fmt: skip
     if report.method in ("realign", "resta"):
         loss = "" if m.truncation_loss is None else pct(m.truncation_loss)
         strength = f"{m.c:.3f}" if report.method == "realign" else f"{m.gamma_resta:g}"
@@ -349,11 +370,23 @@ AFTER_WORDS = ("\"after\" shares are of the written update's own energy, measure
                "(what audit of it reports)")
 
 
+BEFORE_ONLY_WORDS = "before only: the adapter as it is; no method was run (drop --before-only to see what it does)"
+
+
 def _summary_lines(report: Report) -> list[str]:
     t = report.totals()
     what = f"modules: {t['modules']}"
     if t["experts"] or t["dense_modules"]:
         what += f" ({t['experts']} experts, {t['dense_modules']} full weights)"
+    if report.before_only:
+        return [
+            what,
+            f"energy fully aligned / leaving: {pct(t['rho']['F'])} / {pct(t['leaving_energy_before'])}",
+            f"off-subspace energy: {pct(t['off_energy_before'])}",
+            f"erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖²: {t['erosion_before']:+.3f}",
+            BEFORE_ONLY_WORDS,
+            *([kept_words(report)] if report.kept else []),
+        ]
     return [
         what,
         f"energy fully aligned / leaving: {pct(t['rho']['F'])} / {pct(t['leaving_energy_before'])} "
@@ -440,11 +473,13 @@ def _subspace_words(s: dict) -> str:
 # The terminal table's default columns (80 columns wide): what is off the subspace, what is left after, how the
 # erosion moved, the norm kept. `--wide` shows every column; the JSON, the Markdown and the HTML always have them.
 NARROW = ("module", "ρ_O", "ρ_F after", "off after", "retained", "erosion")
+NARROW_BEFORE = ("module", "ρ_F", "ρ_O", "erosion", "SafeLoRA")  # audit --before-only: no "after" columns
 
 
 def to_table(report: Report, title: str | None = None, wide: bool = False) -> Table:
     names = columns(report)
-    shown = [i for i, col in enumerate(names) if wide or col in NARROW]
+    narrow = NARROW_BEFORE if report.before_only else NARROW
+    shown = [i for i, col in enumerate(names) if wide or col in narrow]
     rows = grouped(report.modules)
     modules = [m.module for m in rows]
     prefix = "" if wide else common_prefix(modules)
