@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shlex
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from .io.outputs import check_output, write_folder
 from .io.targets import Plan, bind
 from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate, summary_warnings
+from .methods.realign import by_size, size_ratio, size_rule_applies
 from .pack import PackPair, PackSource
 from .pair_order import check_pair_order, names_checkpoint, weight_hint
 from .parallel import default_workers, ordered
@@ -106,7 +109,7 @@ def sanitize(
     ``allow_swapped``: run even when the metadata says aligned and base are swapped (``pair_order.py``).
     ``calibration``: what ``--calibrate`` measured and chose (calibrate.py), kept in the report and the card.
     """
-    settings = _served(settings, subspaces)
+    asked, settings = settings, _served(settings, subspaces)
     validate(settings)
     adapter_path = Path(adapter)
     out = Path(output) if output is not None else default_output(adapter_path)
@@ -117,9 +120,10 @@ def sanitize(
     check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
     _phase(progress, "reading", 1, str(adapter_path))
     t1 = time.perf_counter()
-    report, tensors, config = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
-                                   jobs or default_workers(settings.device))  # fmt: skip
-    report.calibration = calibration
+    with _sources(subspaces, asked, settings) as source:
+        settings, rule = _settle(inputs, asked, settings, progress, source, jobs)
+        report, tensors, config = _run(inputs, settings, progress, source, jobs or default_workers(settings.device))
+    report.calibration, report.size_rule = calibration, rule
     t2 = time.perf_counter()
     _phase(progress, "writing", 0, str(out))
     metadata = {
@@ -159,16 +163,43 @@ def audit(
 
     ``before_only``: the adapter as it is, without running the method (every gate statistic is a "before" value):
     the report has no "after" values, and an audit costs a fraction of a run (BENCHMARKS.md, packs)."""
-    settings = _served(settings, subspaces)
+    asked, settings = settings, _served(settings, subspaces)
     validate(settings)
     t0 = time.perf_counter()
     _phase(progress, "reading", 0, str(adapter))
     inputs = _load(Path(adapter), aligned, base, trust_pickle, subspaces, allow_swapped)
     _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
-    report, _, _ = _run(inputs, settings, progress, subspaces or SubspaceSource.open(),
-                        jobs or default_workers(settings.device), before_only)  # fmt: skip
+    with _sources(subspaces, asked if not before_only else settings, settings) as source:
+        rule = None
+        if not before_only:  # what sanitize would do, its choice of setting included
+            settings, rule = _settle(inputs, asked, settings, progress, source, jobs)
+        report, _, _ = _run(inputs, settings, progress, source, jobs or default_workers(settings.device), before_only)
+    report.size_rule = rule
     return Result(report, None, {"load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
+
+
+@contextmanager
+def _sources(subspaces: SubspaceSource | PackSource | None, asked: Settings, settings: Settings):
+    """Where the run's subspaces come from; under the size rule, which passes over the modules twice, a scratch
+    cache when the run has none (``--no-cache``), so that each subspace is still computed once."""
+    source = subspaces or SubspaceSource.open()
+    if source.cache is not None or not size_rule_applies(asked, settings):
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="csulora-run-") as scratch:
+        yield SubspaceSource.open(scratch)
+
+
+def _settle(inputs: _Inputs, asked: Settings, settings: Settings, progress: Progress | None,
+            source: SubspaceSource, jobs: int | None) -> tuple[Settings, dict | None]:  # fmt: skip
+    """The settings to run: ``settings`` as given, or, under the default's size rule (``realign.by_size``), chosen
+    from the adapter's ``‖ΔW‖ / ‖D_8‖``, measured by a first pass over the modules that corrects nothing."""
+    if not size_rule_applies(asked, settings):
+        return settings, None
+    measured, _, _ = _run(inputs, settings, progress, source, jobs or default_workers(settings.device), True)
+    ratio = size_ratio([m.update_norm for m in measured.modules], [m.subspace_norm for m in measured.modules])
+    return by_size(settings, ratio)
 
 
 def _phase(progress: Progress | None, phase: str, done: int, item: str) -> None:

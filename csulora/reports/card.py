@@ -8,7 +8,7 @@ import shlex
 
 from ..io.checkpoints import public_name
 from ..settings import DEFAULT_METHOD, METHOD_NOTES
-from .report import Report, kept_words, pack_words, pct, provenance_words, rank_warning, ratio
+from .report import Report, kept_words, pack_words, pct, provenance_words, rank_warning, ratio, size_words
 
 # A local absolute path in a command line (``/…``, ``~/…``), alone or after ``--option=``; not a URL's ``//``.
 _LOCAL_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)[^\s'\"]*")
@@ -37,6 +37,7 @@ def model_card(report: Report, base_model: str | None, command: str, form_words:
         f"{provenance_words(report, public_name)}; {form_words}",
         "",
         *_method_note(report),
+        *([size_words(report.size_rule) + ".", ""] if report.size_rule else []),
         *_calibration_note(report.calibration),
         *([f"Subspaces: {pack_words(report)}.", ""] if pack_words(report) else []),
         *([f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []),

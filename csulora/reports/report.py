@@ -24,6 +24,17 @@ def safe_lora_score_basis(method: str) -> str:
     return "approximate: C_k = U_k Σ_k² U_kᵀ / ‖D‖_F, the rank-k truncation of C = D Dᵀ / ‖D‖_F"
 
 
+def size_words(rule: dict) -> str:
+    """The size rule's choice of the default's λ and β (``methods.realign.by_size``), in one line."""
+    if rule["value"] is None:
+        measured = "‖ΔW‖/‖D_8‖ undefined (empty subspace)"
+    else:
+        measured = f"‖ΔW‖/‖D_8‖ = {rule['value']:.2f} {'≤' if rule['strong'] else '>'} {rule['threshold']:g}"
+    lam = "∞" if rule["lambda"] == "inf" else f"{rule['lambda']:g}"
+    return (f"λ and β chosen by the size rule: {measured} → λ = {lam}, β = {rule['beta']:g} (docs/defaults.md; "
+            "--lambda or --beta fixes them)")  # fmt: skip
+
+
 def pack_words(report: Report) -> str | None:
     """Which subspace pack served the run (DESIGN.md §11), and what it means for the fields that would need the
     whole ``D``; ``None`` when the run read the checkpoints."""
@@ -155,6 +166,7 @@ class Report:
     description: str = ""  # what the method did, in words (each method says it: methods/)
     kept: list[Kept] = field(default_factory=list)  # saved tensors written back as trained, not sanitized
     calibration: dict | None = None  # sanitize --calibrate: what was measured and chosen (calibrate.py)
+    size_rule: dict | None = None  # the default's λ and β chosen by the adapter's size (realign.by_size)
     before_only: bool = False  # audit --before-only: the adapter as it is, no method run, no "after" values
 
     @property
@@ -235,6 +247,7 @@ class Report:
             "warnings": self.warnings,
             "safe_lora_score_basis": safe_lora_score_basis(self.method),
             **({"calibration": self.calibration} if self.calibration is not None else {}),
+            **({"size_rule": self.size_rule} if self.size_rule is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -394,6 +407,7 @@ def _summary_lines(report: Report) -> list[str]:
         f"off-subspace energy: {pct(t['off_energy_before'])} → {pct(t['off_energy_after'])}",
         f"erosion coefficient ⟨ΔW, D_k⟩/‖D_k‖²: {erosion_words(t['erosion_before'], t['erosion_after'])}",
         f"retained update norm: {ratio(t['retained_norm'])}",
+        *([size_words(report.size_rule)] if report.size_rule else []),
         AFTER_WORDS,
         *([rank_change_words(report)] if report.rank_changed else []),
         *([kept_words(report)] if report.kept else []),
