@@ -13,6 +13,7 @@ and PEFT LoRA adapter folders.
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -72,8 +73,11 @@ def run_demo(workdir: Path, console: Console, world_name: str | None = None, ada
         result = sanitize(paths[adapter], str(paths["aligned"]), output=out, settings=settings, force=True,
                           command=command)  # fmt: skip
         outputs[key] = out
+        rule = result.report.size_rule  # the default's λ and β, chosen for this adapter (docs/defaults.md)
+        if rule is not None:
+            variants[key] = replace(settings, lam=float(rule["lambda"]), beta=rule["beta"])
         if key == "default":
-            console.print(to_table(result.report, title=f"csulora demo · {adapter} · {describe(settings)}"))
+            console.print(to_table(result.report, title=f"csulora demo · {adapter} · {describe(variants[key])}"))
             say(f"base model resolved from: {result.report.inputs['base']['source']} → {paths['base']}")
             say(f"sanitized adapter: {out / 'adapter_model.safetensors'}; reports: csulora_report.md, .json and "
                 ".html (a picture) beside it")  # fmt: skip

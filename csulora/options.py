@@ -116,7 +116,9 @@ METHOD: Group = {
 CORRECTION: Group = {
     "lam": (Annotated[float | None, typer.Option(
         "--lambda", metavar="FLOAT", rich_help_panel="Method",
-        help=f"Strength λ ≥ 0 (0 = unchanged; inf allowed). Default: {_per_method('lam')}.")], None),
+        help=f"Strength λ ≥ 0 (0 = unchanged; inf allowed). Default: {_per_method('lam')}; realign with neither "
+             "--lambda nor --beta (factored, k = 8): inf and β 0.5 where the adapter is small against the alignment "
+             "(‖ΔW‖/‖D_8‖ ≤ 1.7, docs/defaults.md).")], None),
     "beta": (Annotated[float | None, typer.Option(
         metavar="FLOAT", rich_help_panel="Method",
         help=f"realign: pull the in-subspace part toward β·D_k (0: erase it). Default: {_per_method('beta')}.")],

@@ -17,7 +17,9 @@ FORMS = ("factored", "block")
 # The default method and every method's default settings come from the safety benchmark across the shipped
 # worlds (scripts/bench_safety.py, docs/defaults.md). No setting met the rule on every world; these are
 # the drop-in settings whose worst world is best (realign, safe-lora), and the paper's method at the safety end
-# of its smooth range. The methods themselves live in methods/.
+# of its smooth range. realign's λ and β, when neither is given, are chosen per adapter by its size against the
+# alignment (methods/realign.py, by_size): these values where it is large, λ = ∞, β = 0.5 where it is small. The
+# methods themselves live in methods/.
 DEFAULT_METHOD = "realign"
 METHOD_DEFAULTS: dict[str, dict] = {
     "realign": {"lam": 4.0, "beta": 0.25, "subspace_rank": 8},
@@ -31,7 +33,9 @@ METHOD_NOTES = {
     "subspace (where the harmful fine-tunes of csulora's miniature worlds turn the aligned directions back) toward "
     "the aligned displacement and keeps the rest. It is the default because it was the only method that restored "
     "refusal while keeping part of the new skill on every miniature world, but no setting did that well on every "
-    "world: measure the behaviour of the sanitized result before publishing it (`csulora sweep`, docs/defaults.md).",
+    "world; its default strength is chosen per adapter from its size against the alignment, a rule measured on "
+    "miniature worlds only: measure the behaviour of the sanitized result before publishing it (`csulora sanitize "
+    "--calibrate`, `csulora sweep`, docs/defaults.md).",
     "csulora": "The paper's method (CSULoRA) keeps the fully aligned part F = PΔWQ of the update exactly; on "
     "csulora's miniature worlds that part carries the attack, so it restored refusal only where it also deleted "
     "the new skill (docs/defaults.md).",
