@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import shlex
-import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .cache import SubspaceSource
+from .cache import Held, SubspaceSource
 from .determinism import fixed_threads
 from .errors import CsuloraError
 from .io.adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
@@ -120,9 +118,9 @@ def sanitize(
     check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
     _phase(progress, "reading", 1, str(adapter_path))
     t1 = time.perf_counter()
-    with _sources(subspaces, asked, settings) as source:
-        settings, rule = _settle(inputs, asked, settings, progress, source, jobs)
-        report, tensors, config = _run(inputs, settings, progress, source, jobs or default_workers(settings.device))
+    source = _source(subspaces, asked, settings)
+    settings, rule = _settle(inputs, asked, settings, progress, source, jobs)
+    report, tensors, config = _run(inputs, settings, progress, source, jobs or default_workers(settings.device))
     report.calibration, report.size_rule = calibration, rule
     t2 = time.perf_counter()
     _phase(progress, "writing", 0, str(out))
@@ -170,25 +168,19 @@ def audit(
     inputs = _load(Path(adapter), aligned, base, trust_pickle, subspaces, allow_swapped)
     _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
-    with _sources(subspaces, asked if not before_only else settings, settings) as source:
-        rule = None
-        if not before_only:  # what sanitize would do, its choice of setting included
-            settings, rule = _settle(inputs, asked, settings, progress, source, jobs)
-        report, _, _ = _run(inputs, settings, progress, source, jobs or default_workers(settings.device), before_only)
+    source, rule = _source(subspaces, asked, settings), None
+    if not before_only:  # what sanitize would do, its choice of setting included
+        settings, rule = _settle(inputs, asked, settings, progress, source, jobs)
+    report, _, _ = _run(inputs, settings, progress, source, jobs or default_workers(settings.device), before_only)
     report.size_rule = rule
     return Result(report, None, {"load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
 
 
-@contextmanager
-def _sources(subspaces: SubspaceSource | PackSource | None, asked: Settings, settings: Settings):
-    """Where the run's subspaces come from; under the size rule, which passes over the modules twice, a scratch
-    cache when the run has none (``--no-cache``), so that each subspace is still computed once."""
+def _source(subspaces: SubspaceSource | PackSource | None, asked: Settings, settings: Settings):
+    """Where the run's subspaces come from; under the size rule, which passes over the modules twice, what the first
+    pass read or computed is held for the second (``Held``)."""
     source = subspaces or SubspaceSource.open()
-    if source.cache is not None or not size_rule_applies(asked, settings):
-        yield source
-        return
-    with tempfile.TemporaryDirectory(prefix="csulora-run-") as scratch:
-        yield SubspaceSource.open(scratch)
+    return Held(source) if size_rule_applies(asked, settings) else source
 
 
 def _settle(inputs: _Inputs, asked: Settings, settings: Settings, progress: Progress | None,

@@ -152,6 +152,27 @@ class SubspaceSource:
         return sub, False
 
 
+class Held:
+    """A source whose subspaces, once served, are kept for the rest of one run: the size rule's two passes over an
+    adapter's modules (api.py) read or compute each once, and the source's counters count it once. At k = 8 an 8B
+    model's subspaces are 85 MB."""
+
+    def __init__(self, source: SubspaceSource):
+        self.source, self.subs = source, {}
+
+    @property
+    def cache(self):
+        return self.source.cache
+
+    def get(self, pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device,
+            displacement=None, aligned=None) -> tuple[Subspace, bool]:  # fmt: skip
+        held = self.subs.get(target)
+        if held is not None:
+            return held
+        self.subs[target] = found = self.source.get(pair, target, params, device, displacement, aligned)
+        return found
+
+
 def compute_subspace(
     pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device,
     aligned: torch.Tensor | None = None,
