@@ -116,8 +116,8 @@ METHOD: Group = {
 CORRECTION: Group = {
     "lam": (Annotated[float | None, typer.Option(
         "--lambda", metavar="FLOAT", rich_help_panel="Method",
-        help=f"Strength λ ≥ 0 (0 = unchanged; inf allowed). Default: {_per_method('lam')}; realign with neither "
-             "--lambda nor --beta (factored, k = 8): inf and β 0.5 where the adapter is small against the alignment "
+        help=f"Strength λ ≥ 0 (0 = unchanged; inf allowed). Default: {_per_method('lam')}; realign with λ and β "
+             "both left out (factored, k = 8): inf and β 0.5 where the adapter is small against the alignment "
              "(‖ΔW‖/‖D_8‖ ≤ 1.7, docs/defaults.md).")], None),
     "beta": (Annotated[float | None, typer.Option(
         metavar="FLOAT", rich_help_panel="Method",

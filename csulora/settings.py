@@ -33,9 +33,8 @@ METHOD_NOTES = {
     "subspace (where the harmful fine-tunes of csulora's miniature worlds turn the aligned directions back) toward "
     "the aligned displacement and keeps the rest. It is the default because it was the only method that restored "
     "refusal while keeping part of the new skill on every miniature world, but no setting did that well on every "
-    "world; its default strength is chosen per adapter from its size against the alignment, a rule measured on "
-    "miniature worlds only: measure the behaviour of the sanitized result before publishing it (`csulora sanitize "
-    "--calibrate`, `csulora sweep`, docs/defaults.md).",
+    "world: measure the behaviour of the sanitized result before publishing it (`csulora sanitize --calibrate`, "
+    "`csulora sweep`, docs/defaults.md).",
     "csulora": "The paper's method (CSULoRA) keeps the fully aligned part F = PΔWQ of the update exactly; on "
     "csulora's miniature worlds that part carries the attack, so it restored refusal only where it also deleted "
     "the new skill (docs/defaults.md).",
