@@ -324,8 +324,8 @@ class Judge:
 
     def measure(self, folder: Path) -> dict:
         """The candidate in ``folder`` (an adapter or a whole model, as ``models`` loads it), measured."""
+        t0 = time.perf_counter()  # loading included: for a full model it is much of a candidate's cost
         with self.models.candidate(folder) as model:
-            t0 = time.perf_counter()
             raw, tokens = self.agree(model, "prompts")
             general, general_tokens = self.general_agreement(model)
             metrics = {"refusal": self.refusal(model), "kept": self.kept(raw), "kept_reproduced": raw,
