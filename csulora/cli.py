@@ -174,7 +174,9 @@ def sanitize(
         _one_input(adapter, model)
         _pack_inputs(opts, model)
         if opts["calibrate"] or any(opts[k] for k in ("harmful", "prompts", "general", "calibrate_all")):
-            _calibrate(adapter, model, output, force, command, screen, opts)
+            if skip_existing or shard:
+                raise CsuloraError("--skip-existing and --shard apply to batches of adapters, not to --calibrate")
+            _calibrate(adapter, model, target_modules, output, force, command, screen, opts)
             return
         settings = opts.settings()
         if model is not None:
@@ -218,17 +220,18 @@ def sanitize(
     _render(result, f"csulora sanitize · {escape(str(adapter[0]))}", screen, opts)
 
 
-def _calibrate(adapter: list[Path] | None, model: str | None, output: Path | None, force: bool, command: list[str],
-               screen: Console, opts: Options) -> None:  # fmt: skip
-    """``sanitize --calibrate``: measure the ladder, pick, write (calibrate.py); exit 1 when nothing qualifies."""
+def _calibrate(adapter: list[Path] | None, model: str | None, target_modules: str | None, output: Path | None,
+               force: bool, command: list[str], screen: Console, opts: Options) -> None:  # fmt: skip
+    """``sanitize --calibrate``: measure the ladder, pick, write (calibrate.py; one --adapter or a --model, whose
+    candidates are whole models); exit 1 when nothing qualifies."""
     from .batch import is_batch
     from .prompts import load_prompts
     from .tuning.calibrate import PROMPTS, CalibrationFailed, calibrate, calibration_table
 
     if not opts["calibrate"]:
         raise CsuloraError("--harmful, --prompts, --general and --calibrate-all apply to --calibrate")
-    if model is not None or is_batch(adapter):
-        raise CsuloraError("--calibrate works on one --adapter (not --model, not a batch)")
+    if model is None and is_batch(adapter):
+        raise CsuloraError("--calibrate works on one --adapter or one --model, not a batch")
     if not opts["harmful"] or not opts["prompts"]:
         raise CsuloraError("--calibrate needs --harmful (harmful prompts) and --prompts (the fine-tune's prompts)")
     settings = opts.settings()
@@ -239,8 +242,9 @@ def _calibrate(adapter: list[Path] | None, model: str | None, output: Path | Non
     with _progress(opts["quiet"]) as progress:
         try:
             calibration, result = calibrate(
-                adapter[0], opts["aligned"], opts["base"], output, sets["harmful"], sets["prompts"], sets["general"],
-                settings=settings, options=options, exhaustive=opts["calibrate_all"], force=force, command=command,
+                model or adapter[0], opts["aligned"], opts["base"], output, sets["harmful"], sets["prompts"],
+                sets["general"], model=model is not None, target_modules=target_modules, settings=settings,
+                options=options, exhaustive=opts["calibrate_all"], force=force, command=command,
                 trust_pickle=opts["trust_pickle"], progress=progress, subspaces=opts.source(), jobs=opts.jobs(),
                 allow_swapped=opts["allow_swapped"],
             )  # fmt: skip
@@ -253,7 +257,7 @@ def _calibrate(adapter: list[Path] | None, model: str | None, output: Path | Non
     if not opts["quiet"]:
         _show(screen, calibration_table(calibration))
     screen.print(calibration.summary(), markup=False, highlight=False, soft_wrap=True)
-    _render(result, f"csulora sanitize --calibrate · {escape(str(adapter[0]))}", screen, opts)
+    _render(result, f"csulora sanitize --calibrate · {escape(str(model or adapter[0]))}", screen, opts)
 
 
 def _show(screen: Console, table) -> None:

@@ -191,30 +191,57 @@ def _phase(progress: Progress | None, phase: str) -> Callable[[int, int], None] 
 def load(aligned: str, adapter: Path | None, device: torch.device, dtype: torch.dtype | str):
     """The model named by ``aligned`` (a folder, or a Hub id resolved as transformers does: ``HF_HUB_OFFLINE``
     means the local cache only) with ``adapter`` loaded by PEFT, in eval mode, and its tokenizer."""
+    tokenizer = load_tokenizer(aligned)
+    model = load_model(aligned, "--aligned", device, dtype)
+    if adapter is not None:
+        model = _with_adapter(model, adapter, aligned).to(device).eval()
+    return model, tokenizer
+
+
+def _source(spec: str, option: str) -> tuple[str, str | None]:
+    """What ``from_pretrained`` takes for ``spec`` (a folder, or a Hub id at a revision); never an adapter folder."""
+    ref = parse_ref(spec)
+    if ref.path is not None:
+        refuse_adapter(ref.path, option)
+    return (str(ref.path) if ref.path is not None else ref.repo_id), ref.revision
+
+
+def _cannot_load(spec: str, option: str, e: BaseException) -> CsuloraError:
+    return CsuloraError(f"{option} {spec}: transformers cannot load it as a causal LM ({_first_line(e)}); pass a "
+                        "model folder, or a Hub id that is cached when HF_HUB_OFFLINE is set")  # fmt: skip
+
+
+def load_tokenizer(spec: str, option: str = "--aligned"):
+    """The tokenizer of the model ``spec``, set for batched generation (left padding, a pad token)."""
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging
+        from transformers import AutoTokenizer
     except ImportError as e:
         raise CsuloraError(f"csulora eval runs the model with transformers and peft; {EXTRA}") from e
-    ref = parse_ref(aligned)
-    if ref.path is not None:
-        refuse_adapter(ref.path, "--aligned")
-    source = str(ref.path) if ref.path is not None else ref.repo_id
-    logging.disable_progress_bar()
+    source, revision = _source(spec, option)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=ref.revision)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=ref.revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError, KeyError) as e:
-        raise CsuloraError(
-            f"--aligned {aligned}: transformers cannot load it as a causal LM ({_first_line(e)}); pass a model "
-            "folder, or a Hub id that is cached when HF_HUB_OFFLINE is set"
-        ) from e
+        raise _cannot_load(spec, option, e) from e
     tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if adapter is not None:
-        model = _with_adapter(model, adapter, aligned)
-    return model.to(device).eval(), tokenizer
+    return tokenizer
+
+
+def load_model(spec: str, option: str, device: torch.device, dtype: torch.dtype | str):
+    """The causal LM ``spec`` (a folder or a Hub id) on ``device``, in eval mode; ``option`` names it in errors."""
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
+    except ImportError as e:
+        raise CsuloraError(f"csulora eval runs the model with transformers and peft; {EXTRA}") from e
+    source, revision = _source(spec, option)
+    logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise _cannot_load(spec, option, e) from e
+    return model.to(device).eval()
 
 
 def _with_adapter(model, adapter: Path, aligned: str):

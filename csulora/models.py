@@ -76,9 +76,11 @@ def sanitize_model(
     subspaces: SubspaceSource | None = None,
     jobs: int | None = None,
     allow_swapped: bool = False,
+    calibration: dict | None = None,
 ) -> Result:
-    """Sanitize a full fine-tune or merged model and write it (``<model>-sanitized`` by default)."""
-    settings = _settings(settings)
+    """Sanitize a full fine-tune or merged model and write it (``<model>-sanitized`` by default).
+    ``calibration``: what ``--calibrate`` measured and chose (calibrate.py), kept in the report and the card."""
+    settings = model_settings(settings)
     ref = parse_ref(str(model))
     out = Path(output) if output is not None else default_output(ref.path if ref.path else Path(ref.repo_id))
     if ref.path is not None:
@@ -95,6 +97,7 @@ def sanitize_model(
         found["report"] = _stream(inputs, settings, progress, subspaces or SubspaceSource.open(), tmp,
                                   jobs or default_workers(settings.device))  # fmt: skip
         report = found["report"]
+        report.calibration = calibration
         for f in _copied(inputs.model.folder):
             shutil.copyfile(f, tmp / f.name)
         (tmp / "README.md").write_text(model_card(report, inputs.pair.aligned.ref.spec, command_line, _form_words()))
@@ -133,7 +136,7 @@ def audit_model(
     allow_swapped: bool = False,
 ) -> Result:
     """The report of ``sanitize_model()`` without writing anything."""
-    settings = _settings(settings)
+    settings = model_settings(settings)
     t0 = time.perf_counter()
     inputs = _load(parse_ref(str(model)), aligned, base, target_modules, allow_swapped)
     try:
@@ -161,7 +164,8 @@ def _not_copied(model: Checkpoint) -> list[str]:
             if f.is_dir() or (f.name.endswith(WEIGHT_SUFFIXES) and f.name not in shards)]  # fmt: skip
 
 
-def _settings(settings: Settings) -> Settings:
+def model_settings(settings: Settings) -> Settings:
+    """``settings`` resolved and checked for a full model (exact forms only; no --top-n)."""
     settings = settings.resolved()
     validate(settings)
     if settings.form != "factored":

@@ -292,7 +292,8 @@ HARMFUL: Group = {
 CALIBRATE: Group = {
     "calibrate": (Annotated[bool, typer.Option(
         "--calibrate", rich_help_panel="Calibration",
-        help="Pick realign's setting by measuring a ladder of candidates with the model (docs/calibration.md).")],
+        help="Pick realign's setting by measuring a ladder of candidates with the model: one --adapter, or a "
+             "--model whose candidates are whole models (docs/calibration.md).")],
         False),
     "prompts": (Annotated[str | None, typer.Option(
         metavar="PATH|REF", rich_help_panel="Calibration",

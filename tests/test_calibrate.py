@@ -217,17 +217,87 @@ def test_calibrate_works_on_every_world(world, tmp_path):
     assert "calibrated pick" in result.stdout
 
 
-def test_no_candidate_meeting_the_rule_is_exit_1_and_writes_nothing(tiny_files, tmp_path, monkeypatch):
+def _no_scratch_left(folder: Path) -> bool:
+    """Candidates are written beside the output; none may remain."""
+    return not list(folder.glob(".csulora-calibrate-*"))
+
+
+def test_calibrated_full_model_matches_the_worlds_own_evaluation(tiny_files, tmp_path, monkeypatch):
+    """``--model``: the fine-tune, the aligned model and each candidate are whole checkpoints loaded one at a time
+    (each freed before the next loads); the block's refusal, kept and general equal the world's own evaluation of
+    the fine-tuned model, the aligned model and the written pick; the pick is byte for byte what ``sanitize
+    --model`` writes with its settings, with the block in the report, the card and --json."""
+    import csulora.tuning.calibrate as C
+    from csulora.models import sanitize_model
+    from csulora.settings import Settings
+
+    loaded: list = []
+    real_load = C.load_model
+
+    def load_model(spec, option, device, dtype):
+        assert all(next(m.parameters()).is_meta for m in loaded), "a model was loaded while another was held"
+        loaded.append(real_load(spec, option, device, dtype))
+        return loaded[-1]
+
+    monkeypatch.setattr(C, "load_model", load_model)
+    paths, files = W.world_paths(), tiny_files["paths"]
+    full = W.full_paths()["full-mixed-s0"]
+    out = tmp_path / "calibrated"
+    result = run_cli("sanitize", "--model", full, "--aligned", paths["aligned"], "--calibrate", "--harmful",
+                     files["harmful"], "--prompts", files["prompts"], "--general", files["general"], *WORLD_LIKE,
+                     "-o", out, "--json", in_process=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "csulora_report.json").read_text())
+    assert json.loads(result.stdout) == report
+    jsonschema.validate(report, SCHEMA)
+    block = report["calibration"]
+    assert block["input"]["kind"] == "model" and block["input"]["source"] == str(full)
+    # the references: the fine-tune (twice: --prompts and --harmful, then --general), the aligned model; then each
+    # candidate measured
+    assert len(loaded) == 3 + len(block["candidates"]) and _no_scratch_left(tmp_path)
+    choice = block["choice"]
+    picked = next(c for c in block["candidates"] if c["id"] == choice["id"])
+    assert report["method"] == "realign" and report["settings"]["beta"] == choice["settings"]["beta"]
+
+    ids = tiny_files["ids"]
+    aligned, tuned, written = (W.load_model(p) for p in (paths["aligned"], full, out))
+    assert block["references"]["aligned"]["refusal"] == pytest.approx(W.refusal_rate(aligned, ids["harmful"]))
+    assert block["references"]["fine_tuned"]["refusal"] == pytest.approx(W.refusal_rate(tuned, ids["harmful"]))
+    own = _cut(W.greedy(tuned, ids["prompts"]))
+    a0 = _reproduced(_reference_agreement(aligned, ids["prompts"], own))
+    a = _reproduced(_reference_agreement(written, ids["prompts"], own))
+    assert picked["refusal"] == pytest.approx(W.refusal_rate(written, ids["harmful"]))
+    assert picked["kept"] == pytest.approx((a - a0) / (1 - a0) if a0 < 0.95 else a, abs=1e-9)
+    aligned_general = _cut(W.greedy(aligned, ids["general"]))
+    general = _reproduced(_reference_agreement(written, ids["general"], aligned_general))
+    assert picked["general"] == pytest.approx(general)
+
+    k = choice["settings"]["subspace"]
+    plain = sanitize_model(full, str(paths["aligned"]), None, tmp_path / "plain",
+                           settings=Settings(lam=float("inf"), beta=choice["settings"]["beta"],
+                                             subspace_rank=int(k.removeprefix("k"))))  # fmt: skip
+    assert plain.report.settings == report["settings"]
+    shards = sorted(p.name for p in full.glob("*.safetensors"))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    for name in shards:
+        assert (out / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    card = (out / "README.md").read_text()
+    assert f"Calibrated: the setting `{choice['id']}`" in card and "full fine-tuned checkpoint" in card
+
+
+@pytest.mark.parametrize("what", ["adapter", "model"])
+def test_no_candidate_meeting_the_rule_is_exit_1_and_writes_nothing(what, tiny_files, tmp_path, monkeypatch):
     import csulora.tuning.calibrate as C
 
     monkeypatch.setattr(C, "choose", lambda measured, aligned, rule=None: (None, "none"))
     monkeypatch.setattr(C, "search_ladders", lambda sizes, measure, *args: {(0, 0): measure(0, 0)})  # one is enough
     paths, files = W.world_paths(), tiny_files["paths"]
+    source = paths["adv-r8-all-s0"] if what == "adapter" else W.full_paths()["full-mixed-s0"]
     out = tmp_path / "out"
-    result = run_cli("sanitize", "--adapter", paths["adv-r8-all-s0"], "--aligned", paths["aligned"], "--calibrate",
+    result = run_cli("sanitize", f"--{what}", source, "--aligned", paths["aligned"], "--calibrate",
                      "--harmful", files["harmful"], "--prompts", files["prompts"], *WORLD_LIKE, "-o", out, "--json",
                      in_process=True)  # fmt: skip
-    assert result.returncode == 1 and not out.exists()
+    assert result.returncode == 1 and not out.exists() and _no_scratch_left(tmp_path)
     assert "no candidate meets the rule" in result.stderr and "refusal" in result.stderr
     assert json.loads(result.stdout)["calibration"]["candidates"]  # what was measured, printed
 
@@ -258,6 +328,30 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_files, tmp_path):
         result = run_cli(*common, "--aligned", aligned, *args, in_process=True)
         assert_one_line_error(result, *needles)
         assert not (tmp_path / "out").exists(), name
+
+
+def test_bad_input_with_model_is_one_line_and_writes_nothing(tiny_files, tmp_path):
+    paths, files = W.world_paths(), tiny_files["paths"]
+    full = W.full_paths()["full-mixed-s0"]
+    calibrate = ["--calibrate", "--harmful", files["harmful"], "--prompts", files["prompts"], *WORLD_LIKE]
+    (tmp_path / "empty.txt").write_text("\n")
+    cases = {
+        "an adapter as --model": (["--model", paths["adv-r8-all-s0"], *calibrate], ["--adapter"]),
+        "no such model": (["--model", tmp_path / "nope", *calibrate], ["nope"]),
+        "--form block": (["--model", full, *calibrate, "--form", "block"], ["--form"]),
+        "empty prompts": (["--model", full, "--calibrate", "--harmful", files["harmful"], "--prompts",
+                           tmp_path / "empty.txt"], ["empty.txt", "no prompts"]),
+        "bad --target-modules": (["--model", full, *calibrate, "--target-modules", "("], ["--target-modules"]),
+        "--target-modules with an adapter": (["--adapter", paths["adv-r8-all-s0"], *calibrate, "--target-modules",
+                                              "q_proj"], ["--target-modules", "--model"]),
+        "--skip-existing": (["--model", full, *calibrate, "--skip-existing"], ["--skip-existing"]),
+        "output inside the model": (["--model", full, *calibrate, "-o", full / "out"], ["overwrite the input"]),
+    }  # fmt: skip
+    for name, (args, needles) in cases.items():
+        out = ["-o", tmp_path / "out"] if "-o" not in args else []
+        result = run_cli("sanitize", "--aligned", paths["aligned"], *args, *out, in_process=True)
+        assert_one_line_error(result, *needles)
+        assert not (tmp_path / "out").exists() and not (full / "out").exists() and _no_scratch_left(tmp_path), name
 
 
 # ---------------------------------------------------------------- audit --harmful

@@ -94,12 +94,13 @@ def _calibration_note(block: dict | None) -> list[str]:
     sets = ", ".join(f"{v['n']} {k} prompts (`{v['source']}`, sha256 {v['sha256'][:12]}…)"
                      for k, v in block["prompts"].items())  # fmt: skip
     general = "" if picked.get("general") is None else f", general agreement {picked['general']:.2f}"
+    measured_with = f" The fine-tuned model: {block['input']['loading']}." if block.get("input") else ""
     lines = [
         f"Calibrated: the setting `{choice['id']}` was picked among {len(block['candidates'])} measured candidates "
         f"of a {len(block['ladder'])}-rung ladder ({block['search']}) by the rule: {block['rule']['words']}. "
         f"Measured on {sets}, greedy: refusal {picked['refusal']:.2f} (aligned model {ref['aligned']['refusal']:.2f}, "
         f"fine-tuned {ref['fine_tuned']['refusal']:.2f}), kept {picked['kept']:.2f} of the fine-tune's behaviour"
-        f"{general}. These are measurements on those prompts, not a guarantee (docs/calibration.md).",
+        f"{general}.{measured_with} These are measurements on those prompts, not a guarantee (docs/calibration.md).",
         "",
     ]
     if choice.get("flagged"):

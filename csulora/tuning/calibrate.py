@@ -19,10 +19,13 @@ measured, the pick is the rule applied to it (``choose``).
 
 from __future__ import annotations
 
+import gc
 import math
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +34,9 @@ import torch
 from ..api import Progress, Result, check_inputs, check_output, default_output, sanitize
 from ..cache import SubspaceSource
 from ..errors import CsuloraError, GateFailed
-from ..evaluate import EvalOptions, encode, generate_ids, load, refusal_rate
+from ..evaluate import EvalOptions, encode, generate_ids, load, load_model, load_tokenizer, refusal_rate
+from ..io.checkpoints import parse_ref
+from ..models import check_model_inputs, model_settings, sanitize_model
 from ..prompts import PromptSet
 from ..settings import Settings
 from .sweep import Point, plan
@@ -177,13 +182,89 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+class AdapterModels:
+    """The models of an adapter's calibration, all one PEFT model in memory: the fine-tune is the adapter on the
+    aligned model, the aligned model is the same with the adapter disabled, a candidate is another adapter loaded
+    beside the fine-tune's."""
+
+    kind = "adapter"
+    loading = ("the adapter loaded by PEFT on the aligned model; the aligned model is the same with the adapter "
+               "disabled; each candidate adapter is loaded beside it")  # fmt: skip
+
+    def __init__(self, aligned: str, adapter: Path, device: torch.device, dtype: torch.dtype | str):
+        self.model, self.tokenizer = load(aligned, adapter, device, dtype)
+        if not hasattr(self.model, "disable_adapter"):  # loaded without PEFT: never, but the measures need both
+            raise CsuloraError(f"--adapter {adapter}: not loaded as a PEFT adapter")
+        self.label = f"--aligned {aligned}"  # what a model that cannot generate is called in the error
+
+    @contextmanager
+    def use(self, which: str) -> Iterator[object]:
+        """``which``: ``fine_tuned`` or ``aligned``."""
+        if which == "aligned":
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+    @contextmanager
+    def candidate(self, folder: Path) -> Iterator[object]:
+        self.model.load_adapter(str(folder), adapter_name="candidate")
+        try:
+            self.model.set_adapter("candidate")
+            yield self.model
+        finally:
+            self.model.set_adapter("default")
+            self.model.delete_adapter("candidate")
+
+
+class CheckpointModels:
+    """The models of a full fine-tune's calibration (DESIGN.md §10): the fine-tune, the aligned model and each
+    candidate are whole checkpoints, loaded one at a time and freed after use, so that memory holds one model,
+    never two. Every model reads the prompts through the aligned model's tokenizer, as for an adapter: the
+    teacher-forced measures compare token ids across models."""
+
+    kind = "model"
+    loading = ("the full fine-tuned checkpoint; it, the aligned model and each candidate (a whole model written "
+               "to a temporary folder) are loaded one at a time")  # fmt: skip
+
+    def __init__(self, aligned: str, model: str, device: torch.device, dtype: torch.dtype | str):
+        self.tokenizer = load_tokenizer(aligned)
+        self.specs = {"aligned": (aligned, "--aligned"), "fine_tuned": (model, "--model")}
+        self.device, self.dtype = device, dtype
+        self.label = f"--model {model}"
+
+    def use(self, which: str):
+        spec, option = self.specs[which]
+        self.label = f"{option} {spec}"
+        return self._loaded(spec, option)
+
+    def candidate(self, folder: Path):
+        return self._loaded(str(folder), "the candidate")
+
+    @contextmanager
+    def _loaded(self, spec: str, option: str) -> Iterator[object]:
+        model = load_model(spec, option, self.device, self.dtype)
+        try:
+            yield model
+        finally:
+            # to the meta device: the weights are freed now, even while a caller's name still holds the module
+            # (``with use(a) as m: …`` then ``with use(b) as m:`` rebinds m only after b is loaded)
+            model.to(torch.device("meta"))
+            del model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+Models = AdapterModels | CheckpointModels
+
+
 @dataclass
 class Judge:
-    """The fine-tuned model (the adapter loaded by PEFT on the aligned model), its references, and the measures of
-    a candidate: another adapter loaded beside it."""
+    """The references and the measures of a candidate, the same for an adapter and a full fine-tune: ``models``
+    says how each model is loaded (``AdapterModels``, ``CheckpointModels``)."""
 
-    model: object
-    tokenizer: object
+    models: Models
     harmful: PromptSet
     prompts: PromptSet
     general: PromptSet | None
@@ -191,42 +272,49 @@ class Judge:
     references: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
 
-    def refusal(self) -> float:
-        return refusal_rate(self.model, self.tokenizer, self.harmful.prompts, self.options)
+    @property
+    def tokenizer(self):
+        return self.models.tokenizer
 
-    def agree(self, name: str) -> tuple[float, float]:
+    def refusal(self, model) -> float:
+        return refusal_rate(model, self.tokenizer, self.harmful.prompts, self.options)
+
+    def agree(self, model, name: str) -> tuple[float, float]:
         """On the prompt set ``name``, against its reference outputs: the share of prompts reproduced (per-token
         agreement ≥ ``REPRODUCED``) and the mean per-token agreement."""
         sets = {"prompts": self.prompts, "general": self.general}
-        shares = agreement(self.model, self.tokenizer, sets[name].prompts, self.outputs[name], self.options.batch_size)
+        shares = agreement(model, self.tokenizer, sets[name].prompts, self.outputs[name], self.options.batch_size)
         return mean([float(x >= REPRODUCED) for x in shares]), mean(shares)
 
-    def kept_raw(self) -> tuple[float, float]:
-        return self.agree("prompts")
-
-    def general_agreement(self) -> tuple[float | None, float | None]:
-        return (None, None) if self.general is None else self.agree("general")
+    def general_agreement(self, model) -> tuple[float | None, float | None]:
+        return (None, None) if self.general is None else self.agree(model, "general")
 
     def prepare(self, progress: Progress | None = None) -> None:
         """Generate the references once: the fine-tune's outputs on --prompts, the aligned model's on --general;
-        refusal of both models on the harmful prompts."""
+        refusal of both models on the harmful prompts. In three turns (fine-tune, aligned, fine-tune again for
+        --general), each needing one model: a full fine-tune is loaded twice with --general, never beside the
+        aligned model."""
         n, b = self.options.max_new_tokens, self.options.batch_size
         steps = 4 + (self.general is not None)
         tick = (lambda i, what: progress("references", i, steps, what)) if progress else (lambda i, what: None)
-        tick(0, "fine-tuned model: --prompts")
-        self.outputs["prompts"] = generate_ids(self.model, self.tokenizer, self.prompts.prompts, n, b)
-        tick(1, "fine-tuned model: --harmful")
-        tuned = {"refusal": self.refusal(), "kept_reproduced": 1.0, "kept_token_agreement": 1.0}
-        with self.model.disable_adapter():
+        with self.models.use("fine_tuned") as model:
+            tick(0, "fine-tuned model: --prompts")
+            self.outputs["prompts"] = generate_ids(model, self.tokenizer, self.prompts.prompts, n, b)
+            tick(1, "fine-tuned model: --harmful")
+            tuned = {"refusal": self.refusal(model), "kept_reproduced": 1.0, "kept_token_agreement": 1.0}
+        with self.models.use("aligned") as model:
             tick(2, "aligned model: --harmful")
-            reproduced, tokens = self.kept_raw()
-            aligned = {"refusal": self.refusal(), "kept_reproduced": reproduced, "kept_token_agreement": tokens}
+            reproduced, tokens = self.agree(model, "prompts")
+            aligned = {"refusal": self.refusal(model), "kept_reproduced": reproduced, "kept_token_agreement": tokens}
             if self.general is not None:
                 tick(3, "aligned model: --general")
-                self.outputs["general"] = generate_ids(self.model, self.tokenizer, self.general.prompts, n, b)
+                self.outputs["general"] = generate_ids(model, self.tokenizer, self.general.prompts, n, b)
                 aligned["general"], aligned["general_token_agreement"] = 1.0, 1.0
-        tick(steps - 1, "fine-tuned model: --general")
-        tuned["general"], tuned["general_token_agreement"] = self.general_agreement()
+        tuned["general"] = tuned["general_token_agreement"] = None
+        if self.general is not None:
+            with self.models.use("fine_tuned") as model:
+                tick(steps - 1, "fine-tuned model: --general")
+                tuned["general"], tuned["general_token_agreement"] = self.general_agreement(model)
         tick(steps, "")
         self.references = {"aligned": aligned, "fine_tuned": tuned}
 
@@ -235,20 +323,15 @@ class Judge:
         return raw if 1 - a0 < NORMALIZE_MIN else (raw - a0) / (1 - a0)
 
     def measure(self, folder: Path) -> dict:
-        """The candidate adapter in ``folder``, loaded beside the fine-tuned one and measured."""
-        self.model.load_adapter(str(folder), adapter_name="candidate")
-        try:
-            self.model.set_adapter("candidate")
-            t0 = time.perf_counter()
-            raw, tokens = self.kept_raw()
-            general, general_tokens = self.general_agreement()
-            metrics = {"refusal": self.refusal(), "kept": self.kept(raw), "kept_reproduced": raw,
+        """The candidate in ``folder`` (an adapter or a whole model, as ``models`` loads it), measured."""
+        t0 = time.perf_counter()  # loading included: for a full model it is much of a candidate's cost
+        with self.models.candidate(folder) as model:
+            raw, tokens = self.agree(model, "prompts")
+            general, general_tokens = self.general_agreement(model)
+            metrics = {"refusal": self.refusal(model), "kept": self.kept(raw), "kept_reproduced": raw,
                        "kept_token_agreement": tokens, "general": general,
                        "general_token_agreement": general_tokens}  # fmt: skip
             metrics["seconds"] = time.perf_counter() - t0
-        finally:
-            self.model.set_adapter("default")
-            self.model.delete_adapter("candidate")
         return metrics
 
 
@@ -265,6 +348,7 @@ class Calibration:
     exhaustive: bool
     chosen: int | None = None
     how: str = "none"
+    input: dict = field(default_factory=dict)  # what was calibrated (adapter or full model) and how it was loaded
 
     @property
     def choice(self) -> Point | None:
@@ -276,6 +360,7 @@ class Calibration:
     def block(self) -> dict:
         aligned_refusal = self.references["aligned"]["refusal"]
         return {
+            **({"input": self.input} if self.input else {}),
             "ladder": [{"id": p.id, "method": p.method, "settings": p.grid} for rungs in self.ladders for p in rungs],
             "search": "exhaustive" if self.exhaustive else "bisection",
             "candidates": [{"id": self.point(i).id, "method": self.point(i).method, "settings": self.point(i).grid,
@@ -308,8 +393,8 @@ class Calibration:
                 f"; target ≥ {self.rule.refusal_fraction * ref['aligned']['refusal']:.2f}")  # fmt: skip
         if self.choice is None:
             return f"no candidate meets the rule ({self.rule.words()}); {head}; measured {measured}"
-        flag = " — FLAGGED: no candidate reached the refusal target; the most refusal with kept ≥ " \
-               f"{self.rule.kept_min:g}" if self.how == "fallback" else ""
+        flag = (" — FLAGGED: no candidate reached the refusal target; the most refusal with kept ≥ "
+                f"{self.rule.kept_min:g}" if self.how == "fallback" else "")  # fmt: skip
         return f"calibrated pick {self.choice.id} ({words(self.measured[self.chosen])}){flag}; {head}"
 
 
@@ -319,7 +404,7 @@ def words(m: dict) -> str:
 
 
 def calibrate(
-    adapter: str | Path,
+    source: str | Path,
     aligned: str,
     base: str | None,
     output: str | Path | None,
@@ -327,6 +412,8 @@ def calibrate(
     prompts: PromptSet,
     general: PromptSet | None = None,
     *,
+    model: bool = False,
+    target_modules: str | None = None,
     settings: Settings = Settings(),
     options: EvalOptions = EvalOptions(),
     rule: Rule = Rule(),
@@ -340,40 +427,51 @@ def calibrate(
     jobs: int | None = None,
 ) -> tuple[Calibration, Result | None]:
     """Measure the ladder (lazily), pick by ``rule`` and write the pick as ``sanitize`` does, with the report's
-    ``calibration`` block. Raises ``GateFailed`` (nothing written) when no candidate meets the rule."""
+    ``calibration`` block (DESIGN.md §12). ``source``: an adapter folder, or with ``model`` a full fine-tune or
+    merged model (§10: ``sanitize_model``, ``target_modules`` applies), whose candidates are whole models, each
+    written to a temporary folder beside the output, measured and deleted before the next. Raises ``GateFailed``
+    (nothing written) when no candidate meets the rule."""
     ladders = ladder(settings)
     total = sum(map(len, ladders))
     device = replace(options, device=settings.device).validate()
-    adapter = Path(adapter)
-    out = Path(output) if output is not None else default_output(adapter)
-    check_output(out, force, [adapter])
-    # bad checkpoints fail before a model is loaded
-    check_inputs(adapter, aligned, base, trust_pickle, subspaces, allow_swapped)
-    model, tokenizer = load(aligned, adapter, device, options.torch_dtype(device))
-    if not hasattr(model, "disable_adapter"):  # loaded without PEFT: never, but the measures need both models
-        raise CsuloraError(f"--adapter {adapter}: not loaded as a PEFT adapter")
+    writer = Writer(source, aligned, base, model, target_modules, trust_pickle, allow_swapped, jobs)
+    out = Path(output) if output is not None else default_output(writer.path)
+    # bad input (settings, checkpoints, the output, room on disk) fails before a model is loaded
+    size = writer.check(out, force, ladders, subspaces)
+    scratch_root = _existing(out.parent)
+    free = shutil.disk_usage(scratch_root).free
+    if size > free:  # one candidate at a time (deleted after measuring), then the pick: one model's room
+        raise CsuloraError(f"{out}: each candidate is a whole model ({size / 1e9:.2f} GB), written beside the "
+                           f"output; {free / 1e9:.2f} GB are free in {scratch_root}: choose another -o")  # fmt: skip
+    dtype = options.torch_dtype(device)
+    models = CheckpointModels(aligned, str(source), device, dtype) if model else AdapterModels(
+        aligned, writer.path, device, dtype)  # fmt: skip
     sets = {"harmful": harmful, "prompts": prompts, **({"general": general} if general else {})}
-    judge = Judge(model, tokenizer, harmful, prompts, general, options)
+    judge = Judge(models, harmful, prompts, general, options)
     try:
         judge.prepare(progress)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         why = " ".join(str(e).split())[:160]
-        raise CsuloraError(f"--aligned {aligned}: the model cannot generate ({type(e).__name__}: {why}); pass a "
+        raise CsuloraError(f"{models.label}: the model cannot generate ({type(e).__name__}: {why}); pass a "
                            "causal LM with its tokenizer") from e  # fmt: skip
-    source = subspaces if subspaces is not None else SubspaceSource.open()
-    with tempfile.TemporaryDirectory(prefix="csulora-calibrate-") as scratch:
-        if source.cache is None:  # --no-cache: still one subspace pass for the whole ladder
-            source = SubspaceSource.open(Path(scratch) / "cache")
+    what = {"kind": models.kind, "source": str(source), "loading": models.loading}
+    source_ = subspaces if subspaces is not None else SubspaceSource.open()
+    # beside the output, not in /tmp: a full model's candidates need the room the output needs (often not /tmp's)
+    with tempfile.TemporaryDirectory(prefix=".csulora-calibrate-", dir=scratch_root) as scratch:
+        if source_.cache is None:  # --no-cache: still one subspace pass for the whole ladder
+            source_ = SubspaceSource.open(Path(scratch) / "cache")
 
         def measure(j: int, i: int) -> dict:
             if progress:
                 progress("candidates", len(found), total, ladders[j][i].id)
             folder = Path(scratch) / ladders[j][i].id
             t0 = time.perf_counter()
-            sanitize(adapter, aligned, base, folder, settings=ladders[j][i].settings, trust_pickle=trust_pickle,
-                     subspaces=source, jobs=jobs, allow_swapped=allow_swapped)  # fmt: skip
+            writer.write(folder, ladders[j][i].settings, source_)
             written = time.perf_counter() - t0
-            m = judge.measure(folder)
+            try:
+                m = judge.measure(folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)  # one candidate on disk at a time
             m["seconds"] += written
             found.append((j, i))
             return m
@@ -384,13 +482,65 @@ def calibrate(
         if progress:
             progress("candidates", total, total, "")
         chosen, how = choose(measured, judge.references["aligned"]["refusal"], rule)
-        result = Calibration(ladders, measured, judge.references, sets, rule, options, exhaustive, chosen, how)
+        result = Calibration(ladders, measured, judge.references, sets, rule, options, exhaustive, chosen, how, what)
         if chosen is None:
             raise CalibrationFailed(result)
-        written = sanitize(adapter, aligned, base, out, settings=result.choice.settings, force=force,
-                           trust_pickle=trust_pickle, command=command, progress=progress, subspaces=source, jobs=jobs,
-                           calibration=result.block(), allow_swapped=allow_swapped)  # fmt: skip
+        written = writer.write(out, result.choice.settings, source_, force=force, command=command, progress=progress,
+                               calibration=result.block())  # fmt: skip
     return result, written
+
+
+def _existing(folder: Path) -> Path:
+    """``folder`` or its nearest existing parent: where the output will be (write_folder creates the rest)."""
+    folder = folder.absolute()
+    return next(p for p in (folder, *folder.parents) if p.is_dir())
+
+
+@dataclass
+class Writer:
+    """What writes a candidate or the pick: ``sanitize`` of the adapter or ``sanitize_model`` of the full model,
+    with the calibration's shared inputs; ``check`` the same inputs before anything runs."""
+
+    source: str | Path
+    aligned: str
+    base: str | None
+    model: bool
+    target_modules: str | None
+    trust_pickle: bool
+    allow_swapped: bool
+    jobs: int | None
+
+    @property
+    def path(self) -> Path:
+        """The local folder of the input (a Hub model id names no folder: its own name, as sanitize_model's)."""
+        if not self.model:
+            return Path(self.source)
+        ref = parse_ref(str(self.source))
+        return ref.path if ref.path is not None else Path(ref.repo_id)
+
+    def check(self, out: Path, force: bool, ladders: list[list[Point]], subspaces: SubspaceSource | None) -> int:
+        """Refuse bad input as the write would, before a model is loaded; the bytes of a full model's shards
+        (what each candidate takes on disk; 0 for an adapter)."""
+        inputs = [p for p in (parse_ref(self.aligned).path if self.aligned else None,
+                              parse_ref(self.base).path if self.base else None) if p is not None]  # fmt: skip
+        if not self.model:
+            if self.target_modules is not None:
+                raise CsuloraError("--target-modules applies to --model; an adapter's targets are its own")
+            check_output(out, force, [self.path, *inputs])
+            check_inputs(self.path, self.aligned, self.base, self.trust_pickle, subspaces, self.allow_swapped)
+            return 0
+        for rungs in ladders:  # --form block, --top-n: what sanitize_model refuses, said before the first candidate
+            model_settings(rungs[0].settings)
+        ref = parse_ref(str(self.source))
+        check_output(out, force, [*([ref.path] if ref.path is not None else []), *inputs])
+        return check_model_inputs(self.source, self.aligned, self.base, self.target_modules, self.allow_swapped)
+
+    def write(self, folder: Path, settings: Settings, subspaces: SubspaceSource, **extra) -> Result:
+        common = {"settings": settings, "subspaces": subspaces, "jobs": self.jobs, "allow_swapped": self.allow_swapped}
+        if self.model:
+            return sanitize_model(self.source, self.aligned, self.base, folder, target_modules=self.target_modules,
+                                  **common, **extra)  # fmt: skip
+        return sanitize(self.source, self.aligned, self.base, folder, trust_pickle=self.trust_pickle, **common, **extra)
 
 
 class CalibrationFailed(GateFailed):
