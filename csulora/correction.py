@@ -100,8 +100,9 @@ def safe_lora_cosine(CB: Tensor, B: Tensor, A: Tensor) -> float:
     The LoRA scaling and the scale of ``C`` cancel. Returns 0 when either product is zero.
     """
     CB, B, A = CB.double(), B.double(), A.double()
-    inner = float(((CB.T @ B) * (A @ A.T)).sum())
-    norms = product_energy(CB, A) * product_energy(B, A)
+    G_A = A @ A.T  # the r × r Gram the three traces share
+    inner = float(((CB.T @ B) * G_A).sum())
+    norms = float(((CB.T @ CB) * G_A).sum()) * float(((B.T @ B) * G_A).sum())
     return inner / norms**0.5 if norms > 0 else 0.0
 
 

@@ -323,8 +323,8 @@ CACHE: Group = {
 JOBS: Group = {
     "jobs": (Annotated[int | None, typer.Option(
         metavar="INT", rich_help_panel="Runtime",
-        help="Modules processed at once (default: the usable cores, at most 8); the output is the same for any "
-             "value.")], None),
+        help="Modules processed at once; audit of several adapters: adapters at once (default: the usable cores, "
+             "at most 8). The output is the same for any value.")], None),
 }  # fmt: skip
 WIDE: Group = {
     "wide": (Annotated[bool, typer.Option("--wide", rich_help_panel="Output",

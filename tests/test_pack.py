@@ -369,3 +369,18 @@ def test_before_only_at_80_columns_and_its_refusals(packs, tmp_path):
                 tmp_path / "r.html")  # fmt: skip
     assert_one_line_error(r, "--html", "--before-only")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_batch_audit_side_by_side_gives_the_reports_of_one_at_a_time(packs, tmp_path):
+    """Several adapters are audited side by side (one thread each, after the first): the same document, in the
+    same order, as one at a time."""
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for name in ("adv-r8-all-s0", "adv-r8-all-dora-s0", "adv-r4-attn-s0"):
+        (folder / name).symlink_to(_world("tiny") / "adapters" / name)
+    documents = []
+    for jobs in ("1", "2"):
+        r = run_cli("audit", "--adapter", folder, "--subspace", packs["tiny"], "--json", "-q", "--jobs", jobs)
+        assert r.returncode == 0, r.stderr
+        documents.append(json.loads(r.stdout))
+    assert documents[0] == documents[1] and len(documents[0]["reports"]) == 3

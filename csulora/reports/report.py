@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from rich import box
 from rich.table import Table
@@ -140,7 +140,8 @@ class ModuleRow:
         return self.rho_after["H_in"] + self.rho_after["H_out"] + self.rho_after["O"]
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        # asdict's deep copy, one level deep: the fields are numbers, strings, and lists or dicts of them
+        d = {f.name: _copied(getattr(self, f.name)) for f in fields(self)}
         d.update(
             rank_after=self.output_rank,
             gamma_off=self.off_factor,
@@ -225,12 +226,12 @@ class Report:
         return {m.module: getattr(m, field) * m.subspace_norm**2 / weight if weight else 0.0 for m in self.modules}
 
     def to_dict(self) -> dict:
+        d = self._to_dict()
         if self.before_only:  # nothing was run: every "after" value is unknown, not "unchanged"
-            return {**self._to_dict(), "before_only": True,
-                    "totals": {k: (None if k in AFTER_TOTALS else v) for k, v in self.totals().items()},
-                    "modules": [{k: (None if k in AFTER_FIELDS else v) for k, v in m.to_dict().items()}
-                                for m in self.modules]}  # fmt: skip
-        return self._to_dict()
+            d["before_only"] = True
+            for row in [d["totals"], *d["modules"]]:
+                row.update((k, None) for k in (AFTER_TOTALS if row is d["totals"] else AFTER_FIELDS))
+        return d
 
     def _to_dict(self) -> dict:
         return {
@@ -259,6 +260,10 @@ AFTER_FIELDS = ("rho_after", "erosion_after", "energy_after", "rank_after", "gam
                 "retained_norm", "update_norm_after", "off_energy_after", "leaving_energy_after", "write_error")
 AFTER_TOTALS = ("rho_after", "retained_norm", "update_norm_after", "max_write_error", "off_energy_after",
                 "leaving_energy_after", "erosion_after")
+
+
+def _copied(value):
+    return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
 
 
 def expert_layer(m: ModuleRow) -> str | None:
