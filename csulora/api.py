@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import torch
 
 from . import __version__
 from .cache import Held, SubspaceSource
+from .correction import product_energy
 from .determinism import fixed_threads
 from .errors import CsuloraError
 from .io.adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
@@ -186,12 +188,29 @@ def _source(subspaces: SubspaceSource | PackSource | None, asked: Settings, sett
 def _settle(inputs: _Inputs, asked: Settings, settings: Settings, progress: Progress | None,
             source: SubspaceSource, jobs: int | None) -> tuple[Settings, dict | None]:  # fmt: skip
     """The settings to run: ``settings`` as given, or, under the default's size rule (``realign.by_size``), chosen
-    from the adapter's ``‖ΔW‖ / ‖D_8‖``, measured by a first pass over the modules that corrects nothing."""
+    from the adapter's ``‖ΔW‖ / ‖D_8‖``, measured by a first pass over the modules that corrects nothing (the
+    subspaces it loads are ``source``'s, held for the second)."""
     if not size_rule_applies(asked, settings):
         return settings, None
-    measured, _, _ = _run(inputs, settings, progress, source, jobs or default_workers(settings.device), True)
-    ratio = size_ratio([m.update_norm for m in measured.modules], [m.subspace_norm for m in measured.modules])
-    return by_size(settings, ratio)
+    pair = inputs.pair
+    work = sorted([*inputs.plan.modules, *inputs.plan.dense], key=lambda m: (pair.shard(m.target), m.name))
+    with fixed_threads():
+        terms = [t for _, t in ordered(lambda m: _size_terms(m, pair, settings, source), work,
+                                       jobs or default_workers(settings.device)) if t is not None]  # fmt: skip
+    return by_size(settings, size_ratio([u for u, _ in terms], [d for _, d in terms]))
+
+
+def _size_terms(module: LoraModule | DenseModule, pair: CheckpointPair, settings: Settings,
+                source: SubspaceSource) -> tuple[float, float] | None:  # fmt: skip
+    """``(‖ΔW‖, ‖D_k‖)`` of one module as its report row has them: a LoRA module's from its factors and its
+    subspace, a dense one's from its row; ``None`` for a dense copy of the aligned weight (no row)."""
+    if isinstance(module, DenseModule):
+        done, _ = correct_module(module, pair, settings, source, before_only=True)
+        return None if isinstance(done, Kept) else (done.row.update_norm, done.row.subspace_norm)
+    with fixed_threads():
+        sub, _ = source.get(pair, module.target, settings.subspace_params(), settings.torch_device())
+        A, B = module.A.to(sub.U.device, torch.float64), module.B.to(sub.U.device, torch.float64)
+        return math.sqrt(product_energy(module.scaling * B, A)), float(torch.linalg.vector_norm(sub.S.double()))
 
 
 def _phase(progress: Progress | None, phase: str, done: int, item: str) -> None:
