@@ -38,7 +38,9 @@ def _peak_rss_kb(tmp_path, layers: int) -> tuple[int, int]:
 def test_peak_memory_independent_of_depth(tmp_path):
     (shallow, adapter_small), (deep, adapter_large) = _peak_rss_kb(tmp_path, 3), _peak_rss_kb(tmp_path, 9)
     # six more layers: 6 × 2 × 5.8 MB = 70 MB of bf16 weights, which a reader that kept weights (or mapped
-    # shards) resident would add; the adapter itself (read, then written back) may add about 3× its growth
-    allowed = 3 * (adapter_large - adapter_small) + 16 * 1024
+    # shards) resident would add; the adapter itself (read, then written back) may add about 3× its growth, the
+    # subspaces the size rule holds for its second pass 2 MB, and the allocator's run-to-run noise reached 24 MB
+    # in the full suite (0–16 MB alone)
+    allowed = 3 * (adapter_large - adapter_small) + 32 * 1024
     print(f"peak RSS: 3 layers {shallow / 1024:.0f} MB, 9 layers {deep / 1024:.0f} MB, allowed +{allowed / 1024:.0f}")
     assert deep - shallow < allowed, (shallow, deep, allowed)
