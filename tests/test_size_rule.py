@@ -68,7 +68,7 @@ def test_the_rule_picks_by_size_and_writes_the_explicit_settings_bytes(tmp_path,
     jsonschema.validate(report, json.loads((REPO / "csulora" / "report.schema.json").read_text()))
     assert report["settings"]["lambda"] == ("inf" if strong else 4.0) and report["size_rule"] == rule
     for name in ("README.md", "csulora_report.md"):
-        assert "chosen by the size rule" in (tmp_path / "rule" / name).read_text(), name
+        assert "size rule: ‖ΔW‖/‖D_8‖ = " in (tmp_path / "rule" / name).read_text(), name
     # audit says what sanitize would do: the same choice, the same "after" values
     preview = audit(path, aligned, base, subspaces=source).report
     assert preview.size_rule == rule and preview.totals() == result.report.totals()

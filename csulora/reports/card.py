@@ -37,7 +37,8 @@ def model_card(report: Report, base_model: str | None, command: str, form_words:
         f"{provenance_words(report, public_name)}; {form_words}",
         "",
         *_method_note(report),
-        *([size_words(report.size_rule) + ".", ""] if report.size_rule else []),
+        *([f"λ and β were chosen by the default's {size_words(report.size_rule)}; `--lambda` or `--beta` fixes "
+             "them.", ""] if report.size_rule else []),
         *_calibration_note(report.calibration),
         *([f"Subspaces: {pack_words(report)}.", ""] if pack_words(report) else []),
         *([f"> **Warning:** {rank_warning(report)}", ""] if report.rank_changed else []),

@@ -31,8 +31,7 @@ def size_words(rule: dict) -> str:
     else:
         measured = f"‖ΔW‖/‖D_8‖ = {rule['value']:.2f} {'≤' if rule['strong'] else '>'} {rule['threshold']:g}"
     lam = "∞" if rule["lambda"] == "inf" else f"{rule['lambda']:g}"
-    return (f"λ and β chosen by the size rule: {measured} → λ = {lam}, β = {rule['beta']:g} (docs/defaults.md; "
-            "--lambda or --beta fixes them)")  # fmt: skip
+    return f"size rule: {measured}, so λ = {lam}, β = {rule['beta']:g} (docs/defaults.md)"
 
 
 def pack_words(report: Report) -> str | None:
