@@ -18,13 +18,12 @@ from .determinism import fixed_threads
 from .errors import CsuloraError
 from .io.adapters import CONFIG, Adapter, DenseModule, Kept, LoraModule, read_adapter, write_adapter
 from .io.checkpoints import Checkpoint, CheckpointPair, CheckpointRef, card_base_model, parse_ref, refuse_adapter
-from .io.layouts import Target, is_block_weight
 from .io.outputs import check_output, write_folder
 from .io.targets import Plan, bind
 from .methods import METHODS, Corrected, block_config, validate
 from .methods.base import DenseUpdate, summary_warnings
 from .methods.realign import by_size, size_ratio, size_rule_applies
-from .pack import PackPair, PackSource
+from .pack import PackPair, PackSource, pack_targets
 from .pair_order import check_pair_order, names_checkpoint, weight_hint
 from .parallel import default_workers, ordered
 from .reports.card import model_card
@@ -478,16 +477,11 @@ def precompute_subspaces(
         raise CsuloraError(f"base {base} is the aligned checkpoint itself; pass the pretrained checkpoint as --base")
     check_pair_order(aligned_ref, base_ref, "--base", allow_swapped=allow_swapped)
     _phase(progress, "reading", 0, aligned)
-    names = [k[: -len(".weight")] for k in Checkpoint.open(aligned_ref).weight_map if k.endswith(".weight")]
-    wanted = [n for n in names if (is_block_weight(f"{n}.weight") if modules is None else
-                                   any(n == m or n.endswith("." + m) for m in modules))]  # fmt: skip
-    if not wanted:
-        raise CsuloraError(f"{aligned}: no module matches --modules {modules}; name modules such as q_proj")
-    keys = [f"{n}.weight" for n in wanted]
-    pair = CheckpointPair(Checkpoint.open(aligned_ref, keys), Checkpoint.open(base_ref, keys))
-    targets = [Target(k, transposed=fan_in_fan_out) for k in keys if len(pair.aligned.info(k).shape) == 2]
+    aligned_ckpt = Checkpoint.open(aligned_ref)
+    targets = pack_targets(aligned_ckpt, modules, fan_in_fan_out)  # the modules a pack of the pair would hold
+    pair = CheckpointPair(aligned_ckpt, Checkpoint.open(base_ref))
     pair.prepare(targets)  # both shapes checked
-    targets.sort(key=lambda t: (pair.shard(t), t.param))  # shard by shard
+    targets.sort(key=lambda t: (pair.shard(t), t.id))  # shard by shard
     _phase(progress, "reading", 1, aligned)
     params, device, rows = settings.subspace_params(), settings.torch_device(), []
     try:
@@ -496,10 +490,10 @@ def precompute_subspaces(
                             jobs or default_workers(settings.device))  # fmt: skip
             for i, (target, (sub, cached)) in enumerate(found):
                 if progress:
-                    progress("subspaces", i + 1, len(targets), target.param)
-                rows.append(SubspaceRow(target.param[: -len(".weight")],
-                                        list(pair.aligned.info(target.param).shape), sub.k, sub.captured_fraction,
-                                        cached))  # fmt: skip
+                    progress("subspaces", i + 1, len(targets), target.id)
+                name = target.param.removesuffix(".weight") + ("" if target.expert is None else f"[{target.expert}]")
+                rows.append(SubspaceRow(name, list(pair.aligned.shape(pair.sources(target)[0])), sub.k,
+                                        sub.captured_fraction, cached))  # fmt: skip
     finally:
         pair.close()
     if progress:

@@ -50,14 +50,16 @@ Progress = Callable[[str, int, int, str], None]
 
 
 def pack_targets(aligned: Checkpoint, modules: list[str] | None, fan_in_fan_out: bool) -> list[Target]:
-    """The modules a pack holds: each 2-D weight of the transformer blocks (or those ``modules`` names), experts
-    stored per expert as the model fuses them (``gate_up_proj[e]`` from ``w1``/``w3``), each expert of a 3-D
-    stack. Embeddings are transposed as PEFT reads them; ``fan_in_fan_out``: Conv1D weights."""
-    chosen = [k for k in sorted(aligned.weight_map) if k.endswith(".weight") and
-              (is_block_weight(k) if modules is None else _named(k, modules))]  # fmt: skip
+    """The modules a pack (or ``csulora subspace``'s cache) holds: each 2-D weight of the transformer blocks (or those
+    ``modules`` names), experts stored per expert as the model fuses them (``gate_up_proj[e]`` from ``w1``/``w3``),
+    each expert of a 3-D stack (transformers' fused ``experts.gate_up_proj``, a parameter without ``.weight``).
+    Embeddings are transposed as PEFT reads them; ``fan_in_fan_out``: Conv1D weights."""
+    named = [k for k in sorted(aligned.weight_map) if not k.endswith(".bias") and
+             (is_block_weight(k) if modules is None else _named(k, modules))]  # fmt: skip
+    aligned.require(named)  # their shards: the ones the block's weights are in
+    chosen = [k for k in named if k.endswith(".weight") or len(aligned.info(k).shape) == 3]
     if not chosen:
         raise CsuloraError(f"{aligned.ref}: no module matches --modules {modules}; name modules such as q_proj")
-    aligned.require(chosen)
     model_type = aligned.config().get("model_type")
     targets: list[Target] = []
     for key in chosen:

@@ -384,3 +384,30 @@ def test_a_batch_audit_side_by_side_gives_the_reports_of_one_at_a_time(packs, tm
         assert r.returncode == 0, r.stderr
         documents.append(json.loads(r.stdout))
     assert documents[0] == documents[1] and len(documents[0]["reports"]) == 3
+
+
+def test_default_pack_of_fused_expert_stacks_serves_their_adapter(tmp_path):
+    """transformers' fused MoE checkpoints store each layer's experts as one 3-D parameter without ``.weight``
+    (``experts.gate_up_proj``): a pack made without ``--modules`` holds every expert of them (it held only the 2-D
+    weights before), and sanitizes an adapter of experts, router and attention byte-identically to the checkpoints;
+    ``csulora subspace`` into the cache covers the same modules."""
+    shape = SIZES["moe-tiny"]
+    pair = write_pair(tmp_path / "pair", shape, spectrum="fine-tune", dtype=torch.bfloat16, shard_bytes=100_000)
+    adapter = write_adapter(tmp_path / "adapter", shape, str(pair["aligned"]), r=4, alpha=8, a_std=None, b_std=0.1)
+    build_pack(str(pair["aligned"]), str(pair["base"]), tmp_path / "pack", settings=Settings(subspace_rank=8),
+               subspaces=SubspaceSource.open(enabled=False))  # fmt: skip
+    ids = {m["id"] for m in json.loads((tmp_path / "pack" / MANIFEST).read_text())["modules"]}
+    for stack in ("gate_up_proj", "down_proj"):
+        assert {f"model.layers.1.mlp.experts.{stack}[{e}]" for e in range(shape.experts)} <= ids, sorted(ids)[:8]
+    settings = Settings(method="realign", lam=4.0, beta=0.25, subspace_rank=8)
+    sanitize(adapter, str(pair["aligned"]), str(pair["base"]), tmp_path / "ckpt", settings=settings,
+             subspaces=SubspaceSource.open(enabled=False))  # fmt: skip
+    sanitize(adapter, None, None, tmp_path / "from-pack", settings=settings,
+             subspaces=PackSource.open(str(tmp_path / "pack")))  # fmt: skip
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "ckpt" / name).read_bytes() == (tmp_path / "from-pack" / name).read_bytes(), name
+    from csulora.api import precompute_subspaces
+
+    rows = precompute_subspaces(str(pair["aligned"]), str(pair["base"]), settings=settings,
+                                subspaces=SubspaceSource.open(tmp_path / "cache"))  # fmt: skip
+    assert {r.module for r in rows} == {i.removesuffix(".weight") for i in ids}

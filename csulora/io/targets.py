@@ -106,6 +106,8 @@ def _wrapped(adapter: Adapter, aligned: Checkpoint, module: str, layers: list[La
     candidates = [c for name in _param_names(adapter.config, module)
                   if (c := _param(aligned, module, name)) is not None]  # fmt: skip
     where = f"{adapter.weights_file}: module {module}"
+    if not candidates:  # none stored: the checkpoint's (or the pack's) own words on what it lacks
+        aligned.require([f"{module}.{name}" for name in _param_names(adapter.config, module)])
     fits = [
         order for order in itertools.permutations(candidates, len(layers))
         if all(_layer_fits(adapter, layer, module, p) for layer, p in zip(layers, order, strict=True))
