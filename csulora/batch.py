@@ -7,20 +7,23 @@ module computes its subspace and the others load it. Memory stays that of one ad
 
 from __future__ import annotations
 
+import itertools
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 
-from .api import Progress, Settings, default_output, sanitize
+from .api import Progress, Result, Settings, audit, default_output, sanitize
 from .cache import SubspaceSource
 from .errors import CsuloraError, OutputExists
 from .io.adapters import CONFIG, WEIGHTS
 from .io.checkpoints import parse_ref
 from .methods import validate
 from .pair_order import check_pair_order
+from .parallel import default_workers, ordered
 from .reports.report import Report, erosion_words, ratio
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
@@ -140,6 +143,26 @@ def run_batch(
         if progress:
             progress("adapters", len(items), len(items), "")
     return outcomes
+
+
+def audit_each(paths: list[Path], aligned: str | None, base: str | None = None, *, jobs: int | None = None,
+               progress: Progress | None = None, **kw) -> Iterator[tuple[Path, Result]]:
+    """``api.audit`` of each adapter, in order, with one subspace source (``subspaces``, as ``audit`` takes it, shared
+    by all). Several adapters: the first alone (it fills the cache the others share), then ``jobs`` (default: the
+    usable cores) side by side, one thread each: the same reports, more adapters a minute (BENCHMARKS.md, packs).
+    ``progress`` sees the first adapter's phases, then one step per adapter."""
+    settings = kw.get("settings", Settings())
+    workers = min(len(paths), jobs or default_workers(settings.device))
+    if workers <= 1:
+        for path in paths:
+            yield path, audit(path, aligned, base, progress=progress, jobs=jobs, **kw)
+        return
+    rest = ordered(lambda p: audit(p, aligned, base, jobs=1, **kw), paths[1:], workers)
+    for i, (path, result) in enumerate(itertools.chain([(paths[0], audit(paths[0], aligned, base, progress=progress,
+                                                                         jobs=jobs, **kw))], rest)):  # fmt: skip
+        if progress:
+            progress("adapters", i + 1, len(paths), str(path))
+        yield path, result
 
 
 def _check_pair(aligned: str, base: str | None, allow_swapped: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -309,9 +308,7 @@ def audit(
     Several --adapter, or a folder of adapter folders, audit each."""
     screen = err if opts["json_out"] else out  # with --json, stdout holds the JSON only
     with _errors(opts["debug"]):
-        from .api import audit as api_audit
-        from .batch import find_adapters, is_batch
-        from .parallel import default_workers, ordered
+        from .batch import audit_each, find_adapters, is_batch
         from .reports.gate import Thresholds, audit_document, enforce
         from .reports.report import to_table
         from .reports.report_html import to_html
@@ -337,34 +334,21 @@ def audit(
         if html is not None and html.is_dir():
             raise CsuloraError(f"--html {html}: is a folder; name the file to write, e.g. {html / 'report.html'}")
         reports, source = [], opts.source()  # one source: shared subspaces across adapters
-
-        def one(path, progress=None, jobs=None):
-            jobs = jobs or opts.jobs()
+        with _progress(opts["quiet"]) as progress:
             if model is not None:
                 from .models import audit_model
 
-                return audit_model(
+                done = [(model, audit_model(
                     model, opts["aligned"], opts["base"], settings=settings, target_modules=target_modules,
-                    progress=progress, subspaces=source, jobs=jobs, allow_swapped=opts["allow_swapped"],
-                )  # fmt: skip
-            return api_audit(
-                path, opts["aligned"], opts["base"], settings=settings, trust_pickle=opts["trust_pickle"],
-                progress=progress, subspaces=source, jobs=jobs, allow_swapped=opts["allow_swapped"],
-                before_only=before_only,
-            )  # fmt: skip
-
-        paths = adapter or [model]
-        workers = min(len(paths), opts.jobs() or default_workers(settings.device))
-        with _progress(opts["quiet"]) as progress:
-            if workers > 1:  # a batch: the first adapter alone (it fills the cache the others share), then the
-                # others side by side, one thread each: the same numbers, more adapters a minute (BENCHMARKS.md)
-                first = (paths[0], one(paths[0], progress))
-                done = itertools.chain([first], ordered(lambda p: one(p, jobs=1), paths[1:], workers))
+                    progress=progress, subspaces=source, jobs=opts.jobs(), allow_swapped=opts["allow_swapped"],
+                ))]  # fmt: skip
             else:
-                done = ((p, one(p, progress)) for p in paths)
-            for i, (path, result) in enumerate(done):
-                if progress and workers > 1:
-                    progress("adapters", i + 1, len(paths), str(path))
+                done = audit_each(
+                    adapter, opts["aligned"], opts["base"], jobs=opts.jobs(), progress=progress, settings=settings,
+                    trust_pickle=opts["trust_pickle"], subspaces=source, allow_swapped=opts["allow_swapped"],
+                    before_only=before_only,
+                )  # fmt: skip
+            for path, result in done:
                 reports.append(result.report)
                 if not opts["quiet"]:
                     _show(screen, to_table(result.report, title=f"csulora audit · {escape(str(path))}",
