@@ -151,15 +151,15 @@ def audit_each(paths: list[Path], aligned: str | None, base: str | None = None, 
     by all). Several adapters: the first alone (it fills the cache the others share), then ``jobs`` (default: the
     usable cores) side by side, one thread each: the same reports, more adapters a minute (BENCHMARKS.md, packs).
     ``progress`` sees the first adapter's phases, then one step per adapter."""
-    settings = kw.get("settings", Settings())
-    workers = min(len(paths), jobs or default_workers(settings.device))
+    kw.setdefault("subspaces", SubspaceSource.open())
+    workers = min(len(paths), jobs or default_workers(kw.get("settings", Settings()).device))
     if workers <= 1:
         for path in paths:
             yield path, audit(path, aligned, base, progress=progress, jobs=jobs, **kw)
         return
+    first = audit(paths[0], aligned, base, progress=progress, jobs=jobs, **kw)
     rest = ordered(lambda p: audit(p, aligned, base, jobs=1, **kw), paths[1:], workers)
-    for i, (path, result) in enumerate(itertools.chain([(paths[0], audit(paths[0], aligned, base, progress=progress,
-                                                                         jobs=jobs, **kw))], rest)):  # fmt: skip
+    for i, (path, result) in enumerate(itertools.chain([(paths[0], first)], rest)):
         if progress:
             progress("adapters", i + 1, len(paths), str(path))
         yield path, result
