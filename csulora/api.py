@@ -119,8 +119,7 @@ def sanitize(
     check_output(out, force, [adapter_path, *(c.folder for c in (inputs.aligned, inputs.base))])
     _phase(progress, "reading", 1, str(adapter_path))
     t1 = time.perf_counter()
-    source = _source(subspaces, asked, settings)
-    settings, rule = _settle(inputs, asked, settings, progress, source, jobs)
+    settings, rule, source = _settle(inputs, asked, settings, subspaces, jobs)
     report, tensors, config = _run(inputs, settings, progress, source, jobs or default_workers(settings.device))
     report.calibration, report.size_rule = calibration, rule
     t2 = time.perf_counter()
@@ -169,34 +168,29 @@ def audit(
     inputs = _load(Path(adapter), aligned, base, trust_pickle, subspaces, allow_swapped)
     _phase(progress, "reading", 1, str(adapter))
     t1 = time.perf_counter()
-    source, rule = _source(subspaces, asked, settings), None
-    if not before_only:  # what sanitize would do, its choice of setting included
-        settings, rule = _settle(inputs, asked, settings, progress, source, jobs)
+    if before_only:  # no method runs: no setting to choose
+        rule, source = None, subspaces or SubspaceSource.open()
+    else:  # what sanitize would do, its choice of setting included
+        settings, rule, source = _settle(inputs, asked, settings, subspaces, jobs)
     report, _, _ = _run(inputs, settings, progress, source, jobs or default_workers(settings.device), before_only)
     report.size_rule = rule
     return Result(report, None, {"load_s": t1 - t0, "compute_s": time.perf_counter() - t1})
 
 
-def _source(subspaces: SubspaceSource | PackSource | None, asked: Settings, settings: Settings):
-    """Where the run's subspaces come from; under the size rule, which passes over the modules twice, what the first
-    pass read or computed is held for the second (``Held``)."""
+def _settle(inputs: _Inputs, asked: Settings, settings: Settings, subspaces: SubspaceSource | PackSource | None,
+            jobs: int | None) -> tuple[Settings, dict | None, SubspaceSource | Held]:  # fmt: skip
+    """The settings to run and where their subspaces come from: ``settings`` as given, or, under the default's size
+    rule (``realign.by_size``), chosen from the adapter's ``‖ΔW‖ / ‖D_8‖``, measured by a first pass over the
+    modules that corrects nothing; what that pass read or computed is held for the second (``Held``)."""
     source = subspaces or SubspaceSource.open()
-    return Held(source) if size_rule_applies(asked, settings) else source
-
-
-def _settle(inputs: _Inputs, asked: Settings, settings: Settings, progress: Progress | None,
-            source: SubspaceSource, jobs: int | None) -> tuple[Settings, dict | None]:  # fmt: skip
-    """The settings to run: ``settings`` as given, or, under the default's size rule (``realign.by_size``), chosen
-    from the adapter's ``‖ΔW‖ / ‖D_8‖``, measured by a first pass over the modules that corrects nothing (the
-    subspaces it loads are ``source``'s, held for the second)."""
     if not size_rule_applies(asked, settings):
-        return settings, None
-    pair = inputs.pair
+        return settings, None, source
+    source, pair = Held(source), inputs.pair
     work = sorted([*inputs.plan.modules, *inputs.plan.dense], key=lambda m: (pair.shard(m.target), m.name))
     with fixed_threads():
         terms = [t for _, t in ordered(lambda m: _size_terms(m, pair, settings, source), work,
                                        jobs or default_workers(settings.device)) if t is not None]  # fmt: skip
-    return by_size(settings, size_ratio([u for u, _ in terms], [d for _, d in terms]))
+    return *by_size(settings, size_ratio([u for u, _ in terms], [d for _, d in terms])), source
 
 
 def _size_terms(module: LoraModule | DenseModule, pair: CheckpointPair, settings: Settings,

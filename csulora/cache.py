@@ -160,10 +160,6 @@ class Held:
     def __init__(self, source: SubspaceSource):
         self.source, self.subs = source, {}
 
-    @property
-    def cache(self):
-        return self.source.cache
-
     def get(self, pair: CheckpointPair, target: Target, params: SubspaceParams, device: torch.device,
             displacement=None, aligned=None) -> tuple[Subspace, bool]:  # fmt: skip
         held = self.subs.get(target)

@@ -105,7 +105,7 @@ class Memo:
             return sub
 
     def put(self, key: str, sub: Subspace) -> None:
-        size = sum(t.numel() * t.element_size() for t in (sub.U, sub.S, sub.V))
+        size = _nbytes(sub)
         if size > self.limit or sub.U.device.type != "cpu":
             return
         with self._lock:
@@ -115,4 +115,8 @@ class Memo:
             self.size += size
             while self.size > self.limit:
                 _, old = self._entries.popitem(last=False)
-                self.size -= sum(t.numel() * t.element_size() for t in (old.U, old.S, old.V))
+                self.size -= _nbytes(old)
+
+
+def _nbytes(sub: Subspace) -> int:
+    return sum(t.numel() * t.element_size() for t in (sub.U, sub.S, sub.V))

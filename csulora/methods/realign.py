@@ -78,4 +78,3 @@ def by_size(settings: Settings, ratio: float) -> tuple[Settings, dict]:
     lam = "inf" if math.isinf(chosen.lam) else chosen.lam
     return chosen, {"feature": "update_over_subspace", "value": ratio if math.isfinite(ratio) else None,
                     "threshold": SIZE_THRESHOLD, "strong": strong, "lambda": lam, "beta": chosen.beta}  # fmt: skip
-

@@ -228,8 +228,9 @@ class Report:
         d = self._to_dict()
         if self.before_only:  # nothing was run: every "after" value is unknown, not "unchanged"
             d["before_only"] = True
-            for row in [d["totals"], *d["modules"]]:
-                row.update((k, None) for k in (AFTER_TOTALS if row is d["totals"] else AFTER_FIELDS))
+            d["totals"].update(dict.fromkeys(AFTER_TOTALS))
+            for row in d["modules"]:
+                row.update(dict.fromkeys(AFTER_FIELDS))
         return d
 
     def _to_dict(self) -> dict:
